@@ -1,0 +1,7 @@
+"""``python -m pdoflowd``: the same as the ``pdoflowd`` command."""
+
+import sys
+
+from pdoflowd.daemon import main
+
+sys.exit(main())

@@ -1,0 +1,89 @@
+"""Pure decisions of the queue: no I/O, no clocks, no database.
+
+Owns how long to wait before a retry or a respawn, how many jobs one claim
+takes, when crashes amount to a crash loop, and how a worker's end is worded.
+Callers pass in every fact (times, counts, random draws) so that each policy
+can be tested on its own.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Sequence
+
+
+def retry_delay(attempt: int, base_s: float, max_s: float) -> float:
+    """Seconds before a failed job may run again after ``attempt`` tries.
+
+    Exponential: base, 2*base, 4*base, ..., capped at ``max_s``; 0 when the
+    base is 0 (retry at once).
+    """
+    if base_s <= 0 or attempt < 1:
+        return 0.0
+    exponent = min(attempt - 1, 62)
+    return float(min(max_s, base_s * (2**exponent)))
+
+
+def claim_size(
+    batch_size: int, mean_job_s: float | None, target_s: float = 1.0
+) -> int:
+    """How many jobs the next claim may take.
+
+    At most ``batch_size``, and no more than about ``target_s`` of expected
+    work, so that a worker never hoards jobs an idle neighbour could run.
+    With no experience yet (``mean_job_s`` None) claim a single job.
+    """
+    if mean_job_s is None:
+        return 1
+    if mean_job_s <= 0:
+        return batch_size
+    return max(1, min(batch_size, int(target_s / mean_job_s)))
+
+
+def mean_update(previous: float | None, sample: float, weight: float) -> float:
+    """Exponentially weighted mean of job durations."""
+    if previous is None:
+        return sample
+    return previous + weight * (sample - previous)
+
+
+def respawn_delay(
+    consecutive_crashes: int, base_s: float, max_s: float, jitter: float
+) -> float:
+    """Seconds before a slot whose worker crashed is refilled.
+
+    ``jitter`` is a draw from [0, 1); it spreads restarts of many slots.
+    The first crash of a healthy slot is refilled at once.
+    """
+    if consecutive_crashes <= 1:
+        return 0.0
+    delay = min(max_s, base_s * 2 ** min(consecutive_crashes - 2, 30))
+    return float(delay * (0.5 + jitter / 2))
+
+
+def is_crash_loop(
+    crash_times: Sequence[float], now: float, limit: int, window_s: float
+) -> bool:
+    """True when ``limit`` or more crashes fell within the last window."""
+    recent = [t for t in crash_times if now - t <= window_s]
+    return len(recent) >= limit
+
+
+def poll_timeout(interval_s: float, jitter: float) -> float:
+    """An idle worker's wait, spread by a draw from [0, 1) over +/-50%."""
+    return interval_s * (0.5 + jitter)
+
+
+def describe_exit(status: int) -> str:
+    """Word a worker's wait status as the reason recorded on its job."""
+    if os.WIFSIGNALED(status):
+        number = os.WTERMSIG(status)
+        try:
+            name = signal.Signals(number).name
+        except ValueError:
+            name = f"signal {number}"
+        return f"worker died: signal {number} ({name})"
+    if os.WIFEXITED(status):
+        return f"worker died: exit code {os.WEXITSTATUS(status)}"
+    return f"worker died: wait status {status}"

@@ -1,0 +1,766 @@
+"""The supervisor: the ``pdoflowd run`` main process and its one loop.
+
+Owns the worker pool's life: forking workers (holding no database connection
+and no thread while it forks), reaping them the moment they exit, taking
+back exactly the jobs a dead worker held, refilling slots with backoff,
+enforcing job timeouts, draining on SIGTERM, and its own database chores
+(LISTEN for new jobs, heartbeat, rescue of lost hosts, settling postings).
+Signal handlers only write to a wake-up pipe; a single ``selectors`` loop
+waits on that pipe, the workers' report pipes and the LISTEN socket, and
+dispatches a ``handle_<signal>`` method per signal. It must not run jobs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import errno
+import json
+import logging
+import os
+import random
+import selectors
+import signal
+import socket
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+
+from pdoflowd import __version__, policy, queries, worker
+from pdoflowd.config import Config, ConfigError, connection_kwargs
+from pdoflowd.migrate import SchemaNotCurrent, check_current
+from pdoflowd.notify import Notifier
+from pdoflowd.scoreboard import Scoreboard, WorkerState
+from pdoflowd.status import JobStatus
+
+log = logging.getLogger("pdoflowd.supervisor")
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_SCHEMA = 4
+
+_TICK_S = 0.1
+_HEALTHY_UPTIME_S = 30.0
+_SCOREBOARD_SLOTS = 1024
+_HANDLED_SIGNALS = (
+    signal.SIGTERM,
+    signal.SIGINT,
+    signal.SIGQUIT,
+    signal.SIGHUP,
+    signal.SIGTTIN,
+    signal.SIGTTOU,
+    signal.SIGCHLD,
+)
+
+
+class StopMode(enum.Enum):
+    GRACEFUL = "graceful"
+    FAST = "fast"
+
+
+@dataclass
+class WorkerHandle:
+    """The supervisor's view of one live worker process."""
+
+    slot: int
+    pid: int
+    owner: uuid.UUID
+    wake_fd: int
+    report_fd: int
+    generation: int
+    started: float
+    ready: bool = False
+    retiring: str | None = None
+    boot_error: str | None = None
+    kill_reason: str | None = None
+    kill_at: float = 0.0
+    report_buffer: bytes = b""
+
+
+@dataclass
+class Slot:
+    """A place in the pool, kept across the workers that fill it."""
+
+    index: int
+    worker_pid: int | None = None
+    consecutive_crashes: int = 0
+    next_spawn_at: float = 0.0
+
+
+@dataclass
+class Stats:
+    """What the supervisor counts about its own pool."""
+
+    jobs_done: int = 0
+    worker_restarts: dict[str, int] = field(default_factory=dict)
+
+
+class Supervisor:
+    """Forks, watches and replaces workers; the daemon's main loop."""
+
+    def __init__(
+        self,
+        config: Config,
+        password: str | None,
+        *,
+        notifier: Notifier | None = None,
+        reload_config: Callable[[], Config] | None = None,
+    ) -> None:
+        self.config = config
+        self.password = password
+        self.notifier = notifier or Notifier()
+        self.reload_config = reload_config
+        self.daemon_id = uuid.uuid4()
+        self.hostname = socket.gethostname()
+        self.scoreboard = Scoreboard(_SCOREBOARD_SLOTS)
+        self.selector = selectors.DefaultSelector()
+        self.workers: dict[int, WorkerHandle] = {}
+        self.slots = [Slot(i) for i in range(config.workers.count)]
+        self.generation = 0
+        self.conn: psycopg.Connection[Any] | None = None
+        self.db_retry_at = 0.0
+        self.db_delay = 0.5
+        self.pending_requeues: list[tuple[uuid.UUID, int | None, str]] = []
+        self.stop_mode: StopMode | None = None
+        self.stop_deadline = 0.0
+        self.exit_code = EXIT_OK
+        self.announced_ready = False
+        self.crash_times: list[float] = []
+        self.next_heartbeat = 0.0
+        self.next_maintenance = 0.0
+        self.next_watchdog = 0.0
+        self.stats = Stats()
+        self.rng = random.Random()
+        self._signal_r, self._signal_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    # ------------------------------------------------------------ lifecycle
+
+    def run(self) -> int:
+        """Run until stopped; return the process exit code."""
+        self.install_signal_handlers()
+        self.selector.register(self._signal_r, selectors.EVENT_READ, "signal")
+        try:
+            if not self.start_database():
+                return self.exit_code
+            self.loop()
+        finally:
+            self.shutdown_database()
+            self.selector.close()
+        return self.exit_code
+
+    def start_database(self) -> bool:
+        """Wait for the database and check the schema before any fork."""
+        delay = 0.5
+        while self.stop_mode is None:
+            self.notifier.status("waiting for the database")
+            try:
+                self.open_connection()
+            except SchemaNotCurrent as exc:
+                log.error("%s", exc)
+                self.exit_code = EXIT_SCHEMA
+                return False
+            except psycopg.Error as exc:
+                log.warning(
+                    "database unreachable, retrying in %.1f s: %s", delay, exc
+                )
+                self.notifier.extend_timeout(delay + 5)
+                self.wait_for_signals(delay)
+                delay = min(delay * 2, 10.0)
+                continue
+            return True
+        return False
+
+    def wait_for_signals(self, seconds: float) -> None:
+        for key, _ in self.selector.select(seconds):
+            if key.data == "signal":
+                self.dispatch_signals()
+
+    def open_connection(self) -> None:
+        """Connect the supervisor's own session: LISTEN and chores."""
+        kwargs = connection_kwargs(
+            self.config.database, self.password, listen=True
+        )
+        conn: psycopg.Connection[Any] = psycopg.connect(
+            autocommit=True,
+            **kwargs,  # type: ignore[arg-type]
+        )
+        try:
+            check_current(conn)
+            conn.execute(f"LISTEN {queries.NOTIFY_CHANNEL}")
+            lost_at = queries.heartbeat(
+                conn,
+                daemon_id=self.daemon_id,
+                hostname=self.hostname,
+                pid=os.getpid(),
+                version=__version__,
+            )
+        except BaseException:
+            conn.close()
+            raise
+        if lost_at is not None:
+            log.error(
+                "this daemon had been declared lost at %s; its jobs were "
+                "taken back by another daemon",
+                lost_at,
+            )
+        self.conn = conn
+        self.db_delay = 0.5
+        self.next_heartbeat = time.monotonic() + (
+            self.config.daemon.heartbeat_interval_s
+        )
+        self.selector.register(conn.fileno(), selectors.EVENT_READ, "listen")
+        self.wake_idle_workers()
+
+    def close_connection(self) -> None:
+        if self.conn is None:
+            return
+        with contextlib.suppress(KeyError, ValueError, OSError):
+            self.selector.unregister(self.conn.fileno())
+        with contextlib.suppress(Exception):
+            self.conn.close()
+        self.conn = None
+
+    def database_failed(self, what: str, exc: Exception) -> None:
+        log.warning("%s failed: %s", what, exc)
+        self.close_connection()
+        self.db_retry_at = time.monotonic() + self.db_delay
+        self.db_delay = min(self.db_delay * 2, 10.0)
+
+    def ensure_connection(self) -> bool:
+        if self.conn is not None:
+            return True
+        if time.monotonic() < self.db_retry_at:
+            return False
+        was_down = self.db_retry_at > 0
+        try:
+            self.open_connection()
+        except (psycopg.Error, SchemaNotCurrent) as exc:
+            self.database_failed("reconnecting", exc)
+            return False
+        if was_down:
+            log.info("database connection restored")
+        self.db_retry_at = 0.0
+        return True
+
+    def shutdown_database(self) -> None:
+        if self.ensure_connection() and self.conn is not None:
+            self.retry_pending_requeues()
+            with contextlib.suppress(psycopg.Error):
+                queries.mark_daemon_stopped(self.conn, self.daemon_id)
+        self.close_connection()
+
+    # ------------------------------------------------------------ signals
+
+    def install_signal_handlers(self) -> None:
+        signal.set_wakeup_fd(self._signal_w, warn_on_full_buffer=False)
+        for signum in _HANDLED_SIGNALS:
+            signal.signal(signum, _note_signal)
+
+    def dispatch_signals(self) -> None:
+        try:
+            data = os.read(self._signal_r, 4096)
+        except BlockingIOError:
+            return
+        for number in data:
+            name = signal.Signals(number).name.lower()
+            handler = getattr(self, f"handle_{name}", None)
+            if handler is not None:
+                handler()
+
+    def handle_sigterm(self) -> None:
+        self.begin_stop(StopMode.GRACEFUL)
+
+    def handle_sigint(self) -> None:
+        self.begin_stop(StopMode.FAST)
+
+    handle_sigquit = handle_sigint
+
+    def handle_sigchld(self) -> None:
+        self.reap()
+
+    def handle_sighup(self) -> None:
+        if self.stop_mode is not None or self.reload_config is None:
+            return
+        self.notifier.reloading()
+        try:
+            new = self.reload_config()
+        except ConfigError as exc:
+            problems = "; ".join(f"{p.key}: {p.message}" for p in exc.problems)
+            log.error(
+                "reload refused, keeping the running config: %s", problems
+            )
+            self.notifier.ready(f"reload refused: {problems}")
+            return
+        self.apply_config(new)
+        self.notifier.ready(self.status_text())
+
+    def handle_sigttin(self) -> None:
+        if self.stop_mode is None and len(self.slots) < _SCOREBOARD_SLOTS:
+            self.slots.append(Slot(len(self.slots)))
+            log.info("one worker more: %d", len(self.slots))
+
+    def handle_sigttou(self) -> None:
+        if self.stop_mode is None and len(self.slots) > 1:
+            slot = self.slots.pop()
+            log.info("one worker fewer: %d", len(self.slots))
+            if slot.worker_pid is not None:
+                self.signal_worker(slot.worker_pid, signal.SIGTERM)
+
+    def apply_config(self, new: Config) -> None:
+        """Adopt a reloaded config and roll the workers onto it."""
+        self.config = new
+        self.generation += 1
+        count = new.workers.count
+        while len(self.slots) < count:
+            self.slots.append(Slot(len(self.slots)))
+        while len(self.slots) > count:
+            slot = self.slots.pop()
+            if slot.worker_pid is not None:
+                self.signal_worker(slot.worker_pid, signal.SIGTERM)
+        log.info("config reloaded: %d workers, rolling them onto it", count)
+
+    def roll_workers(self) -> None:
+        """Replace workers of an older generation, one at a time."""
+        if self.stop_mode is not None:
+            return
+        stale = [
+            h for h in self.workers.values() if h.generation < self.generation
+        ]
+        if not stale or any(h.retiring == "reload" for h in stale):
+            return
+        if any(not h.ready for h in self.workers.values()):
+            return
+        handle = min(stale, key=lambda h: h.slot)
+        handle.retiring = "reload"
+        self.signal_worker(handle.pid, signal.SIGTERM)
+
+    def begin_stop(self, mode: StopMode) -> None:
+        if self.stop_mode is StopMode.FAST or self.stop_mode is mode:
+            return
+        self.stop_mode = mode
+        now = time.monotonic()
+        if mode is StopMode.GRACEFUL:
+            budget = self.config.workers.drain_timeout_s
+            self.stop_deadline = now + budget
+            log.info("draining: running jobs may finish within %g s", budget)
+            self.notifier.stopping(f"draining {self.busy_count()} running jobs")
+            self.notifier.extend_timeout(budget + 5)
+            for handle in self.workers.values():
+                self.signal_worker(handle.pid, signal.SIGTERM)
+        else:
+            self.stop_deadline = now
+            log.info("fast stop: killing running jobs")
+            self.notifier.stopping("fast stop")
+        self.enforce_stop_deadline()
+
+    def enforce_stop_deadline(self) -> None:
+        if self.stop_mode is None or time.monotonic() < self.stop_deadline:
+            return
+        for handle in self.workers.values():
+            if handle.kill_reason is None:
+                handle.kill_reason = (
+                    "daemon stopped fast: job killed"
+                    if self.stop_mode is StopMode.FAST
+                    else "drain budget exceeded: job killed after "
+                    f"{self.config.workers.drain_timeout_s:g} s"
+                )
+                self.signal_worker(handle.pid, signal.SIGKILL)
+
+    # ------------------------------------------------------------ the loop
+
+    def loop(self) -> None:
+        while True:
+            self.spawn_due_workers()
+            if self.stop_mode is not None and not self.workers:
+                return
+            for key, _ in self.selector.select(self.next_timeout()):
+                if key.data == "signal":
+                    self.dispatch_signals()
+                elif key.data == "listen":
+                    self.read_notifications()
+                else:
+                    self.read_report(key.data)
+            self.reap()
+            self.enforce_timeouts()
+            self.enforce_stop_deadline()
+            self.roll_workers()
+            self.periodic_chores()
+            self.update_readiness()
+
+    def next_timeout(self) -> float:
+        return _TICK_S
+
+    def periodic_chores(self) -> None:
+        now = time.monotonic()
+        if self.notifier.watchdog_s and now >= self.next_watchdog:
+            if self.healthy():
+                self.notifier.watchdog()
+            self.next_watchdog = now + self.notifier.watchdog_s
+        if not self.ensure_connection():
+            return
+        if now >= self.next_heartbeat:
+            self.next_heartbeat = now + self.config.daemon.heartbeat_interval_s
+            self.db_chore("heartbeat", self.heartbeat)
+        if now >= self.next_maintenance:
+            interval = self.config.daemon.maintenance_interval_s
+            self.next_maintenance = now + interval
+            self.db_chore("maintenance", self.maintenance)
+
+    def db_chore(self, what: str, chore: Callable[[], None]) -> None:
+        try:
+            chore()
+        except psycopg.Error as exc:
+            self.database_failed(what, exc)
+
+    def heartbeat(self) -> None:
+        assert self.conn is not None
+        lost_at = queries.heartbeat(
+            self.conn,
+            daemon_id=self.daemon_id,
+            hostname=self.hostname,
+            pid=os.getpid(),
+            version=__version__,
+        )
+        if lost_at is not None:
+            log.error(
+                "this daemon had been declared lost at %s (no heartbeat "
+                "within daemon.host_lease_s); its jobs then were taken back",
+                lost_at,
+            )
+
+    def maintenance(self) -> None:
+        assert self.conn is not None
+        self.retry_pending_requeues()
+        rescued = queries.rescue_lost_daemons(
+            self.conn, lease_s=self.config.daemon.host_lease_s
+        )
+        if rescued:
+            log.warning("took back %d job(s) of lost daemons", len(rescued))
+            self.after_requeue(rescued)
+        unsettled = queries.unsettled_postings(self.conn)
+        if unsettled:
+            queries.settle_postings(
+                self.conn,
+                unsettled,
+                error_threshold=self.config.jobs.posting_error_threshold,
+            )
+
+    def healthy(self) -> bool:
+        return self.stop_mode is None or bool(self.workers)
+
+    def busy_count(self) -> int:
+        return sum(
+            1
+            for h in self.workers.values()
+            if self.scoreboard.read(h.slot).state is WorkerState.RUNNING
+        )
+
+    def status_text(self) -> str:
+        ready = sum(1 for h in self.workers.values() if h.ready)
+        return (
+            f"{ready} workers, {self.busy_count()} busy, "
+            f"{self.stats.jobs_done:,} jobs done"
+        )
+
+    def update_readiness(self) -> None:
+        if self.announced_ready or self.stop_mode is not None:
+            return
+        ready = [h for h in self.workers.values() if h.ready]
+        if self.conn is not None and len(ready) >= len(self.slots):
+            self.announced_ready = True
+            log.info(
+                "ready: %d workers (daemon %s)", len(ready), self.daemon_id
+            )
+            self.notifier.ready(self.status_text())
+
+    # ------------------------------------------------------------ workers
+
+    def spawn_due_workers(self) -> None:
+        if self.stop_mode is not None:
+            return
+        now = time.monotonic()
+        due = [
+            s
+            for s in self.slots
+            if s.worker_pid is None and s.next_spawn_at <= now
+        ]
+        if not due:
+            return
+        # Fork safety: no database connection lives across a fork.
+        had_connection = self.conn is not None
+        self.close_connection()
+        for slot in due:
+            self.spawn(slot)
+        if had_connection:
+            self.ensure_connection()
+
+    def spawn(self, slot: Slot) -> None:
+        wake_r, wake_w = os.pipe2(os.O_CLOEXEC)
+        report_r, report_w = os.pipe2(os.O_CLOEXEC)
+        os.set_blocking(wake_r, False)
+        os.set_blocking(wake_w, False)
+        os.set_blocking(report_r, False)
+        owner = uuid.uuid4()
+        inherited = [
+            self._signal_r,
+            self._signal_w,
+            self.selector_fd(),
+            wake_w,
+            report_r,
+        ]
+        for other in self.workers.values():
+            inherited += [other.wake_fd, other.report_fd]
+        spec = worker.WorkerSpec(
+            slot=slot.index,
+            owner=owner,
+            daemon_id=self.daemon_id,
+            config=self.config,
+            password=self.password,
+            scoreboard=self.scoreboard,
+            wake_fd=wake_r,
+            report_fd=report_w,
+            parent_pid=os.getpid(),
+            inherited_fds=tuple(fd for fd in inherited if fd >= 0),
+        )
+        self.scoreboard.write(slot.index, pid=0, state=WorkerState.BOOTING)
+        pid = os.fork()
+        if pid == 0:
+            worker.main(spec)
+        os.close(wake_r)
+        os.close(report_w)
+        handle = WorkerHandle(
+            slot=slot.index,
+            pid=pid,
+            owner=owner,
+            wake_fd=wake_w,
+            report_fd=report_r,
+            generation=self.generation,
+            started=time.monotonic(),
+        )
+        self.workers[pid] = handle
+        slot.worker_pid = pid
+        self.selector.register(report_r, selectors.EVENT_READ, pid)
+        log.debug("worker %d started in slot %d", pid, slot.index)
+
+    def selector_fd(self) -> int:
+        fileno = getattr(self.selector, "fileno", None)
+        return int(fileno()) if fileno is not None else -1
+
+    def signal_worker(self, pid: int, signum: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signum)
+
+    def wake_idle_workers(self) -> None:
+        for handle in self.workers.values():
+            state = self.scoreboard.read(handle.slot).state
+            if state is WorkerState.IDLE:
+                with contextlib.suppress(BlockingIOError, BrokenPipeError):
+                    os.write(handle.wake_fd, b"\0")
+
+    def read_notifications(self) -> None:
+        conn = self.conn
+        if conn is None:
+            return
+        try:
+            conn.pgconn.consume_input()
+            while conn.pgconn.notifies() is not None:
+                pass
+        except psycopg.Error as exc:
+            self.database_failed("listening", exc)
+            return
+        if conn.pgconn.status != psycopg.pq.ConnStatus.OK:
+            self.database_failed("listening", psycopg.OperationalError("lost"))
+            return
+        self.wake_idle_workers()
+
+    def read_report(self, pid: int) -> None:
+        handle = self.workers.get(pid)
+        if handle is None:
+            return
+        try:
+            data = os.read(handle.report_fd, 65536)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            if exc.errno != errno.EBADF:
+                raise
+            data = b""
+        if not data:
+            with contextlib.suppress(KeyError, ValueError):
+                self.selector.unregister(handle.report_fd)
+            return
+        handle.report_buffer += data
+        *lines, handle.report_buffer = handle.report_buffer.split(b"\n")
+        for line in lines:
+            try:
+                message = json.loads(line)
+            except ValueError:
+                log.warning("unreadable report from worker %d", pid)
+                continue
+            self.on_report(handle, message)
+
+    def on_report(self, handle: WorkerHandle, message: dict[str, Any]) -> None:
+        event = message.get("event")
+        if event == "ready":
+            handle.ready = True
+        elif event == "boot_failed":
+            handle.boot_error = str(message.get("reason"))
+        elif event == "retiring":
+            handle.retiring = str(message.get("reason"))
+        elif event == "jobs_done":
+            self.stats.jobs_done += int(message.get("count", 0))
+
+    def reap(self) -> None:
+        while self.workers:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            handle = self.workers.get(pid)
+            if handle is not None:
+                self.worker_exited(handle, status)
+
+    def worker_exited(self, handle: WorkerHandle, status: int) -> None:
+        self.read_report(handle.pid)
+        with contextlib.suppress(KeyError, ValueError):
+            self.selector.unregister(handle.report_fd)
+        os.close(handle.report_fd)
+        os.close(handle.wake_fd)
+        del self.workers[handle.pid]
+        view = self.scoreboard.read(handle.slot)
+        running = view.job_id if view.state is WorkerState.RUNNING else None
+        self.scoreboard.clear(handle.slot)
+        slot = next((s for s in self.slots if s.worker_pid == handle.pid), None)
+        if slot is not None:
+            slot.worker_pid = None
+        clean = os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+        reason = handle.kill_reason or policy.describe_exit(status)
+        if handle.boot_error:
+            reason = f"worker could not start: {handle.boot_error}"
+        if clean:
+            running = None
+            log.info(
+                "worker %d (slot %d) exited%s",
+                handle.pid,
+                handle.slot,
+                f" to retire ({handle.retiring})" if handle.retiring else "",
+            )
+        else:
+            log.warning(
+                "worker %d (slot %d): %s%s",
+                handle.pid,
+                handle.slot,
+                reason,
+                f" while running job {running}" if running else "",
+            )
+        self.requeue(handle.owner, running, reason)
+        if slot is not None:
+            self.plan_respawn(slot, handle, clean)
+
+    def plan_respawn(
+        self, slot: Slot, handle: WorkerHandle, clean: bool
+    ) -> None:
+        now = time.monotonic()
+        label = handle.retiring or ("timeout" if handle.kill_reason else None)
+        if clean or (handle.kill_reason and self.stop_mode is None):
+            slot.consecutive_crashes = 0
+            slot.next_spawn_at = now
+            self.count_restart(label or "exited")
+            return
+        if now - handle.started >= _HEALTHY_UPTIME_S:
+            slot.consecutive_crashes = 0
+        slot.consecutive_crashes += 1
+        self.crash_times.append(now)
+        self.count_restart("boot_failed" if handle.boot_error else "crashed")
+        slot.next_spawn_at = now + policy.respawn_delay(
+            slot.consecutive_crashes, 0.5, 30.0, self.rng.random()
+        )
+        daemon = self.config.daemon
+        if self.stop_mode is None and policy.is_crash_loop(
+            self.crash_times,
+            now,
+            daemon.crash_loop_max,
+            daemon.crash_loop_window_s,
+        ):
+            log.error(
+                "crash loop: %d worker crashes within %g s; stopping so the "
+                "service manager can restart the daemon",
+                daemon.crash_loop_max,
+                daemon.crash_loop_window_s,
+            )
+            self.exit_code = EXIT_FAILURE
+            self.begin_stop(StopMode.FAST)
+
+    def count_restart(self, reason: str) -> None:
+        restarts = self.stats.worker_restarts
+        restarts[reason] = restarts.get(reason, 0) + 1
+
+    def requeue(
+        self, owner: uuid.UUID, running: int | None, reason: str
+    ) -> None:
+        self.pending_requeues.append((owner, running, reason))
+        if self.ensure_connection():
+            self.db_chore("taking back jobs", self.retry_pending_requeues)
+
+    def retry_pending_requeues(self) -> None:
+        while self.pending_requeues and self.conn is not None:
+            owner, running, reason = self.pending_requeues[0]
+            requeued = queries.requeue_owner(
+                self.conn,
+                daemon_id=self.daemon_id,
+                owner=owner,
+                running_job_id=running,
+                reason=reason,
+            )
+            self.pending_requeues.pop(0)
+            if requeued:
+                log.info(
+                    "took back %d job(s) of a worker that ended (%s)",
+                    len(requeued),
+                    reason,
+                )
+                self.after_requeue(requeued)
+
+    def after_requeue(self, jobs: list[queries.RequeuedJob]) -> None:
+        assert self.conn is not None
+        errored = {
+            j.posting_id for j in jobs if j.status is JobStatus.ERRORED_OUT
+        }
+        if errored:
+            queries.settle_postings(
+                self.conn,
+                errored,
+                error_threshold=self.config.jobs.posting_error_threshold,
+            )
+        if any(j.status is JobStatus.WAITING for j in jobs):
+            self.wake_idle_workers()
+
+    def enforce_timeouts(self) -> None:
+        now = time.monotonic()
+        grace = self.config.jobs.timeout_grace_s
+        for handle in self.workers.values():
+            if handle.kill_at and now >= handle.kill_at:
+                handle.kill_at = 0.0
+                self.signal_worker(handle.pid, signal.SIGKILL)
+                continue
+            view = self.scoreboard.read(handle.slot)
+            if (
+                view.state is WorkerState.RUNNING
+                and view.deadline
+                and now >= view.deadline
+                and handle.kill_reason is None
+            ):
+                limit = view.deadline - view.started
+                handle.kill_reason = f"timeout after {limit:g} s"
+                handle.kill_at = now + grace
+                self.signal_worker(handle.pid, signal.SIGTERM)
+
+
+def _note_signal(signum: int, frame: object) -> None:
+    """Handlers only wake the loop (through the wake-up fd); it acts."""

@@ -1,0 +1,428 @@
+"""One worker process: connect, claim, run, record, report.
+
+Owns the life of a forked worker: it drops what belongs to the supervisor
+(systemd's sockets, signal wake-up fd, other workers' pipes), connects to
+PostgreSQL after the fork, claims batches of jobs, imports and calls their
+entry points, buffers outcomes for at most the flush window and writes them
+fenced by its owner token. It tells the supervisor what it runs through the
+scoreboard and sends it a line on its report pipe when something changes.
+It must not import the supervisor, speak to systemd, or outlive its parent
+by more than its current job.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import datetime as dt
+import functools
+import json
+import logging
+import os
+import pkgutil
+import random
+import select
+import signal
+import time
+import traceback
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import Any, NoReturn
+
+import psycopg
+
+from pdoflowd import logs, policy, queries
+from pdoflowd.config import Config, connection_kwargs
+from pdoflowd.scoreboard import Scoreboard, WorkerState
+from pdoflowd.status import JobStatus
+
+log = logging.getLogger("pdoflowd.worker")
+
+EXIT_OK = 0
+EXIT_BOOT_FAILED = 3
+
+_PR_SET_PDEATHSIG = 1
+_SYSTEMD_VARIABLES = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything a worker is given by the supervisor at fork."""
+
+    slot: int
+    owner: uuid.UUID
+    daemon_id: uuid.UUID
+    config: Config
+    password: str | None = field(repr=False)
+    scoreboard: Scoreboard
+    wake_fd: int
+    report_fd: int
+    parent_pid: int
+    inherited_fds: tuple[int, ...]
+
+
+class JobTimeout(BaseException):
+    """Raised inside a job that ran past its deadline (SIGTERM at deadline)."""
+
+
+class _Stop(Exception):
+    """The worker was asked to stop or lost its parent."""
+
+
+def entry_point_allowed(entry_point: str, allowed: tuple[str, ...]) -> bool:
+    """True when the entry point lies under one of the allowed prefixes."""
+    return any(
+        entry_point == prefix or entry_point.startswith(prefix + ".")
+        for prefix in allowed
+    )
+
+
+def _utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+class Worker:
+    """The state of one worker process between its fork and its exit."""
+
+    def __init__(self, spec: WorkerSpec) -> None:
+        self.spec = spec
+        self.config = spec.config
+        self.pid = os.getpid()
+        self.stop_requested = False
+        self.deadline = 0.0
+        self.jobs_run = 0
+        self.mean_job_s: float | None = None
+        self.conn: psycopg.Connection[Any] | None = None
+        self.pending: list[queries.Outcome] = []
+        self.pending_since = 0.0
+        self.functions: dict[str, Callable[..., Any]] = {}
+        self.rng = random.Random()
+
+    # ------------------------------------------------------------ boot
+
+    def detach_from_supervisor(self) -> None:
+        """Undo what the fork inherited that belongs to the supervisor."""
+        signal.set_wakeup_fd(-1)
+        for fd in self.spec.inherited_fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        for name in _SYSTEMD_VARIABLES:
+            os.environ.pop(name, None)
+        signal.signal(signal.SIGTERM, self._on_term)
+        for signum in (signal.SIGINT, signal.SIGQUIT, signal.SIGHUP):
+            signal.signal(signum, signal.SIG_IGN)
+        for signum in (signal.SIGTTIN, signal.SIGTTOU, signal.SIGCHLD):
+            signal.signal(signum, signal.SIG_DFL)
+        with contextlib.suppress(OSError, AttributeError):
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != self.spec.parent_pid:
+            raise _Stop("the supervisor exited before the worker started")
+        logs.set_process_label(f"worker {self.spec.slot}")
+
+    def _on_term(self, signum: int, frame: FrameType | None) -> None:
+        if self.deadline and time.monotonic() >= self.deadline:
+            self.deadline = 0.0
+            raise JobTimeout
+        self.stop_requested = True
+
+    def report(self, event: str, **fields: Any) -> None:
+        """Send one line to the supervisor (best effort)."""
+        line = json.dumps({"event": event, **fields}) + "\n"
+        with contextlib.suppress(OSError):
+            os.write(self.spec.report_fd, line.encode())
+
+    def mark(self, state: WorkerState, job_id: int | None = None) -> None:
+        self.spec.scoreboard.write(
+            self.spec.slot,
+            pid=self.pid,
+            state=state,
+            job_id=job_id,
+            started=time.monotonic() if job_id is not None else 0.0,
+            deadline=self.deadline,
+        )
+
+    def boot(self) -> None:
+        """Import preload modules and connect; raise on failure."""
+        self.mark(WorkerState.BOOTING)
+        for module in self.config.workers.preload_modules:
+            __import__(module)
+        self.connect()
+
+    def connect(self) -> psycopg.Connection[Any]:
+        if self.conn is None or self.conn.closed:
+            kwargs = connection_kwargs(self.config.database, self.spec.password)
+            self.conn = psycopg.connect(autocommit=True, **kwargs)  # type: ignore[arg-type]
+        return self.conn
+
+    def drop_connection(self) -> None:
+        if self.conn is not None:
+            with contextlib.suppress(Exception):
+                self.conn.close()
+        self.conn = None
+
+    # ------------------------------------------------------------ database
+
+    def with_database(self, what: str, action: Callable[[], Any]) -> Any:
+        """Run ``action`` until it succeeds, reconnecting with backoff.
+
+        Gives up (raises :class:`_Stop`) only when asked to stop while the
+        database is unreachable.
+        """
+        delay = 0.1
+        while True:
+            try:
+                return action()
+            except psycopg.OperationalError as exc:
+                self.drop_connection()
+                log.warning(
+                    "%s failed, retrying in %.1f s: %s", what, delay, exc
+                )
+                self.report("db_error", operation=what)
+                if self.stop_requested and (
+                    what != "record outcomes" or self.orphaned()
+                ):
+                    # Unwritten outcomes of an orphan are left to the rescue
+                    # of its dead daemon's jobs.
+                    raise _Stop(what) from exc
+                self.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    def orphaned(self) -> bool:
+        return os.getppid() != self.spec.parent_pid
+
+    def sleep(self, seconds: float) -> None:
+        """Wait for ``seconds``, the wake pipe or a stop, whichever is first."""
+        try:
+            readable, _, _ = select.select([self.spec.wake_fd], [], [], seconds)
+        except InterruptedError:
+            return
+        if readable:
+            try:
+                data = os.read(self.spec.wake_fd, 4096)
+            except BlockingIOError:
+                return
+            if not data:
+                raise _Stop("the supervisor is gone")
+
+    # ------------------------------------------------------------ the loop
+
+    def run(self) -> None:
+        """Claim and run jobs until asked to stop or due to retire."""
+        self.report("ready")
+        while not self.stop_requested:
+            if self.retirement_due():
+                return
+            self.mark(WorkerState.CLAIMING)
+            limit = policy.claim_size(
+                self.config.workers.batch_size, self.mean_job_s
+            )
+            batch: list[queries.ClaimedJob] = self.with_database(
+                "claim", functools.partial(self.claim, limit)
+            )
+            if not batch:
+                self.mark(WorkerState.IDLE)
+                self.sleep(
+                    policy.poll_timeout(
+                        self.config.workers.poll_interval_s, self.rng.random()
+                    )
+                )
+                continue
+            self.run_batch(batch)
+            self.flush()
+
+    def claim(self, limit: int) -> list[queries.ClaimedJob]:
+        return queries.claim(
+            self.connect(),
+            owner=self.spec.owner,
+            daemon_id=self.spec.daemon_id,
+            limit=limit,
+        )
+
+    def retirement_due(self) -> bool:
+        workers = self.config.workers
+        if workers.max_jobs_per_worker and (
+            self.jobs_run >= workers.max_jobs_per_worker
+        ):
+            self.report("retiring", reason="max_jobs")
+            return True
+        if workers.max_memory_mb and (_rss_mb() > workers.max_memory_mb):
+            self.report("retiring", reason="max_memory")
+            return True
+        return False
+
+    def run_batch(self, batch: list[queries.ClaimedJob]) -> None:
+        for index, job in enumerate(batch):
+            if self.stop_requested or (index and self.retirement_due()):
+                self.release(batch[index:])
+                return
+            self.pending.append(self.run_job(job))
+            if not self.pending_since:
+                self.pending_since = time.monotonic()
+            if self.flush_due():
+                self.flush()
+
+    def release(self, jobs: list[queries.ClaimedJob]) -> None:
+        """Give back claimed jobs that were never started (no try used)."""
+        for job in jobs:
+            self.pending.append(
+                queries.Outcome(job.id, job.attempt, "released")
+            )
+
+    def flush_due(self) -> bool:
+        window = self.config.workers.outcome_flush_ms / 1000
+        return window == 0 or time.monotonic() - self.pending_since >= window
+
+    def flush(self) -> None:
+        """Write buffered outcomes (fenced), then settle their postings."""
+        if not self.pending:
+            return
+        self.mark(WorkerState.FLUSHING)
+        outcomes, self.pending, self.pending_since = self.pending, [], 0.0
+        recorded: list[queries.RecordedOutcome] = self.with_database(
+            "record outcomes",
+            lambda: queries.record_outcomes(
+                self.connect(), owner=self.spec.owner, outcomes=outcomes
+            ),
+        )
+        if len(recorded) < len(outcomes):
+            log.warning(
+                "%d outcome(s) fenced off: their jobs were taken back",
+                len(outcomes) - len(recorded),
+            )
+        finals = {
+            r.posting_id
+            for r in recorded
+            if r.status in (JobStatus.DONE, JobStatus.ERRORED_OUT)
+        }
+        if finals:
+            threshold = self.config.jobs.posting_error_threshold
+            self.with_database(
+                "settle postings",
+                lambda: queries.settle_postings(
+                    self.connect(), finals, error_threshold=threshold
+                ),
+            )
+
+    # ------------------------------------------------------------ one job
+
+    def timeout_for(self, job: queries.ClaimedJob) -> float:
+        return job.timeout_s or self.config.jobs.timeout_s
+
+    def run_job(self, job: queries.ClaimedJob) -> queries.Outcome:
+        """Run one claimed job and say what became of it."""
+        started_at = _utcnow()
+        if not entry_point_allowed(
+            job.entry_point, self.config.jobs.allowed_modules
+        ):
+            return queries.Outcome(
+                job.id,
+                job.attempt,
+                "refused",
+                started_at=started_at,
+                completed_at=started_at,
+                error=f"refused: {job.entry_point} is not under "
+                "jobs.allowed_modules",
+            )
+        timeout = self.timeout_for(job)
+        begin = time.monotonic()
+        error = tb = None
+        try:
+            self.deadline = begin + timeout if timeout else 0.0
+            self.mark(WorkerState.RUNNING, job.id)
+            function = self.resolve(job.entry_point)
+            function(*job.posargs, **job.kwargs)
+        except JobTimeout:
+            error = f"timeout after {timeout:g} s"
+        except BaseException as exc:
+            error = f"{type(exc).__name__}: {exc}"
+            tb = traceback.format_exc()
+        finally:
+            self.deadline = 0.0
+        elapsed = time.monotonic() - begin
+        self.jobs_run += 1
+        self.mean_job_s = policy.mean_update(self.mean_job_s, elapsed, 0.2)
+        completed_at = _utcnow()
+        self.report_done(job, error, elapsed)
+        if error is None:
+            return queries.Outcome(
+                job.id, job.attempt, "done", started_at, completed_at
+            )
+        delay = policy.retry_delay(
+            job.attempt,
+            self.config.jobs.retry_delay_s,
+            self.config.jobs.retry_delay_max_s,
+        )
+        return queries.Outcome(
+            job.id,
+            job.attempt,
+            "failed",
+            started_at,
+            completed_at,
+            error=error,
+            traceback=tb,
+            retry_at=completed_at + dt.timedelta(seconds=delay),
+        )
+
+    def report_done(
+        self, job: queries.ClaimedJob, error: str | None, elapsed: float
+    ) -> None:
+        if error is not None:
+            log.info("job %s (%s) failed: %s", job.uuid, job.entry_point, error)
+
+    def resolve(self, entry_point: str) -> Callable[..., Any]:
+        function = self.functions.get(entry_point)
+        if function is None:
+            function = pkgutil.resolve_name(entry_point)
+            if not callable(function):
+                raise TypeError(f"{entry_point} is not callable")
+            self.functions[entry_point] = function
+        return function
+
+    def close(self) -> None:
+        self.mark(WorkerState.EXITING)
+        try:
+            self.flush()
+        finally:
+            self.drop_connection()
+
+
+def _rss_mb() -> float:
+    try:
+        with open("/proc/self/statm") as statm:
+            resident_pages = int(statm.read().split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    return resident_pages * os.sysconf("SC_PAGE_SIZE") / (1024 * 1024)
+
+
+def main(spec: WorkerSpec) -> NoReturn:
+    """The body of a freshly forked worker; never returns to the caller."""
+    code = EXIT_OK
+    worker = Worker(spec)
+    try:
+        worker.detach_from_supervisor()
+        try:
+            worker.boot()
+        except Exception as exc:
+            log.error("worker could not start: %s", exc)
+            worker.report("boot_failed", reason=str(exc))
+            code = EXIT_BOOT_FAILED
+        else:
+            try:
+                worker.run()
+            except _Stop as stop:
+                log.info("stopping: %s", stop)
+            finally:
+                worker.close()
+    except _Stop as stop:
+        log.info("stopping: %s", stop)
+    except BaseException:
+        log.exception("worker failed")
+        code = 1
+    finally:
+        with contextlib.suppress(Exception):
+            logging.shutdown()
+    os._exit(code)

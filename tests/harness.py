@@ -1,0 +1,235 @@
+"""Drive the real daemon as a subprocess: config, start, signals, stop.
+
+Readiness is learnt the way systemd learns it: the harness binds a real
+AF_UNIX datagram socket, passes it as NOTIFY_SOCKET, and reads READY=1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+TESTS_DIR = Path(__file__).resolve().parent
+REPO_ROOT = TESTS_DIR.parent
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    raise TypeError(value)
+
+
+def write_config(path: Path, sections: Mapping[str, Mapping[str, Any]]) -> Path:
+    lines = []
+    for section, values in sections.items():
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {toml_value(v)}" for k, v in values.items()]
+        lines.append("")
+    path.write_text("\n".join(lines))
+    return path
+
+
+def daemon_config(
+    dsn: str, **overrides: Mapping[str, Any]
+) -> dict[str, dict[str, Any]]:
+    """A config for tests: short intervals, the test job module allowed."""
+    sections: dict[str, dict[str, Any]] = {
+        "database": {"dsn": dsn},
+        "workers": {
+            "count": 2,
+            "batch_size": 5,
+            "poll_interval_s": 0.2,
+            "drain_timeout_s": 10.0,
+        },
+        "jobs": {"allowed_modules": ["jobfns"]},
+        "metrics": {"listen": ""},
+        "daemon": {
+            "heartbeat_interval_s": 0.5,
+            "host_lease_s": 3.0,
+            "maintenance_interval_s": 0.2,
+            "log_level": "info",
+        },
+    }
+    for section, values in overrides.items():
+        sections.setdefault(section, {}).update(values)
+    return sections
+
+
+def children_of(pid: int) -> list[int]:
+    """Live child processes of ``pid`` (from /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.append(int(entry.name))
+    return sorted(found)
+
+
+class Daemon:
+    """One ``pdoflowd run`` subprocess with a notify socket of its own."""
+
+    def __init__(
+        self,
+        tmp: Path,
+        config: Mapping[str, Mapping[str, Any]],
+        *,
+        effects_dsn: str = "",
+        env: Mapping[str, str] | None = None,
+        name: str = "daemon",
+    ) -> None:
+        self.tmp = tmp
+        self.config_path = write_config(tmp / f"{name}.toml", config)
+        self.log_path = tmp / f"{name}.log"
+        self.notify_path = tmp / f"{name}.notify"
+        self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.notify.bind(str(self.notify_path))
+        self.messages: list[str] = []
+        environ = dict(os.environ)
+        environ.update(
+            {
+                "PYTHONPATH": os.pathsep.join([str(TESTS_DIR), str(REPO_ROOT)]),
+                "NOTIFY_SOCKET": str(self.notify_path),
+                "PDOFLOWD_TEST_EFFECTS_DSN": effects_dsn,
+            }
+        )
+        environ.update(env or {})
+        self.env = environ
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Daemon:
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "pdoflowd",
+                "run",
+                "--config",
+                str(self.config_path),
+            ],
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=self.tmp,
+        )
+        log.close()
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def read_notifications(self, timeout: float) -> Iterator[str]:
+        self.notify.settimeout(timeout)
+        try:
+            while True:
+                data = self.notify.recv(65536).decode()
+                self.messages.append(data)
+                yield data
+        except (TimeoutError, BlockingIOError):
+            return
+
+    def wait_for_message(self, needle: str, timeout: float = 30.0) -> str:
+        deadline = time.monotonic() + timeout
+        for old in self.messages:
+            if needle in old.split("\n"):
+                return old
+        while time.monotonic() < deadline:
+            for message in self.read_notifications(0.2):
+                if needle in message.split("\n"):
+                    return message
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError(
+                    f"daemon exited ({self.proc.returncode}) before "
+                    f"{needle}:\n{self.log()}"
+                )
+        raise AssertionError(f"no {needle} within {timeout} s:\n{self.log()}")
+
+    def wait_ready(self, timeout: float = 30.0) -> Daemon:
+        self.wait_for_message("READY=1", timeout)
+        return self
+
+    def workers(self) -> list[int]:
+        return children_of(self.pid)
+
+    def send(self, signum: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signum)
+
+    def wait(self, timeout: float = 30.0) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout)
+
+    def stop(self, signum: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.send(signum)
+        return self.wait(timeout)
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        for pid in self.workers() if self.proc else []:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self.notify.close()
+
+
+def wait_until(
+    predicate: Any, timeout: float = 30.0, interval: float = 0.05
+) -> Any:
+    """Poll ``predicate`` until it returns something truthy."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        time.sleep(interval)
+
+
+def job_counts(dsn: str) -> dict[str, int]:
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute(
+            "SELECT status, count(*) FROM pdoflowd.jobs GROUP BY status"
+        ).fetchall()
+    return {status: count for status, count in rows}
+
+
+def create_effects_table(dsn: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(
+            "CREATE TABLE effects (id bigserial PRIMARY KEY, key text, "
+            "pid int, note text, at timestamptz DEFAULT clock_timestamp())"
+        )
