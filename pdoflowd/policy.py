@@ -36,9 +36,9 @@ def claim_size(
     """
     if mean_job_s is None:
         return 1
-    if mean_job_s <= 0:
+    if mean_job_s * batch_size <= target_s:
         return batch_size
-    return max(1, min(batch_size, int(target_s / mean_job_s)))
+    return max(1, int(target_s / mean_job_s))
 
 
 def mean_update(previous: float | None, sample: float, weight: float) -> float:

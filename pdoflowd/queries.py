@@ -427,7 +427,8 @@ def posting_progress(
 
 _HEARTBEAT = """
 WITH previous AS (
-    SELECT stopped_at FROM pdoflowd.daemons WHERE id = %(id)s FOR UPDATE
+    -- Read in the statement's snapshot: the row as it was before the upsert.
+    SELECT stopped_at FROM pdoflowd.daemons WHERE id = %(id)s
 )
 INSERT INTO pdoflowd.daemons (id, hostname, pid, version)
 VALUES (%(id)s, %(hostname)s, %(pid)s, %(version)s)

@@ -1,0 +1,345 @@
+"""The queue's SQL against a real PostgreSQL: claim, outcomes, fencing."""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+import uuid
+from typing import Any
+
+import psycopg
+import pytest
+
+from pdoflowd import queries
+from pdoflowd.client import Client
+from pdoflowd.status import JobStatus, PostingStatus
+
+DAEMON = uuid.uuid4()
+
+
+@pytest.fixture
+def conn(dsn: str) -> Any:
+    with psycopg.connect(dsn, autocommit=True) as connection:
+        yield connection
+
+
+def post(dsn: str, n: int, priority: Any = 0, tries: int = 3) -> uuid.UUID:
+    posting = Client(dsn).post(
+        "jobfns.noop", [[i] for i in range(n)], priority=priority, tries=tries
+    )
+    return posting.id
+
+
+def claim(conn: Any, limit: int, owner: uuid.UUID | None = None) -> list[Any]:
+    return queries.claim(
+        conn, owner=owner or uuid.uuid4(), daemon_id=DAEMON, limit=limit
+    )
+
+
+def now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def finish(
+    conn: Any, owner: uuid.UUID, jobs: list[Any], kind: str = "done"
+) -> list[queries.RecordedOutcome]:
+    outcomes = [
+        queries.Outcome(
+            j.id,
+            j.attempt,
+            kind,
+            now(),
+            now(),
+            error=None if kind == "done" else "boom",
+        )
+        for j in jobs
+    ]
+    return queries.record_outcomes(conn, owner=owner, outcomes=outcomes)
+
+
+def job_row(conn: Any, job_id: int) -> dict[str, Any]:
+    cur = conn.cursor(row_factory=psycopg.rows.dict_row)
+    row = cur.execute(
+        "SELECT * FROM pdoflowd.jobs WHERE id = %s", (job_id,)
+    ).fetchone()
+    assert row is not None
+    return dict(row)
+
+
+def test_claim_takes_highest_priority_first(dsn: str, conn: Any) -> None:
+    post(dsn, 3, priority=[1, 5, 3])
+    jobs = claim(conn, 3)
+    assert [j.priority for j in jobs] == [5, 3, 1]
+
+
+def test_claim_is_fifo_within_a_priority(dsn: str, conn: Any) -> None:
+    first = post(dsn, 4)
+    second = post(dsn, 4)
+    jobs = claim(conn, 8)
+    assert [j.posting_uuid for j in jobs] == [first] * 4 + [second] * 4
+    assert [j.posargs[0] for j in jobs] == [0, 1, 2, 3] * 2
+
+
+def test_claim_respects_limit_and_marks_executing(dsn: str, conn: Any) -> None:
+    post(dsn, 5)
+    owner = uuid.uuid4()
+    jobs = claim(conn, 2, owner)
+    assert len(jobs) == 2
+    for j in jobs:
+        row = job_row(conn, j.id)
+        assert row["status"] == "executing"
+        assert row["owner"] == owner
+        assert row["attempt"] == 1
+        assert row["daemon_id"] == DAEMON
+
+
+def test_claim_skips_paused_postings(dsn: str, conn: Any) -> None:
+    Client(dsn).post("jobfns.noop", [[1]], paused=True)
+    assert claim(conn, 10) == []
+
+
+def test_claim_skips_jobs_not_yet_due(dsn: str, conn: Any) -> None:
+    post(dsn, 1)
+    conn.execute(
+        "UPDATE pdoflowd.jobs SET run_after = now() + interval '1 hour'"
+    )
+    assert claim(conn, 10) == []
+
+
+def test_concurrent_claims_take_each_job_exactly_once(
+    dsn: str, conn: Any
+) -> None:
+    total = 400
+    post(dsn, total)
+    claimed: list[list[int]] = [[] for _ in range(6)]
+    barrier = threading.Barrier(6)
+
+    def claimer(index: int) -> None:
+        with psycopg.connect(dsn, autocommit=True) as own:
+            barrier.wait()
+            while True:
+                got = claim(own, 7)
+                if not got:
+                    return
+                claimed[index].extend(j.id for j in got)
+
+    threads = [threading.Thread(target=claimer, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    every = [i for ids in claimed for i in ids]
+    assert len(every) == total
+    assert len(set(every)) == total
+    assert sum(1 for ids in claimed if ids) > 1
+
+
+def test_done_outcome_records_completion(dsn: str, conn: Any) -> None:
+    post(dsn, 1)
+    owner = uuid.uuid4()
+    [job] = claim(conn, 1, owner)
+    [recorded] = finish(conn, owner, [job])
+    assert recorded.status is JobStatus.DONE
+    row = job_row(conn, job.id)
+    assert row["status"] == "done"
+    assert row["exited_ok"] is True
+    assert row["completed_at"] is not None
+    assert row["tries_remaining"] == 3
+
+
+def test_failure_uses_a_try_and_waits_again(dsn: str, conn: Any) -> None:
+    post(dsn, 1, tries=3)
+    owner = uuid.uuid4()
+    [job] = claim(conn, 1, owner)
+    [recorded] = finish(conn, owner, [job], kind="failed")
+    assert recorded.status is JobStatus.WAITING
+    row = job_row(conn, job.id)
+    assert row["tries_remaining"] == 2
+    assert row["error"] == "boom"
+    assert row["owner"] is None
+
+
+def test_last_try_failing_errors_the_job_out(dsn: str, conn: Any) -> None:
+    post(dsn, 1, tries=2)
+    for expected in (JobStatus.WAITING, JobStatus.ERRORED_OUT):
+        owner = uuid.uuid4()
+        [job] = claim(conn, 1, owner)
+        [recorded] = finish(conn, owner, [job], kind="failed")
+        assert recorded.status is expected
+    row = job_row(conn, job.id)
+    assert row["tries_remaining"] == 0
+    assert row["exited_ok"] is False
+    assert row["attempt"] == 2
+
+
+def test_released_job_waits_again_without_using_a_try(
+    dsn: str, conn: Any
+) -> None:
+    post(dsn, 1)
+    owner = uuid.uuid4()
+    [job] = claim(conn, 1, owner)
+    [recorded] = finish(conn, owner, [job], kind="released")
+    assert recorded.status is JobStatus.WAITING
+    assert job_row(conn, job.id)["tries_remaining"] == 3
+
+
+def test_outcome_of_another_owner_changes_nothing(dsn: str, conn: Any) -> None:
+    post(dsn, 1)
+    [job] = claim(conn, 1, uuid.uuid4())
+    assert finish(conn, uuid.uuid4(), [job]) == []
+    assert job_row(conn, job.id)["status"] == "executing"
+
+
+def test_late_outcome_after_rescue_and_reclaim_is_fenced_off(
+    dsn: str, conn: Any
+) -> None:
+    post(dsn, 1)
+    owner = uuid.uuid4()
+    [job] = claim(conn, 1, owner)
+    queries.requeue_owner(
+        conn,
+        daemon_id=DAEMON,
+        owner=owner,
+        running_job_id=job.id,
+        reason="worker died: signal 9 (SIGKILL)",
+    )
+    # The same owner claims it again: the old claim's outcome must not land.
+    [again] = claim(conn, 1, owner)
+    assert again.attempt == job.attempt + 1
+    assert finish(conn, owner, [job]) == []
+    assert job_row(conn, job.id)["status"] == "executing"
+    assert len(finish(conn, owner, [again])) == 1
+
+
+def test_requeue_uses_a_try_only_for_the_running_job(
+    dsn: str, conn: Any
+) -> None:
+    post(dsn, 3)
+    owner = uuid.uuid4()
+    running, *unstarted = claim(conn, 3, owner)
+    requeued = queries.requeue_owner(
+        conn,
+        daemon_id=DAEMON,
+        owner=owner,
+        running_job_id=running.id,
+        reason="worker died: signal 9 (SIGKILL)",
+    )
+    assert {r.job_id for r in requeued} == {running.id} | {
+        j.id for j in unstarted
+    }
+    row = job_row(conn, running.id)
+    assert (row["status"], row["tries_remaining"]) == ("waiting", 2)
+    assert row["error"] == "worker died: signal 9 (SIGKILL)"
+    for j in unstarted:
+        row = job_row(conn, j.id)
+        assert (row["status"], row["tries_remaining"]) == ("waiting", 3)
+        assert row["error"] is None
+
+
+def test_settle_finishes_a_posting_with_nothing_left(
+    dsn: str, conn: Any
+) -> None:
+    posting = post(dsn, 2)
+    owner = uuid.uuid4()
+    jobs = claim(conn, 2, owner)
+    recorded = finish(conn, owner, jobs)
+    settled = queries.settle_postings(
+        conn, {r.posting_id for r in recorded}, error_threshold=10
+    )
+    assert list(settled.values()) == [PostingStatus.FINISHED]
+    progress = queries.posting_progress(conn, posting)
+    assert progress is not None
+    assert progress.status is PostingStatus.FINISHED
+
+
+def test_settle_leaves_a_posting_with_work_left(dsn: str, conn: Any) -> None:
+    post(dsn, 2)
+    owner = uuid.uuid4()
+    jobs = claim(conn, 1, owner)
+    recorded = finish(conn, owner, jobs)
+    assert (
+        queries.settle_postings(
+            conn, {r.posting_id for r in recorded}, error_threshold=10
+        )
+        == {}
+    )
+
+
+def test_posting_errors_out_at_the_threshold(dsn: str, conn: Any) -> None:
+    posting = post(dsn, 6, tries=1)
+    owner = uuid.uuid4()
+    jobs = claim(conn, 3, owner)
+    recorded = finish(conn, owner, jobs, kind="failed")
+    settled = queries.settle_postings(
+        conn, {r.posting_id for r in recorded}, error_threshold=3
+    )
+    assert list(settled.values()) == [PostingStatus.ERRORED_OUT]
+    # Its remaining jobs are not started.
+    assert claim(conn, 10) == []
+    progress = queries.posting_progress(conn, posting)
+    assert progress is not None
+    assert progress.jobs[JobStatus.WAITING] == 3
+
+
+def test_unsettled_postings_are_found_by_the_sweep(dsn: str, conn: Any) -> None:
+    post(dsn, 1)
+    owner = uuid.uuid4()
+    finish(conn, owner, claim(conn, 1, owner))
+    [posting_id] = queries.unsettled_postings(conn)
+    queries.settle_postings(conn, [posting_id], error_threshold=10)
+    assert queries.unsettled_postings(conn) == []
+
+
+def test_lost_daemon_jobs_are_rescued_with_a_try_used(
+    dsn: str, conn: Any
+) -> None:
+    post(dsn, 2)
+    lost = uuid.uuid4()
+    queries.heartbeat(conn, daemon_id=lost, hostname="gone", pid=1, version="0")
+    jobs = queries.claim(conn, owner=uuid.uuid4(), daemon_id=lost, limit=2)
+    assert queries.rescue_lost_daemons(conn, lease_s=60) == []
+    conn.execute(
+        "UPDATE pdoflowd.daemons SET heartbeat_at = now() - interval '2 min'"
+    )
+    rescued = queries.rescue_lost_daemons(conn, lease_s=60)
+    assert {r.job_id for r in rescued} == {j.id for j in jobs}
+    row = job_row(conn, jobs[0].id)
+    assert row["status"] == "waiting"
+    assert row["tries_remaining"] == 2
+    assert "missed its heartbeat" in row["error"]
+    # The lost daemon comes back: its heartbeat says it had been lost.
+    assert (
+        queries.heartbeat(
+            conn, daemon_id=lost, hostname="gone", pid=1, version="0"
+        )
+        is not None
+    )
+
+
+def test_progress_counts_jobs_per_status(dsn: str, conn: Any) -> None:
+    posting = post(dsn, 4)
+    owner = uuid.uuid4()
+    jobs = claim(conn, 2, owner)
+    finish(conn, owner, jobs[:1])
+    progress = queries.posting_progress(conn, posting)
+    assert progress is not None
+    assert progress.jobs == {
+        JobStatus.WAITING: 2,
+        JobStatus.EXECUTING: 1,
+        JobStatus.DONE: 1,
+        JobStatus.ERRORED_OUT: 0,
+    }
+
+
+def test_claim_uses_the_partial_index(dsn: str, conn: Any) -> None:
+    post(dsn, 200)
+    conn.execute("ANALYZE pdoflowd.jobs")
+    conn.execute("SET enable_seqscan = off")
+    plan = "\n".join(
+        r[0]
+        for r in conn.execute(
+            "EXPLAIN " + queries._CLAIM,
+            {"owner": uuid.uuid4(), "daemon_id": DAEMON, "limit": 5},
+        ).fetchall()
+    )
+    assert "jobs_claim" in plan
