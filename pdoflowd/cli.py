@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Iterable, Sequence
 from typing import Any, NoReturn, TextIO
@@ -17,7 +18,10 @@ from typing import Any, NoReturn, TextIO
 import psycopg
 
 from pdoflowd import __version__
+from pdoflowd.arguments import ArgumentError, encode_job
 from pdoflowd.client import (
+    MAX_PRIORITY,
+    MIN_PRIORITY,
     Client,
     PostingError,
     PostingState,
@@ -25,19 +29,52 @@ from pdoflowd.client import (
 )
 from pdoflowd.status import JobStatus, PostingStatus
 
+# 1 and 2 are what ``wait`` reports about the posting, so errors of the
+# command itself use sysexits.h codes that cannot be mistaken for them.
 EXIT_OK = 0
 EXIT_ERRORED = 1
-EXIT_USAGE = 2
 EXIT_TIMEOUT = 2
-EXIT_FAILURE = 1
+EXIT_USAGE = 64  # EX_USAGE: bad arguments or input, no such posting
+EXIT_FAILURE = 69  # EX_UNAVAILABLE: the database cannot be reached or used
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 
 
 class UserError(Exception):
     """A mistake in what the user gave; printed as one line."""
 
 
+class _ArgumentParser(argparse.ArgumentParser):
+    """argparse, with its errors as one line and the usage exit code."""
+
+    def error(self, message: str) -> NoReturn:
+        _fail(f"{message} (see {self.prog} --help)", EXIT_USAGE)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a number of seconds, got {text!r}"
+        ) from None
+    if math.isnan(value) or value < 0:
+        raise argparse.ArgumentTypeError(
+            f"expected a number of seconds, at least 0, got {text!r}"
+        )
+    return value
+
+
+def _positive_seconds(text: str) -> float:
+    value = _seconds(text)
+    if value == 0 or math.isinf(value):
+        raise argparse.ArgumentTypeError(
+            f"expected a positive number of seconds, got {text!r}"
+        )
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _ArgumentParser(
         prog="pdoflow", description="Submit work to pdoflowd and follow it."
     )
     parser.add_argument(
@@ -72,8 +109,18 @@ def _parser() -> argparse.ArgumentParser:
         "2 timeout)",
     )
     wait.add_argument("posting_id")
-    wait.add_argument("--timeout", type=float, default=None)
-    wait.add_argument("--interval", type=float, default=0.5)
+    wait.add_argument(
+        "--timeout",
+        type=_seconds,
+        default=None,
+        help="give up after this many seconds (exit 2)",
+    )
+    wait.add_argument(
+        "--interval",
+        type=_positive_seconds,
+        default=0.5,
+        help="seconds between two looks at the posting",
+    )
     wait.add_argument("--json", action="store_true")
     return parser
 
@@ -82,44 +129,108 @@ _JOB_KEYS = frozenset({"args", "kwargs", "priority"})
 
 
 def parse_job_lines(
-    lines: Iterable[str], default_priority: int
+    lines: Iterable[str | bytes], default_priority: int
 ) -> tuple[list[list[Any]], list[dict[str, Any]], list[int]]:
-    """Read ``submit``'s input; name the first malformed line."""
+    """Read ``submit``'s input; name the first malformed line.
+
+    Every job is checked here as the client would check it, so a problem
+    is reported by its line number rather than its index among the jobs.
+    """
     posargs: list[list[Any]] = []
     kwargs: list[dict[str, Any]] = []
     priorities: list[int] = []
-    for number, line in enumerate(lines, start=1):
+    for number, raw in enumerate(lines, start=1):
+        line = _decode_line(raw, number)
         if not line.strip():
             continue
-        try:
-            value = json.loads(line)
-        except ValueError as exc:
-            raise UserError(f"line {number}: not JSON: {exc}") from None
-        if isinstance(value, list):
-            value = {"args": value}
-        if not isinstance(value, dict):
-            raise UserError(
-                f"line {number}: expected a JSON array or object, got "
-                f"{type(value).__name__}"
-            )
-        unknown = sorted(set(value) - _JOB_KEYS)
-        if unknown:
-            raise UserError(f"line {number}: unknown key {unknown[0]!r}")
-        args = value.get("args", [])
-        kw = value.get("kwargs", {})
-        priority = value.get("priority", default_priority)
-        if not isinstance(args, list):
-            raise UserError(f'line {number}: "args" must be an array')
-        if not isinstance(kw, dict):
-            raise UserError(f'line {number}: "kwargs" must be an object')
-        if isinstance(priority, bool) or not isinstance(priority, int):
-            raise UserError(f'line {number}: "priority" must be an integer')
+        args, kw, priority = _parse_job_line(line, number, default_priority)
         posargs.append(args)
         kwargs.append(kw)
         priorities.append(priority)
     if not posargs:
         raise UserError("no jobs on stdin")
     return posargs, kwargs, priorities
+
+
+def _decode_line(raw: str | bytes, number: int) -> str:
+    if isinstance(raw, str):
+        return raw
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(
+            f"line {number}: not UTF-8 (byte {exc.start + 1}: {exc.reason})"
+        ) from None
+
+
+def _parse_job_line(
+    line: str, number: int, default_priority: int
+) -> tuple[list[Any], dict[str, Any], int]:
+    try:
+        # Without the line break, the column is the one the user sees.
+        value = json.loads(line.rstrip("\r\n"))
+    except json.JSONDecodeError as exc:
+        raise UserError(
+            f"line {number}: not JSON: {exc.msg} at column {exc.colno}"
+        ) from None
+    except RecursionError:
+        raise UserError(f"line {number}: nested too deeply") from None
+    except ValueError as exc:  # a number too long for Python to read
+        raise UserError(f"line {number}: not usable: {exc}") from None
+    if isinstance(value, list):
+        value = {"args": value}
+    if not isinstance(value, dict):
+        raise UserError(
+            f"line {number}: expected a JSON array or object, got "
+            f"{_json_type(value)}"
+        )
+    unknown = sorted(set(value) - _JOB_KEYS)
+    if unknown:
+        raise UserError(
+            f"line {number}: unknown key {unknown[0]!r} (expected "
+            '"args", "kwargs" or "priority")'
+        )
+    args = value.get("args", [])
+    kw = value.get("kwargs", {})
+    priority = value.get("priority", default_priority)
+    if not isinstance(args, list):
+        raise UserError(
+            f'line {number}: "args" must be an array, got {_json_type(args)}'
+        )
+    if not isinstance(kw, dict):
+        raise UserError(
+            f'line {number}: "kwargs" must be an object, got {_json_type(kw)}'
+        )
+    if isinstance(priority, bool) or not isinstance(priority, int):
+        raise UserError(
+            f'line {number}: "priority" must be an integer, got '
+            f"{_json_type(priority)}"
+        )
+    if not MIN_PRIORITY <= priority <= MAX_PRIORITY:
+        raise UserError(
+            f'line {number}: "priority" must be between {MIN_PRIORITY} and '
+            f"{MAX_PRIORITY}"
+        )
+    try:
+        encode_job(number - 1, args, kw)
+    except ArgumentError as exc:
+        raise UserError(f"line {number}: {exc.path}: {exc.problem}") from None
+    return args, kw, priority
+
+
+def _json_type(value: Any) -> str:
+    """A value's type in JSON's words."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return "an object"
 
 
 def _print_state(state: PostingState, as_json: bool, out: TextIO) -> None:
@@ -134,7 +245,9 @@ def _print_state(state: PostingState, as_json: bool, out: TextIO) -> None:
         )
 
 
-def submit(client: Client, args: argparse.Namespace, stdin: TextIO) -> int:
+def submit(
+    client: Client, args: argparse.Namespace, stdin: Iterable[str | bytes]
+) -> int:
     posargs, kwargs, priorities = parse_job_lines(stdin, args.priority)
     posting = client.post(
         args.entry_point, posargs, kwargs, priorities, tries=args.tries
@@ -174,10 +287,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     client = Client(args.dsn)
     try:
         if args.verb == "submit":
-            return submit(client, args, sys.stdin)
+            # Bytes, so that a line that is not UTF-8 is named like any
+            # other malformed line; no stdin at all is no jobs.
+            stdin = sys.stdin
+            lines = [] if stdin is None else getattr(stdin, "buffer", stdin)
+            return submit(client, args, lines)
         if args.verb == "status":
             return status(client, args)
         return wait(client, args)
+    except KeyboardInterrupt:
+        _fail("interrupted", EXIT_INTERRUPTED)
     except (UserError, PostingError) as exc:
         _fail(str(exc), EXIT_USAGE)
     except KeyError as exc:

@@ -10,11 +10,13 @@ and reading progress.
 
 from __future__ import annotations
 
+import inspect
+import math
 import os
 import re
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar, overload
 
@@ -40,6 +42,10 @@ __all__ = [
 F = TypeVar("F", bound=Callable[..., Any])
 
 DEFAULT_TRIES = 3
+# Priorities and tries are stored as PostgreSQL integers.
+MIN_PRIORITY = -(2**31)
+MAX_PRIORITY = 2**31 - 1
+MAX_TRIES = 2**31 - 1
 _DOTTED = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+$")
 
 
@@ -91,18 +97,31 @@ class PostingState:
 def entry_point_of(function: Callable[..., Any]) -> str:
     """The dotted path a worker imports ``function`` by; refuse others."""
     module = getattr(function, "__module__", None)
-    qualname = getattr(function, "__qualname__", "")
-    if module in (None, "__main__", "__mp_main__"):
+    qualname = getattr(function, "__qualname__", None)
+    if module in ("__main__", "__mp_main__"):
         raise PostingError(
             f"{qualname or function!r} is defined in __main__; job functions "
             "must be importable by a dotted path (package.module.function)"
+        )
+    if not isinstance(module, str) or not isinstance(qualname, str):
+        # functools.partial objects and callable instances have no name a
+        # worker could import them by.
+        raise PostingError(
+            f"{function!r} has no importable name; make a module-level "
+            "function the job"
         )
     if "<" in qualname:
         raise PostingError(
             f"{module}.{qualname} is not importable (nested or lambda); "
             "define job functions at module level"
         )
-    return f"{module}.{qualname}"
+    if inspect.ismethod(function) and not inspect.isclass(function.__self__):
+        # A worker would import the plain function and call it without self.
+        raise PostingError(
+            f"{module}.{qualname} is bound to an instance; a worker cannot "
+            "import the instance, so make a module-level function the job"
+        )
+    return check_entry_point(f"{module}.{qualname}")
 
 
 def check_entry_point(entry_point: str) -> str:
@@ -175,6 +194,30 @@ class _Registry:
 Registry = _Registry()
 
 
+def _check_tries(tries: Any) -> None:
+    if (
+        isinstance(tries, bool)
+        or not isinstance(tries, int)
+        or not 1 <= tries <= MAX_TRIES
+    ):
+        raise PostingError(
+            f"tries must be an integer from 1 to {MAX_TRIES}, got {tries!r}"
+        )
+
+
+def _check_timeout(timeout_s: Any) -> None:
+    if timeout_s is None:
+        return
+    if (
+        isinstance(timeout_s, bool)
+        or not isinstance(timeout_s, (int, float))
+        or not 0 < timeout_s < math.inf
+    ):
+        raise PostingError(
+            f"timeout must be a positive number of seconds, got {timeout_s!r}"
+        )
+
+
 @overload
 def job(name: F) -> F: ...
 @overload
@@ -197,17 +240,18 @@ def job(
     """
     if callable(name):
         return job()(name)
-    if tries < 1:
-        raise PostingError("tries must be at least 1")
-    if timeout is not None and timeout <= 0:
-        raise PostingError("timeout must be positive")
+    if name is not None and (not isinstance(name, str) or not name):
+        raise PostingError(f"a job name must be a non-empty string: {name!r}")
+    _check_tries(tries)
+    _check_timeout(timeout)
 
     def decorate(function: F) -> F:
+        entry_point = entry_point_of(function)
         Registry.add(
             JobDefinition(
                 function=function,
                 name=name or function.__name__,
-                entry_point=entry_point_of(function),
+                entry_point=entry_point,
                 tries=tries,
                 timeout_s=timeout,
             )
@@ -215,6 +259,19 @@ def job(
         return function
 
     return decorate
+
+
+def _per_job_list(value: Any, name: str, each: str) -> list[Any]:
+    # A lone dict, string or scalar here is a common slip (the arguments of
+    # one job given where a list of them, one per job, is expected).
+    if isinstance(value, (str, bytes, Mapping)) or not isinstance(
+        value, Iterable
+    ):
+        raise PostingError(
+            f"{name} must be a list with one {each} per job, got "
+            f"{type(value).__name__}"
+        )
+    return list(value)
 
 
 def _job_count(posargs: Sequence[Any], kwargs: Sequence[Any]) -> int:
@@ -226,17 +283,31 @@ def _job_count(posargs: Sequence[Any], kwargs: Sequence[Any]) -> int:
     return max(len(posargs), len(kwargs))
 
 
+def _check_priority(value: Any, where: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise PostingError(f"{where}priority must be an integer")
+    if not MIN_PRIORITY <= value <= MAX_PRIORITY:
+        raise PostingError(
+            f"{where}priority must be between {MIN_PRIORITY} and "
+            f"{MAX_PRIORITY}, got {value}"
+        )
+
+
 def _priorities(priority: int | Sequence[int], count: int) -> list[int]:
-    if isinstance(priority, bool):
-        raise PostingError("priority must be an integer")
+    if isinstance(priority, (str, bytes, Mapping)) or not isinstance(
+        priority, (int, Iterable)
+    ):
+        raise PostingError(
+            "priority must be an integer or a list of integers, one per job"
+        )
     if isinstance(priority, int):
+        _check_priority(priority, "")
         return [priority] * count
     values = list(priority)
     if len(values) != count:
         raise PostingError(f"{len(values)} priorities given for {count} jobs")
     for index, value in enumerate(values):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise PostingError(f"job {index}: priority must be an integer")
+        _check_priority(value, f"job {index}: ")
     return values
 
 
@@ -246,8 +317,10 @@ def encode_posting(
     priority: int | Sequence[int],
 ) -> list[queries.NewJob]:
     """Check and encode every job of a posting; raise before any write."""
-    kwargs = list(kwargs or [])
-    posargs = list(posargs)
+    posargs = _per_job_list(posargs, "posargs", "list of arguments")
+    kwargs = _per_job_list(
+        [] if kwargs is None else kwargs, "kwargs", "dict of keyword arguments"
+    )
     count = _job_count(posargs, kwargs)
     if count == 0:
         raise PostingError("a posting needs at least one job")
@@ -304,12 +377,10 @@ class Client:
         """
         definition = self._definition(target)
         tries = definition.tries if tries is None else tries
-        if isinstance(tries, bool) or not isinstance(tries, int) or tries < 1:
-            raise PostingError("tries must be an integer of at least 1")
+        _check_tries(tries)
         if timeout_s is None:
             timeout_s = definition.timeout_s
-        if timeout_s is not None and timeout_s <= 0:
-            raise PostingError("timeout must be positive")
+        _check_timeout(timeout_s)
         try:
             jobs = encode_posting(posargs, kwargs, priority)
         except ArgumentError as exc:
@@ -348,6 +419,10 @@ class Client:
             if target in Registry:
                 return Registry[target]
             entry = check_entry_point(target)
+            for definition in Registry:
+                # The same job posted by its path keeps its name and defaults.
+                if definition.entry_point == entry:
+                    return definition
             return JobDefinition(
                 function=_not_local,
                 name=entry.rsplit(".", 1)[1],
@@ -382,6 +457,10 @@ class Client:
         Raises :class:`WaitTimeout` (a ``TimeoutError``) when ``timeout``
         seconds pass first.
         """
+        if not poll_interval > 0:
+            raise ValueError("poll_interval must be a positive number")
+        if timeout is not None and not timeout >= 0:
+            raise ValueError("timeout must be a number of seconds, at least 0")
         ident = _as_uuid(posting_id)
         deadline = None if timeout is None else time.monotonic() + timeout
         with self.connect() as conn:
@@ -411,5 +490,5 @@ def _as_uuid(value: uuid.UUID | str) -> uuid.UUID:
         return value
     try:
         return uuid.UUID(value)
-    except ValueError:
+    except (ValueError, TypeError, AttributeError):
         raise KeyError(f"{value!r} is not a posting id") from None
