@@ -307,6 +307,9 @@ class DaemonConfig:
     log_level: str = field(default="info", metadata=_rule(check=_log_level))
     crash_loop_max: int = field(default=10, metadata=_rule(at_least=1))
     crash_loop_window_s: float = field(default=60.0, metadata=_rule(above=0))
+    respawn_delay_s: float = field(default=0.5, metadata=_rule(above=0))
+    respawn_delay_max_s: float = field(default=30.0, metadata=_rule(above=0))
+    healthy_uptime_s: float = field(default=30.0, metadata=_rule(above=0))
 
 
 @dataclass(frozen=True)

@@ -70,6 +70,16 @@ def is_crash_loop(
     return len(recent) >= limit
 
 
+def may_rescue(connected_for_s: float, lease_s: float) -> bool:
+    """Whether this daemon may declare others lost.
+
+    Only after it has been connected for a whole lease: a daemon that was
+    itself cut off has not seen the others' heartbeats, which are stale
+    because the database was unreachable, not because their hosts died.
+    """
+    return connected_for_s >= lease_s
+
+
 def poll_timeout(interval_s: float, jitter: float) -> float:
     """An idle worker's wait, spread by a draw from [0, 1) over +/-50%."""
     return interval_s * (0.5 + jitter)

@@ -173,9 +173,9 @@ def claim(
 class Outcome:
     """What became of one claimed job, to be written under its fence.
 
-    ``kind`` is ``done``, ``failed`` (uses a try; waits again while tries
-    remain), ``refused`` (errored out at once, no retry) or ``released``
-    (never started: back to waiting, no try used).
+    ``kind`` is ``done``, ``failed`` or ``timeout`` (uses a try; waits again
+    while tries remain), ``refused`` (errored out at once, no retry) or
+    ``released`` (never started: back to waiting, no try used).
     """
 
     job_id: int
@@ -211,14 +211,15 @@ UPDATE pdoflowd.jobs AS j
 SET status = CASE
         WHEN o.kind = 'done' THEN 'done'
         WHEN o.kind = 'released' THEN 'waiting'
-        WHEN o.kind = 'failed' AND j.tries_remaining > 1 THEN 'waiting'
+        WHEN o.kind IN ('failed', 'timeout') AND j.tries_remaining > 1
+            THEN 'waiting'
         ELSE 'errored_out' END,
     tries_remaining = CASE
         WHEN o.kind IN ('done', 'released') THEN j.tries_remaining
         WHEN o.kind = 'refused' THEN 0
         ELSE greatest(j.tries_remaining - 1, 0) END,
     owner = CASE WHEN o.kind = 'done' THEN j.owner END,
-    run_after = CASE WHEN o.kind = 'failed' THEN o.retry_at
+    run_after = CASE WHEN o.kind IN ('failed', 'timeout') THEN o.retry_at
                      ELSE j.run_after END,
     work_started_at = coalesce(o.started_at, j.work_started_at),
     completed_at = CASE WHEN o.kind = 'released' THEN j.completed_at

@@ -44,7 +44,7 @@ EXIT_FAILURE = 1
 EXIT_SCHEMA = 4
 
 _TICK_S = 0.1
-_HEALTHY_UPTIME_S = 30.0
+_STATUS_INTERVAL_S = 2.0
 _SCOREBOARD_SLOTS = 1024
 _HANDLED_SIGNALS = (
     signal.SIGTERM,
@@ -78,6 +78,7 @@ class WorkerHandle:
     boot_error: str | None = None
     kill_reason: str | None = None
     kill_at: float = 0.0
+    timed_out_job: int | None = None
     report_buffer: bytes = b""
 
 
@@ -122,8 +123,10 @@ class Supervisor:
         self.slots = [Slot(i) for i in range(config.workers.count)]
         self.generation = 0
         self.conn: psycopg.Connection[Any] | None = None
+        self.listen_fd = -1
         self.db_retry_at = 0.0
         self.db_delay = 0.5
+        self.connected_since = 0.0
         self.pending_requeues: list[tuple[uuid.UUID, int | None, str]] = []
         self.stop_mode: StopMode | None = None
         self.stop_deadline = 0.0
@@ -133,6 +136,8 @@ class Supervisor:
         self.next_heartbeat = 0.0
         self.next_maintenance = 0.0
         self.next_watchdog = 0.0
+        self.next_status = 0.0
+        self.last_status = ""
         self.stats = Stats()
         self.rng = random.Random()
         self._signal_r, self._signal_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -209,17 +214,24 @@ class Supervisor:
             )
         self.conn = conn
         self.db_delay = 0.5
+        if self.db_retry_at > 0 or not self.connected_since:
+            # A real outage: others' heartbeats went unseen meanwhile.
+            self.connected_since = time.monotonic()
         self.next_heartbeat = time.monotonic() + (
             self.config.daemon.heartbeat_interval_s
         )
-        self.selector.register(conn.fileno(), selectors.EVENT_READ, "listen")
+        self.listen_fd = conn.fileno()
+        self.selector.register(self.listen_fd, selectors.EVENT_READ, "listen")
         self.wake_idle_workers()
 
     def close_connection(self) -> None:
         if self.conn is None:
             return
+        # Unregister by the number kept at registration: a lost connection
+        # no longer knows its socket.
         with contextlib.suppress(KeyError, ValueError, OSError):
-            self.selector.unregister(self.conn.fileno())
+            self.selector.unregister(self.listen_fd)
+        self.listen_fd = -1
         with contextlib.suppress(Exception):
             self.conn.close()
         self.conn = None
@@ -298,9 +310,17 @@ class Supervisor:
         self.apply_config(new)
         self.notifier.ready(self.status_text())
 
+    def add_slot(self) -> None:
+        """Grow the pool by one, on a scoreboard slot nobody uses."""
+        used = {s.index for s in self.slots} | {
+            h.slot for h in self.workers.values()
+        }
+        index = next(i for i in range(_SCOREBOARD_SLOTS) if i not in used)
+        self.slots.append(Slot(index))
+
     def handle_sigttin(self) -> None:
-        if self.stop_mode is None and len(self.slots) < _SCOREBOARD_SLOTS:
-            self.slots.append(Slot(len(self.slots)))
+        if self.stop_mode is None and len(self.slots) < _SCOREBOARD_SLOTS // 2:
+            self.add_slot()
             log.info("one worker more: %d", len(self.slots))
 
     def handle_sigttou(self) -> None:
@@ -316,7 +336,7 @@ class Supervisor:
         self.generation += 1
         count = new.workers.count
         while len(self.slots) < count:
-            self.slots.append(Slot(len(self.slots)))
+            self.add_slot()
         while len(self.slots) > count:
             slot = self.slots.pop()
             if slot.worker_pid is not None:
@@ -400,6 +420,12 @@ class Supervisor:
             if self.healthy():
                 self.notifier.watchdog()
             self.next_watchdog = now + self.notifier.watchdog_s
+        if self.announced_ready and now >= self.next_status:
+            self.next_status = now + _STATUS_INTERVAL_S
+            text = self.status_text()
+            if text != self.last_status:
+                self.last_status = text
+                self.notifier.status(text)
         if not self.ensure_connection():
             return
         if now >= self.next_heartbeat:
@@ -435,9 +461,10 @@ class Supervisor:
     def maintenance(self) -> None:
         assert self.conn is not None
         self.retry_pending_requeues()
-        rescued = queries.rescue_lost_daemons(
-            self.conn, lease_s=self.config.daemon.host_lease_s
-        )
+        lease = self.config.daemon.host_lease_s
+        rescued = []
+        if policy.may_rescue(time.monotonic() - self.connected_since, lease):
+            rescued = queries.rescue_lost_daemons(self.conn, lease_s=lease)
         if rescued:
             log.warning("took back %d job(s) of lost daemons", len(rescued))
             self.after_requeue(rescued)
@@ -667,21 +694,24 @@ class Supervisor:
         self, slot: Slot, handle: WorkerHandle, clean: bool
     ) -> None:
         now = time.monotonic()
-        label = handle.retiring or ("timeout" if handle.kill_reason else None)
-        if clean or (handle.kill_reason and self.stop_mode is None):
+        label = handle.retiring or ("timeout" if handle.timed_out_job else None)
+        if clean or handle.timed_out_job is not None:
             slot.consecutive_crashes = 0
             slot.next_spawn_at = now
             self.count_restart(label or "exited")
             return
-        if now - handle.started >= _HEALTHY_UPTIME_S:
+        daemon = self.config.daemon
+        if now - handle.started >= daemon.healthy_uptime_s:
             slot.consecutive_crashes = 0
         slot.consecutive_crashes += 1
         self.crash_times.append(now)
         self.count_restart("boot_failed" if handle.boot_error else "crashed")
         slot.next_spawn_at = now + policy.respawn_delay(
-            slot.consecutive_crashes, 0.5, 30.0, self.rng.random()
+            slot.consecutive_crashes,
+            daemon.respawn_delay_s,
+            daemon.respawn_delay_max_s,
+            self.rng.random(),
         )
-        daemon = self.config.daemon
         if self.stop_mode is None and policy.is_crash_loop(
             self.crash_times,
             now,
@@ -742,21 +772,33 @@ class Supervisor:
             self.wake_idle_workers()
 
     def enforce_timeouts(self) -> None:
+        """TERM a worker whose job overran; KILL it if it is still in it.
+
+        SIGTERM past a job's deadline raises inside the job, so a worker
+        running Python code records the timeout itself and carries on; one
+        stuck in C code is killed after the grace period.
+        """
         now = time.monotonic()
         grace = self.config.jobs.timeout_grace_s
         for handle in self.workers.values():
-            if handle.kill_at and now >= handle.kill_at:
-                handle.kill_at = 0.0
-                self.signal_worker(handle.pid, signal.SIGKILL)
-                continue
             view = self.scoreboard.read(handle.slot)
+            running = view.job_id if view.state is WorkerState.RUNNING else None
+            if handle.timed_out_job is not None:
+                if running != handle.timed_out_job:
+                    handle.timed_out_job = None
+                    handle.kill_reason = None
+                elif now >= handle.kill_at:
+                    handle.kill_at = float("inf")
+                    self.signal_worker(handle.pid, signal.SIGKILL)
+                continue
             if (
-                view.state is WorkerState.RUNNING
+                running is not None
                 and view.deadline
                 and now >= view.deadline
                 and handle.kill_reason is None
             ):
                 limit = view.deadline - view.started
+                handle.timed_out_job = running
                 handle.kill_reason = f"timeout after {limit:g} s"
                 handle.kill_at = now + grace
                 self.signal_worker(handle.pid, signal.SIGTERM)

@@ -16,6 +16,7 @@ import contextlib
 import ctypes
 import datetime as dt
 import functools
+import importlib
 import json
 import logging
 import os
@@ -134,22 +135,31 @@ class Worker:
         with contextlib.suppress(OSError):
             os.write(self.spec.report_fd, line.encode())
 
-    def mark(self, state: WorkerState, job_id: int | None = None) -> None:
+    def mark(
+        self,
+        state: WorkerState,
+        job_id: int | None = None,
+        started: float = 0.0,
+    ) -> None:
         self.spec.scoreboard.write(
             self.spec.slot,
             pid=self.pid,
             state=state,
             job_id=job_id,
-            started=time.monotonic() if job_id is not None else 0.0,
+            started=started,
             deadline=self.deadline,
         )
 
     def boot(self) -> None:
-        """Import preload modules and connect; raise on failure."""
+        """Import preload modules (raise on failure), then connect.
+
+        A database that cannot be reached is waited for, with backoff: an
+        outage must not turn into a crash loop of every worker.
+        """
         self.mark(WorkerState.BOOTING)
         for module in self.config.workers.preload_modules:
-            __import__(module)
-        self.connect()
+            importlib.import_module(module)
+        self.with_database("connect", self.connect)
 
     def connect(self) -> psycopg.Connection[Any]:
         if self.conn is None or self.conn.closed:
@@ -329,13 +339,15 @@ class Worker:
         timeout = self.timeout_for(job)
         begin = time.monotonic()
         error = tb = None
+        kind = "failed"
         try:
             self.deadline = begin + timeout if timeout else 0.0
-            self.mark(WorkerState.RUNNING, job.id)
+            self.mark(WorkerState.RUNNING, job.id, begin)
             function = self.resolve(job.entry_point)
             function(*job.posargs, **job.kwargs)
         except JobTimeout:
             error = f"timeout after {timeout:g} s"
+            kind = "timeout"
         except BaseException as exc:
             error = f"{type(exc).__name__}: {exc}"
             tb = traceback.format_exc()
@@ -358,7 +370,7 @@ class Worker:
         return queries.Outcome(
             job.id,
             job.attempt,
-            "failed",
+            kind,
             started_at,
             completed_at,
             error=error,
@@ -406,6 +418,8 @@ def main(spec: WorkerSpec) -> NoReturn:
         worker.detach_from_supervisor()
         try:
             worker.boot()
+        except _Stop:
+            raise
         except Exception as exc:
             log.error("worker could not start: %s", exc)
             worker.report("boot_failed", reason=str(exc))
@@ -413,8 +427,6 @@ def main(spec: WorkerSpec) -> NoReturn:
         else:
             try:
                 worker.run()
-            except _Stop as stop:
-                log.info("stopping: %s", stop)
             finally:
                 worker.close()
     except _Stop as stop:

@@ -168,6 +168,18 @@ class Daemon:
                 )
         raise AssertionError(f"no {needle} within {timeout} s:\n{self.log()}")
 
+    def wait_for_text(self, text: str, timeout: float = 30.0) -> str:
+        """The first message (already read or new) containing ``text``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for message in self.messages:
+                if text in message:
+                    return message
+            if time.monotonic() >= deadline:
+                raise AssertionError(f"no {text!r} within {timeout} s")
+            for _ in self.read_notifications(0.2):
+                pass
+
     def wait_ready(self, timeout: float = 30.0) -> Daemon:
         self.wait_for_message("READY=1", timeout)
         return self
@@ -188,6 +200,14 @@ class Daemon:
             return self.proc.returncode if self.proc else 0
         self.send(signum)
         return self.wait(timeout)
+
+    def kill_host(self) -> None:
+        """SIGKILL the supervisor and every worker at once: a dead host."""
+        victims = [self.pid, *self.workers()]
+        for pid in victims:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self.wait(10)
 
     def log(self) -> str:
         try:

@@ -94,3 +94,22 @@ def pid_of_worker(key: str) -> None:
     """Record the worker's pid, then wait long enough to be killed."""
     record(key, "start")
     time.sleep(30)
+
+
+def stubborn(seconds: float) -> None:
+    """Sleep with SIGTERM blocked, as code stuck in a C call would."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        time.sleep(seconds)
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+
+
+_hoard: list[bytes] = []
+
+
+def hog_memory(megabytes: int, key: str = "") -> None:
+    """Keep ``megabytes`` of memory alive in the worker after returning."""
+    if key:
+        record(key)
+    _hoard.append(b"\x01" * (megabytes * 1024 * 1024))
