@@ -352,8 +352,13 @@ class Client:
         self.dsn = resolve_dsn(dsn, os.environ)
 
     def connect(self) -> psycopg.Connection[Any]:
+        # Never prepared: the client's few statements gain little from it,
+        # and a pooler in transaction mode cannot keep prepared statements.
         return psycopg.connect(
-            self.dsn, autocommit=True, application_name="pdoflow-client"
+            self.dsn,
+            autocommit=True,
+            prepare_threshold=None,
+            application_name="pdoflow-client",
         )
 
     def post(

@@ -113,3 +113,9 @@ def hog_memory(megabytes: int, key: str = "") -> None:
     if key:
         record(key)
     _hoard.append(b"\x01" * (megabytes * 1024 * 1024))
+
+
+def chaos(key: str) -> None:
+    """A short job with one visible side effect per run."""
+    record(key)
+    time.sleep(0.002)
