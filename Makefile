@@ -1,0 +1,50 @@
+# pdoflowd: the everyday commands.
+#
+# Every target runs in a virtual environment, .venv, made with $(PYTHON) and
+# holding pdoflowd (editable) with its test tools; it is brought up to date
+# whenever pyproject.toml changes. Nothing is installed outside it.
+
+PYTHON ?= python3
+VENV ?= .venv
+VENV_PYTHON := $(VENV)/bin/python
+# Written after a complete install, so an interrupted one is redone.
+INSTALLED := $(VENV)/.installed
+
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.DEFAULT_GOAL := help
+.PHONY: help install-deps demo test lint clean
+
+help:
+	@echo "make demo          start a throwaway PostgreSQL and pdoflowd, run a posting"
+	@echo "make test          the whole test suite (pytest)"
+	@echo "make lint          ruff check, ruff format --check, mypy --strict"
+	@echo "make install-deps  create or refresh $(VENV) (the other targets do it too)"
+	@echo "make clean         remove $(VENV), caches and build output"
+
+$(INSTALLED): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV_PYTHON) -m pip install --quiet --editable '.[test]'
+	touch $@
+
+install-deps: $(INSTALLED)
+
+demo: $(INSTALLED)
+	$(VENV_PYTHON) -m pdoflowd.demo
+
+test: $(INSTALLED)
+	$(VENV_PYTHON) -m pytest -q
+
+lint: $(INSTALLED)
+	$(VENV_PYTHON) -m ruff check .
+	$(VENV_PYTHON) -m ruff format --check .
+	$(VENV_PYTHON) -m mypy pdoflowd
+
+# Later targets go here, each with its own section: bench (the throughput
+# measurements), deb (the Debian package), systemd-test (the unit under a
+# real systemd in systemd-nspawn).
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache \
+		.ruff_cache .hypothesis
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

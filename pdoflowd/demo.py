@@ -1,0 +1,438 @@
+"""The demo behind ``make demo``: one posting, start to finish, in seconds.
+
+Owns a demo job (:func:`render_frame`) and the walk through a daemon's life
+that ``python -m pdoflowd.demo`` prints: a throwaway PostgreSQL, a config,
+``pdoflowd migrate``, ``pdoflowd run`` as a subprocess (ready when it says
+READY=1 on a notify socket, as it would to systemd), a posting of a few
+hundred jobs followed until it is finished, and a stop with SIGTERM. It
+removes everything it made, on success, error or Ctrl-C alike. Nothing in
+the daemon imports it; it must not reach past the client into the queue.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from pdoflowd.client import Client, PostingState, WaitTimeout
+from pdoflowd.devcluster import LocalCluster
+from pdoflowd.status import JobStatus
+
+__all__ = ["ENTRY_POINT", "FLAKY_FRAMES", "main", "render_frame"]
+
+# Posted by name, as a program that never imports the job's module would;
+# the workers import it by this name (and it must not be "__main__").
+ENTRY_POINT = "pdoflowd.demo.render_frame"
+FRAMES = 300
+WORKERS = 2
+SIGMA = 1.5
+TRIES = 3
+# These frames fail their first attempt, so the demo shows a retry.
+FLAKY_FRAMES = frozenset({42, 137, 251})
+
+_WIDTH, _HEIGHT = 32, 24
+_READY_TIMEOUT_S = 30.0
+_POSTING_TIMEOUT_S = 40.0
+_STOP_TIMEOUT_S = 15.0
+_PROGRESS_INTERVAL_S = 0.5
+_DATABASE = "pdoflowd_demo"
+_PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+
+_print_lock = threading.Lock()
+
+
+def _say(line: str = "") -> None:
+    # The daemon's log is copied from another thread; keep lines whole.
+    with _print_lock:
+        print(line, flush=True)
+
+
+def _step(text: str) -> None:
+    _say(f"==> {text}")
+
+
+# ---------------------------------------------------------------- the job
+
+
+def render_frame(frame: int, sigma: float, marks_dir: str = "") -> None:
+    """Render one frame of a moving pattern and blur it (a few ms of CPU).
+
+    With ``marks_dir``, a frame in :data:`FLAKY_FRAMES` fails on its first
+    attempt and leaves a mark there; its retry finds the mark and succeeds.
+    """
+    if marks_dir and frame in FLAKY_FRAMES:
+        mark = Path(marks_dir) / f"frame-{frame}"
+        try:
+            mark.touch(exist_ok=False)
+        except FileExistsError:
+            pass
+        else:
+            raise RuntimeError(f"frame {frame}: render node hiccup")
+    image = [
+        [
+            math.sin(0.21 * x + 0.05 * frame)
+            * math.cos(0.17 * y - 0.03 * frame)
+            for x in range(_WIDTH)
+        ]
+        for y in range(_HEIGHT)
+    ]
+    kernel = _gaussian_kernel(sigma)
+    blurred = _transpose(
+        _blur_rows(_transpose(_blur_rows(image, kernel)), kernel)
+    )
+    if not all(math.isfinite(value) for row in blurred for value in row):
+        raise ArithmeticError(f"frame {frame}: the blur diverged")
+
+
+def _gaussian_kernel(sigma: float) -> list[float]:
+    radius = max(1, math.ceil(3 * sigma))
+    weights = [
+        math.exp(-(i * i) / (2 * sigma * sigma))
+        for i in range(-radius, radius + 1)
+    ]
+    total = sum(weights)
+    return [w / total for w in weights]
+
+
+def _blur_rows(
+    image: list[list[float]], kernel: list[float]
+) -> list[list[float]]:
+    radius = len(kernel) // 2
+    blurred = []
+    for row in image:
+        last = len(row) - 1
+        blurred.append(
+            [
+                sum(
+                    weight * row[min(last, max(0, x + offset - radius))]
+                    for offset, weight in enumerate(kernel)
+                )
+                for x in range(len(row))
+            ]
+        )
+    return blurred
+
+
+def _transpose(image: list[list[float]]) -> list[list[float]]:
+    return [list(column) for column in zip(*image, strict=True)]
+
+
+# ---------------------------------------------------------------- the walk
+
+
+class DemoError(RuntimeError):
+    """A step of the demo failed; the message says which and why."""
+
+
+def _toml(sections: Mapping[str, Mapping[str, Any]]) -> str:
+    lines = []
+    for section, values in sections.items():
+        lines.append(f"[{section}]")
+        # JSON strings, numbers, booleans and arrays are valid TOML too.
+        lines += [f"{key} = {json.dumps(v)}" for key, v in values.items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def demo_config(dsn: str) -> dict[str, dict[str, Any]]:
+    """A config for a short demo: quick polls, short leases, no metrics."""
+    return {
+        "database": {"dsn": dsn},
+        "workers": {
+            "count": WORKERS,
+            "batch_size": 10,
+            "poll_interval_s": 0.2,
+            "drain_timeout_s": 5.0,
+        },
+        "jobs": {
+            "allowed_modules": ["pdoflowd.demo"],
+            "retry_delay_s": 0.2,
+            "retry_delay_max_s": 1.0,
+        },
+        "metrics": {"listen": ""},
+        "daemon": {
+            "heartbeat_interval_s": 1.0,
+            "host_lease_s": 5.0,
+            "maintenance_interval_s": 0.5,
+            "log_level": "info",
+        },
+    }
+
+
+def _pdoflowd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "pdoflowd", *args]
+
+
+def _daemon_environ(notify_path: Path | None) -> dict[str, str]:
+    environ = dict(os.environ)
+    # The workers import this checkout's pdoflowd.demo, installed or not.
+    environ["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [str(_PACKAGE_ROOT), environ.get("PYTHONPATH")])
+    )
+    environ.pop("NOTIFY_SOCKET", None)
+    if notify_path is not None:
+        environ["NOTIFY_SOCKET"] = str(notify_path)
+    return environ
+
+
+class DaemonProcess:
+    """``pdoflowd run`` as a subprocess, its log shown indented.
+
+    It runs in a session of its own, so a Ctrl-C reaches only the demo,
+    which then stops it with SIGTERM as systemd would.
+    """
+
+    def __init__(self, config_path: Path, notify_path: Path) -> None:
+        self.config_path = config_path
+        self.notify_path = notify_path
+        self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.notify.bind(str(notify_path))
+        self.ready_logged = threading.Event()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._log_copier = threading.Thread(target=self._copy_log, daemon=True)
+
+    def start(self) -> int:
+        """Start ``pdoflowd run``; return its pid."""
+        self.proc = subprocess.Popen(
+            _pdoflowd("run", "--config", str(self.config_path)),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=_daemon_environ(self.notify_path),
+            start_new_session=True,
+        )
+        self._log_copier.start()
+        return self.proc.pid
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def _copy_log(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        for raw in self.proc.stdout:
+            line = raw.decode(errors="replace").rstrip()
+            if "] ready: " in line:
+                self.ready_logged.set()
+            _say(f"    | {line}")
+
+    def wait_ready(self, timeout: float) -> str:
+        """Wait for READY=1 (or, failing that, the log's "ready:" line).
+
+        Returns the STATUS= text the daemon sent with READY=1.
+        """
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout
+        self.notify.settimeout(0.1)
+        while True:
+            try:
+                message = self.notify.recv(65536).decode(errors="replace")
+            except TimeoutError:
+                message = ""
+            fields = message.split("\n")
+            if "READY=1" in fields:
+                status = [f for f in fields if f.startswith("STATUS=")]
+                return status[0].removeprefix("STATUS=") if status else ""
+            if self.ready_logged.is_set():
+                return "(no READY=1 seen; the log says ready)"
+            code = self.proc.poll()
+            if code is not None:
+                self._log_copier.join(5)
+                raise DemoError(f"pdoflowd run exited with {code} before ready")
+            if time.monotonic() >= deadline:
+                raise DemoError(f"pdoflowd run was not ready in {timeout:g} s")
+
+    def stop(self) -> int:
+        """SIGTERM, wait for the drain, return the exit status."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            code = self.proc.wait(_STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            _step(f"no exit {_STOP_TIMEOUT_S:g} s after SIGTERM: SIGKILL")
+            # The session holds the workers too.
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            code = self.proc.wait()
+        self._log_copier.join(5)
+        return code
+
+    def close(self) -> None:
+        """Stop the daemon if it still runs; release the socket."""
+        if self.running:
+            _step("stopping pdoflowd with SIGTERM")
+            _step(f"pdoflowd exited with status {self.stop()}")
+        if self.proc is not None and self.proc.stdout is not None:
+            self.proc.stdout.close()
+        self.notify.close()
+
+
+class _Progress:
+    """Prints one line per poll: counts per status and the recent rate."""
+
+    def __init__(self, started: float) -> None:
+        self.started = started
+        self.last_time = started
+        self.last_ended = 0
+
+    def __call__(self, state: PostingState) -> None:
+        now = time.monotonic()
+        ended = _ended(state)
+        rate = (ended - self.last_ended) / max(now - self.last_time, 1e-6)
+        self.last_time, self.last_ended = now, ended
+        counts = "  ".join(
+            f"{s.value} {state.jobs.get(s, 0):>3}" for s in JobStatus
+        )
+        _say(f"  {now - self.started:5.1f} s  {counts}  {rate:6.0f} jobs/s")
+
+
+def _ended(state: PostingState) -> int:
+    return sum(n for status, n in state.jobs.items() if status.is_final)
+
+
+def _run_migrate(config_path: Path) -> None:
+    migrated = subprocess.run(
+        _pdoflowd("migrate", "--config", str(config_path)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=_daemon_environ(None),
+        check=False,
+        timeout=60,
+    )
+    for line in migrated.stdout.decode(errors="replace").splitlines():
+        _say(f"    | {line}")
+    if migrated.returncode != 0:
+        raise DemoError(f"pdoflowd migrate exited with {migrated.returncode}")
+
+
+def _post_and_follow(dsn: str, marks_dir: Path) -> PostingState:
+    client = Client(dsn)
+    _step(f"posting {FRAMES} jobs: {ENTRY_POINT}(frame, {SIGMA})")
+    started = time.monotonic()
+    posting = client.post(
+        ENTRY_POINT,
+        [[frame, SIGMA] for frame in range(FRAMES)],
+        [{"marks_dir": str(marks_dir)}] * FRAMES,
+        tries=TRIES,
+    )
+    written = time.monotonic() - started
+    _say(f"    posting {posting.id}, written in {written:.2f} s")
+    try:
+        state = client.wait(
+            posting.id,
+            timeout=_POSTING_TIMEOUT_S,
+            poll_interval=_PROGRESS_INTERVAL_S,
+            on_progress=_Progress(started),
+        )
+    except WaitTimeout as timeout:
+        raise DemoError(
+            f"the posting did not finish in {_POSTING_TIMEOUT_S:g} s:"
+            f" {timeout.state.as_json()['jobs']}"
+        ) from None
+    elapsed = time.monotonic() - started
+    done = state.jobs.get(JobStatus.DONE, 0)
+    errored = state.jobs.get(JobStatus.ERRORED_OUT, 0)
+    retried = sum(1 for _ in marks_dir.iterdir())
+    _step(
+        f"posting {state.status.value}: {done} done, {errored} errored_out"
+        f" in {elapsed:.1f} s ({_ended(state) / elapsed:.0f} jobs/s)"
+    )
+    _say(
+        f"    {retried} frame(s) failed once and succeeded on a retry"
+        " (their failures are in the log above)"
+    )
+    return state
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the demo; 0 when every job is done and the daemon exited 0."""
+    if argv:
+        print("usage: python -m pdoflowd.demo", file=sys.stderr)
+        return 2
+    begun = time.monotonic()
+    _say(
+        f"pdoflowd demo: a daemon with {WORKERS} workers runs {FRAMES} jobs"
+        " on a throwaway PostgreSQL"
+    )
+    base_dir = Path(tempfile.mkdtemp(prefix="pdoflowd-demo-"))
+    cluster: LocalCluster | None = None
+    daemon: DaemonProcess | None = None
+    try:
+        cluster = LocalCluster(base_dir / "pg")
+        _step(
+            f"starting a throwaway PostgreSQL on 127.0.0.1:{cluster.port}"
+            f" ({cluster.bin_dir})"
+        )
+        cluster.init()
+        cluster.start()
+        dsn = cluster.create_database(_DATABASE)
+
+        config_path = base_dir / "pdoflowd.toml"
+        config_path.write_text(_toml(demo_config(dsn)))
+        _step(f"config {config_path}:")
+        for line in config_path.read_text().splitlines():
+            _say(f"    {line}" if line else "")
+
+        _step(f"pdoflowd migrate --config {config_path}")
+        _run_migrate(config_path)
+
+        _step(f"pdoflowd run --config {config_path}")
+        started = time.monotonic()
+        daemon = DaemonProcess(config_path, base_dir / "notify.sock")
+        pid = daemon.start()
+        status = daemon.wait_ready(_READY_TIMEOUT_S)
+        waited = time.monotonic() - started
+        _step(f"ready after {waited:.1f} s (pid {pid}): {status}")
+
+        marks_dir = base_dir / "marks"
+        marks_dir.mkdir()
+        state = _post_and_follow(dsn, marks_dir)
+
+        # Where a scrape of /metrics will be shown, once the demo config
+        # sets metrics.listen (it is "" for now: no HTTP endpoint).
+
+        _step("stopping pdoflowd with SIGTERM")
+        code = daemon.stop()
+        _step(f"pdoflowd exited with status {code}")
+        if state.jobs.get(JobStatus.DONE, 0) != FRAMES:
+            raise DemoError(f"not every job was done: {state.status.value}")
+        if code != 0:
+            raise DemoError(f"pdoflowd exited with {code} after SIGTERM")
+        return 0
+    finally:
+        # Clean up even after a second Ctrl-C; every step has a time limit.
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            if daemon is not None:
+                daemon.close()
+            if cluster is not None:
+                _step("stopping PostgreSQL")
+                cluster.stop()
+            shutil.rmtree(base_dir, ignore_errors=True)
+            took = time.monotonic() - begun
+            _step(f"removed {base_dir}; the demo took {took:.1f} s")
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except RuntimeError as error:
+        # DemoError, or a PostgreSQL that would not start (devcluster).
+        print(f"demo failed: {error}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("demo interrupted", file=sys.stderr)
+        sys.exit(130)
