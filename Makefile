@@ -13,12 +13,14 @@ INSTALLED := $(VENV)/.installed
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 .DEFAULT_GOAL := help
-.PHONY: help install-deps demo test lint clean
+.PHONY: help install-deps demo test lint clean deb systemd-test
 
 help:
 	@echo "make demo          start a throwaway PostgreSQL and pdoflowd, run a posting"
 	@echo "make test          the whole test suite (pytest)"
 	@echo "make lint          ruff check, ruff format --check, mypy --strict"
+	@echo "make deb           build the Debian package into dist/"
+	@echo "make systemd-test  the package under a real systemd (root, systemd-nspawn)"
 	@echo "make install-deps  create or refresh $(VENV) (the other targets do it too)"
 	@echo "make clean         remove $(VENV), caches and build output"
 
@@ -40,9 +42,14 @@ lint: $(INSTALLED)
 	$(VENV_PYTHON) -m ruff format --check .
 	$(VENV_PYTHON) -m mypy pdoflowd
 
-# Later targets go here, each with its own section: bench (the throughput
-# measurements), deb (the Debian package), systemd-test (the unit under a
-# real systemd in systemd-nspawn).
+# The Debian package, built from a copy of the tree into dist/.
+deb:
+	packaging/build-deb.sh dist
+
+# The package installed and driven under a real systemd in systemd-nspawn
+# (as root); it builds its own .deb unless PDOFLOWD_DEB names one.
+systemd-test: $(INSTALLED)
+	PYTHON=$(VENV_PYTHON) tests/systemd/run.sh
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache \

@@ -4,17 +4,25 @@ Owns the command line (``run``, ``check-config``, ``migrate``), turning a
 config error into its report and exit status 78, the optional detach from
 the terminal (``--daemonize`` with a locked pidfile, for hosts without
 systemd), and the exit statuses. It must not hold queue logic.
+
+Exit statuses: 0 stopped cleanly, 1 failure (a crash loop of the workers, or
+a pidfile held by a running daemon), 4 the database schema is not the one
+this version needs, 69 the database cannot be reached by ``migrate``, 78 the
+configuration is invalid.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
+import fcntl
 import logging
 import os
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from types import TracebackType
 
 import psycopg
 
@@ -29,7 +37,8 @@ from pdoflowd.config import (
     resolve_password,
 )
 from pdoflowd.migrate import SchemaNotCurrent, upgrade_connection
-from pdoflowd.supervisor import Supervisor
+from pdoflowd.notify import Notifier
+from pdoflowd.supervisor import EXIT_FAILURE, Supervisor
 
 log = logging.getLogger("pdoflowd")
 
@@ -71,8 +80,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _report(error: ConfigError) -> int:
+    # Before logging is set up: mark each line as an error for the journal.
+    prefix = "<3>" if logs.stderr_is_journal(os.environ, 2) else ""
     for problem in error.problems:
-        print(f"{problem.key}: {problem.message}", file=sys.stderr)
+        print(f"{prefix}{problem.key}: {problem.message}", file=sys.stderr)
     return EX_CONFIG
 
 
@@ -113,18 +124,85 @@ def migrate(path: Path) -> int:
     return 0
 
 
-@contextlib.contextmanager
-def _detached(pidfile: Path | None) -> Iterator[None]:
-    import daemon  # python-daemon, only needed here
-    import daemon.pidfile
+class PidFileLocked(Exception):
+    """Another process holds the pidfile: a daemon runs already."""
 
-    lock = daemon.pidfile.TimeoutPIDLockFile(str(pidfile)) if pidfile else None
+
+class PidFile:
+    """A pidfile held under an exclusive ``flock`` for the daemon's life.
+
+    The lock is taken before detaching, so a second start fails at once with
+    a clear message and a non-zero status, and it dies with the process, so
+    a pidfile left behind by a killed daemon never blocks the next start.
+    The pid is written once detached (the context python-daemon enters); the
+    file is removed on the way out.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path.absolute()
+        self.fd = -1
+
+    def acquire(self) -> None:
+        """Take the lock, or raise PidFileLocked naming the holder."""
+        while True:
+            fd = os.open(
+                self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644
+            )
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+                os.close(fd)
+                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    raise
+                raise PidFileLocked(
+                    f"{self.path} is locked: pdoflowd runs already"
+                    + (f" as pid {holder}" if holder else "")
+                ) from None
+            # The holder may have removed the file between our open and our
+            # lock: then we locked an orphan and must try the path again.
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                self.fd = fd
+                return
+            os.close(fd)
+
+    def __enter__(self) -> PidFile:
+        pid = f"{os.getpid()}\n".encode()
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, pid, 0)
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+        os.close(self.fd)
+        self.fd = -1
+
+
+@contextlib.contextmanager
+def _detached(pidfile: PidFile | None) -> Iterator[None]:
+    import daemon  # python-daemon, only needed here
+
+    # python-daemon closes every other descriptor; the supervisor creates
+    # its pipes and sockets only after this, inside the context.
     with daemon.DaemonContext(
-        pidfile=lock,
+        pidfile=pidfile,
+        files_preserve=[pidfile.fd] if pidfile else [],
         stderr=sys.stderr,
         working_directory="/",
         umask=0o027,
         detach_process=True,
+        # The supervisor installs its own handlers for every signal it uses.
+        signal_map={},
     ):
         yield
 
@@ -133,8 +211,21 @@ def run(path: Path, *, daemonize: bool, pidfile: Path | None) -> int:
     try:
         config, password = _load(path)
     except ConfigError as exc:
+        problems = "; ".join(f"{p.key}: {p.message}" for p in exc.problems)
+        Notifier().status(f"invalid configuration: {problems}")
         return _report(exc)
-    context = _detached(pidfile) if daemonize else contextlib.nullcontext()
+    lock = PidFile(pidfile) if pidfile else None
+    if lock is not None:
+        try:
+            lock.acquire()
+        except (PidFileLocked, OSError) as exc:
+            print(f"pdoflowd: {exc}", file=sys.stderr)
+            return EXIT_FAILURE
+    context: contextlib.AbstractContextManager[object]
+    if daemonize:
+        context = _detached(lock)
+    else:
+        context = lock if lock is not None else contextlib.nullcontext()
     with context:
         logs.configure(config.daemon.log_level)
         if not config.jobs.allowed_modules:

@@ -4,7 +4,8 @@ Owns the format only: when stderr is the journal (``JOURNAL_STREAM`` names
 it) every line starts with a syslog priority such as ``<3>`` and carries no
 timestamp; elsewhere lines carry a timestamp. Every line names its process
 (supervisor, or worker slot and pid), and a traceback stays inside its
-record instead of becoming lines of its own.
+record instead of becoming lines of its own. It must not decide what is
+logged, nor send anything anywhere but stderr.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import logging
 import os
 import sys
 from collections.abc import Mapping
+from types import TracebackType
 
 _PRIORITY = {
     logging.CRITICAL: 2,
@@ -44,34 +46,77 @@ def stderr_is_journal(environ: Mapping[str, str], stderr_fd: int) -> bool:
     return st.st_dev == int(device) and st.st_ino == int(inode)
 
 
-class _Formatter(logging.Formatter):
+def syslog_priority(levelno: int) -> int:
+    """The syslog priority of a logging level.
+
+    A level between two named ones takes the priority of the one below it;
+    anything below DEBUG is debug.
+    """
+    for level in sorted(_PRIORITY, reverse=True):
+        if levelno >= level:
+            return _PRIORITY[level]
+    return 7
+
+
+class LineFormatter(logging.Formatter):
+    """One record as one or more lines, every one of them attributable."""
+
     def __init__(self, journal: bool) -> None:
         super().__init__()
-        self._journal = journal
+        self.journal = journal
 
     def format(self, record: logging.LogRecord) -> str:
         message = record.getMessage()
         if record.exc_info:
             message += "\n" + self.formatException(record.exc_info)
-        head = f"[{_process_label}:{record.process}] "
-        if self._journal:
-            # One journal entry per line: keep continuation lines at the
-            # same priority, indented, so nothing arrives unprefixed.
-            priority = _PRIORITY.get(record.levelno, 6)
-            lines = message.splitlines() or [""]
-            first = f"<{priority}>{head}{lines[0]}"
-            rest = [f"<{priority}>    {line}" for line in lines[1:]]
+        if record.stack_info:
+            message += "\n" + self.formatStack(record.stack_info)
+        head = f"[{_process_label}:{record.process}]"
+        lines = message.splitlines() or [""]
+        if self.journal:
+            # The journal makes one entry per line and reads its priority
+            # from each line's own prefix: continuation lines carry it too,
+            # indented, so no part of a traceback arrives unprefixed.
+            prefix = f"<{syslog_priority(record.levelno)}>"
+            first = f"{prefix}{head} {lines[0]}"
+            rest = [f"{prefix}{head}   {line}" for line in lines[1:]]
             return "\n".join([first, *rest])
         stamp = self.formatTime(record, "%Y-%m-%d %H:%M:%S")
-        return f"{stamp} {record.levelname:<7} {head}{message}"
+        msecs = int(record.msecs)
+        first = f"{stamp}.{msecs:03d} {record.levelname:<7} {head} {lines[0]}"
+        return "\n".join([first, *(f"    {line}" for line in lines[1:])])
+
+
+def _log_uncaught(
+    kind: type[BaseException],
+    value: BaseException,
+    traceback: TracebackType | None,
+) -> None:
+    if issubclass(kind, KeyboardInterrupt):
+        sys.__excepthook__(kind, value, traceback)
+        return
+    logging.getLogger("pdoflowd").critical(
+        "uncaught exception", exc_info=(kind, value, traceback)
+    )
 
 
 def configure(level: str, environ: Mapping[str, str] | None = None) -> None:
-    """Send the ``pdoflowd`` loggers to stderr in the fitting format."""
+    """Send log records to stderr in the fitting format.
+
+    The ``pdoflowd`` loggers log at ``level``; other libraries and job code
+    reach the same handler from warning up, so their lines are formatted
+    (and prefixed for the journal) like the daemon's own. Python warnings
+    and uncaught exceptions go through it as well.
+    """
     env = os.environ if environ is None else environ
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_Formatter(stderr_is_journal(env, 2)))
-    root = logging.getLogger("pdoflowd")
+    handler.setFormatter(LineFormatter(stderr_is_journal(env, 2)))
+    root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-    root.propagate = False
+    root.setLevel(logging.WARNING)
+    own = logging.getLogger("pdoflowd")
+    own.handlers.clear()
+    own.setLevel(level.upper())
+    own.propagate = True
+    logging.captureWarnings(True)
+    sys.excepthook = _log_uncaught

@@ -4,6 +4,7 @@ Owns the messages (READY, STATUS, RELOADING, STOPPING, WATCHDOG,
 EXTEND_TIMEOUT_USEC) and when the watchdog is meant for this process. Only
 the supervisor holds a :class:`Notifier`; workers drop ``NOTIFY_SOCKET`` and
 ``WATCHDOG_*`` at fork. Without ``NOTIFY_SOCKET`` every call does nothing.
+It must not decide when to send: the supervisor's loop does.
 """
 
 from __future__ import annotations
@@ -29,31 +30,54 @@ def watchdog_interval(environ: Mapping[str, str], pid: int) -> float | None:
     return int(usec) / 2_000_000
 
 
-class Notifier:
-    """The supervisor's line to systemd."""
+def status_value(text: str) -> str:
+    """A STATUS= value that stays one field of one datagram.
 
-    def __init__(self, environ: Mapping[str, str] | None = None) -> None:
-        env = os.environ if environ is None else environ
-        self.enabled = bool(env.get("NOTIFY_SOCKET"))
-        self.watchdog_s = watchdog_interval(env, os.getpid())
-        self._sd = sdnotify.SystemdNotifier() if self.enabled else None
+    A newline would start a field of its own, so line breaks become "; ".
+    """
+    return "; ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def _wire(message: str) -> str:
+    # sdnotify sends a message encoded as Latin-1, which fails on anything
+    # else and silently drops the whole message. The protocol is UTF-8: hand
+    # it the UTF-8 bytes spelt as Latin-1 characters, which it sends as-is.
+    return message.encode("utf-8").decode("latin-1")
+
+
+class Notifier:
+    """The supervisor's line to systemd.
+
+    Each message goes through a socket of its own, opened and closed around
+    the send, so no socket to systemd is ever inherited by a forked worker.
+    """
+
+    def __init__(self) -> None:
+        self.enabled = bool(os.environ.get("NOTIFY_SOCKET"))
+        self.watchdog_s = watchdog_interval(os.environ, os.getpid())
 
     def send(self, *fields: str) -> None:
-        if self._sd is not None:
-            self._sd.notify("\n".join(fields))
+        if not self.enabled:
+            return
+        notifier = sdnotify.SystemdNotifier()
+        try:
+            notifier.notify(_wire("\n".join(fields)))
+        finally:
+            if notifier.socket is not None:
+                notifier.socket.close()
 
     def ready(self, status: str) -> None:
-        self.send("READY=1", f"STATUS={status}")
+        self.send("READY=1", f"STATUS={status_value(status)}")
 
     def status(self, status: str) -> None:
-        self.send(f"STATUS={status}")
+        self.send(f"STATUS={status_value(status)}")
 
     def reloading(self) -> None:
         usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
         self.send("RELOADING=1", f"MONOTONIC_USEC={usec}")
 
     def stopping(self, status: str) -> None:
-        self.send("STOPPING=1", f"STATUS={status}")
+        self.send("STOPPING=1", f"STATUS={status_value(status)}")
 
     def extend_timeout(self, seconds: float) -> None:
         self.send(f"EXTEND_TIMEOUT_USEC={int(seconds * 1_000_000)}")
