@@ -1,9 +1,20 @@
-"""Job arguments: checking and encoding them as the JSON stored per job.
+"""Job arguments, results and shared values: checking and encoding as JSON.
 
-Owns which Python values a job may take (JSON's: None, bool, int, float,
-str, lists and tuples, dicts with string keys), and the error that names the
-job index and the argument path of the first value that is not one of them.
+Owns which Python values may be stored (JSON's: None, bool, int, float,
+str, lists and tuples, dicts with string keys), the error that names where
+the first value that is not one of them lies (the job index and the
+argument path), and the round trip of what plain JSON cannot spell.
 Encoding happens before any row is written, so a bad posting loses nothing.
+
+Ordinary values are stored as plain JSON, so JSONB queries on them keep
+working. Only two things are spelt differently:
+
+- a non-finite float becomes ``{"__pdoflowd_float__": "nan"}`` (or
+  ``"inf"``, ``"-inf"``);
+- a dict whose only key is one of these two markers is wrapped as
+  ``{"__pdoflowd_dict__": {...}}``, so that it reads back as itself.
+
+:func:`decode` undoes both.
 """
 
 from __future__ import annotations
@@ -13,15 +24,31 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+FLOAT_TAG = "__pdoflowd_float__"
+DICT_TAG = "__pdoflowd_dict__"
+_TAGS = frozenset({FLOAT_TAG, DICT_TAG})
+_NON_FINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 
-class ArgumentError(ValueError):
-    """An argument that cannot be stored; names where it is."""
 
-    def __init__(self, job_index: int, path: str, problem: str) -> None:
-        self.job_index = job_index
+class ValueNotStorable(ValueError):
+    """A value that cannot be stored as JSON; names where it lies."""
+
+    def __init__(self, path: str, problem: str) -> None:
         self.path = path
         self.problem = problem
-        super().__init__(f"job {job_index}: {path}: {problem}")
+        super().__init__(f"{path}: {problem}")
+
+
+class ArgumentError(ValueNotStorable):
+    """An argument that cannot be stored; names the job and where it is."""
+
+    def __init__(self, job_index: int, path: str, problem: str) -> None:
+        super().__init__(path, problem)
+        self.job_index = job_index
+        self.args = (f"job {job_index}: {path}: {problem}",)
+
+    def __str__(self) -> str:
+        return f"job {self.job_index}: {self.path}: {self.problem}"
 
 
 # Python refuses to write ints of more than 4300 digits by default; only
@@ -29,63 +56,117 @@ class ArgumentError(ValueError):
 _LONG_INT_BITS = 2000
 
 
-def _check_text(text: str, path: str, job_index: int, what: str) -> None:
+def check_text(text: str, path: str, what: str) -> None:
+    """Refuse text PostgreSQL cannot store (NUL, lone surrogates)."""
     if "\x00" in text:
-        raise ArgumentError(
-            job_index, path, f"{what} with a NUL character cannot be stored"
+        raise ValueNotStorable(
+            path, f"{what} with a NUL character cannot be stored"
         )
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
         # A lone surrogate: JSON could spell it, PostgreSQL refuses it.
-        raise ArgumentError(
-            job_index, path, f"{what} is not valid Unicode (a lone surrogate)"
+        raise ValueNotStorable(
+            path, f"{what} is not valid Unicode (a lone surrogate)"
         ) from None
 
 
-def _check(value: Any, path: str, job_index: int, open_ids: set[int]) -> None:
+def _check(value: Any, path: str, open_ids: set[int]) -> bool:
+    """Raise for a value that cannot be stored; True if it needs tags."""
     if value is None or isinstance(value, bool):
-        return
+        return False
     if isinstance(value, int):
         if value.bit_length() > _LONG_INT_BITS:
             try:
                 int.__repr__(value)
             except ValueError as exc:  # beyond sys.get_int_max_str_digits()
-                raise ArgumentError(job_index, path, str(exc)) from None
-        return
+                raise ValueNotStorable(path, str(exc)) from None
+        return False
     if isinstance(value, str):
-        _check_text(value, path, job_index, "a string")
-        return
+        check_text(value, path, "a string")
+        return False
     if isinstance(value, float):
-        if not math.isfinite(value):
-            raise ArgumentError(
-                job_index, path, f"{value!r} is not representable in JSON"
-            )
-        return
+        return not math.isfinite(value)
     if isinstance(value, (list, tuple, dict)):
         if id(value) in open_ids:
-            raise ArgumentError(job_index, path, "contains itself (a cycle)")
+            raise ValueNotStorable(path, "contains itself (a cycle)")
         open_ids.add(id(value))
+        tagged = False
         if isinstance(value, dict):
             for key, item in value.items():
                 if not isinstance(key, str):
-                    raise ArgumentError(
-                        job_index,
-                        path,
-                        f"dict key {key!r} is not a string",
+                    raise ValueNotStorable(
+                        path, f"dict key {key!r} is not a string"
                     )
-                _check_text(key, path, job_index, f"dict key {key!r}")
-                _check(item, f"{path}[{key!r}]", job_index, open_ids)
+                check_text(key, path, f"dict key {key!r}")
+                tagged |= _check(item, f"{path}[{key!r}]", open_ids)
+            tagged |= len(value) == 1 and next(iter(value)) in _TAGS
         else:
             for i, item in enumerate(value):
-                _check(item, f"{path}[{i}]", job_index, open_ids)
+                tagged |= _check(item, f"{path}[{i}]", open_ids)
         open_ids.discard(id(value))
-        return
-    raise ArgumentError(
-        job_index,
-        path,
-        f"{type(value).__name__} is not a JSON value",
-    )
+        return tagged
+    raise ValueNotStorable(path, f"{type(value).__name__} is not a JSON value")
+
+
+def _tagged(value: Any) -> Any:
+    """A checked value with non-finite floats and marker dicts spelt out."""
+    if isinstance(value, float):
+        if math.isnan(value):
+            return {FLOAT_TAG: "nan"}
+        if math.isinf(value):
+            return {FLOAT_TAG: "inf" if value > 0 else "-inf"}
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_tagged(item) for item in value]
+    if isinstance(value, dict):
+        plain = {key: _tagged(item) for key, item in value.items()}
+        if len(plain) == 1 and next(iter(plain)) in _TAGS:
+            return {DICT_TAG: plain}
+        return plain
+    return value
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, allow_nan=False, separators=(",", ":"))
+
+
+def encode_value(value: Any, path: str = "value") -> str:
+    """Check one value and return it as JSON text (tagged where needed)."""
+    try:
+        needs_tags = _check(value, path, set())
+        return _dumps(_tagged(value) if needs_tags else value)
+    except RecursionError:
+        raise ValueNotStorable(path, "nested too deeply to store") from None
+
+
+def decode(value: Any) -> Any:
+    """The value :func:`encode_value` was given, from its decoded JSON."""
+    if isinstance(value, list):
+        return [decode(item) for item in value]
+    if isinstance(value, dict):
+        if len(value) == 1:
+            key, inner = next(iter(value.items()))
+            if key == FLOAT_TAG:
+                if inner not in _NON_FINITE:
+                    raise ValueError(f"malformed {FLOAT_TAG} value: {inner!r}")
+                return _NON_FINITE[inner]
+            if key == DICT_TAG:
+                if not isinstance(inner, dict):
+                    raise ValueError(f"malformed {DICT_TAG} value")
+                return {k: decode(item) for k, item in inner.items()}
+        return {key: decode(item) for key, item in value.items()}
+    return value
+
+
+def decode_job(
+    posargs: list[Any], kwargs: dict[str, Any]
+) -> tuple[list[Any], dict[str, Any]]:
+    """A claimed job's stored arguments as the poster gave them."""
+    decoded = decode(kwargs)
+    if not isinstance(decoded, dict):
+        raise ValueError("stored keyword arguments are not an object")
+    return decode(posargs), decoded
 
 
 def encode_job(
@@ -104,18 +185,27 @@ def encode_job(
         )
     try:
         open_ids: set[int] = set()
+        args_tags = kwargs_tags = False
         for i, value in enumerate(posargs):
-            _check(value, f"posargs[{i}]", job_index, open_ids)
+            args_tags |= _check(value, f"posargs[{i}]", open_ids)
         for key, value in kwargs.items():
             if not isinstance(key, str) or not key.isidentifier():
                 raise ArgumentError(
                     job_index, "kwargs", f"{key!r} is not a keyword name"
                 )
-            _check(value, f"kwargs[{key!r}]", job_index, open_ids)
-        return (
-            json.dumps(list(posargs), allow_nan=False, separators=(",", ":")),
-            json.dumps(dict(kwargs), allow_nan=False, separators=(",", ":")),
+            kwargs_tags |= _check(value, f"kwargs[{key!r}]", open_ids)
+        plain_kwargs = dict(kwargs)
+        kwargs_tags |= len(plain_kwargs) == 1 and (
+            next(iter(plain_kwargs)) in _TAGS
         )
+        return (
+            _dumps(_tagged(posargs) if args_tags else list(posargs)),
+            _dumps(_tagged(plain_kwargs) if kwargs_tags else plain_kwargs),
+        )
+    except ArgumentError:
+        raise
+    except ValueNotStorable as exc:
+        raise ArgumentError(job_index, exc.path, exc.problem) from None
     except RecursionError:
         raise ArgumentError(
             job_index, "arguments", "nested too deeply to store"

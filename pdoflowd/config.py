@@ -206,10 +206,27 @@ def _module_names(names: tuple[str, ...]) -> Iterator[str]:
             yield f"{name!r} at [{index}] is not a dotted module name"
 
 
+def _function_labels(names: tuple[str, ...]) -> Iterator[str]:
+    yield from _module_names(names)
+    if len(set(names)) != len(names):
+        yield "names must not repeat"
+    if len(names) > _MAX_FUNCTION_LABELS:
+        yield f"at most {_MAX_FUNCTION_LABELS} names (each is a label value)"
+
+
+_MAX_FUNCTION_LABELS = 100
+
+
 def _capabilities(names: tuple[str, ...]) -> Iterator[str]:
     for index, name in enumerate(names):
         if not name.strip():
             yield f"empty capability at [{index}]"
+
+
+def _role_names(names: tuple[str, ...]) -> Iterator[str]:
+    for index, name in enumerate(names):
+        if not name or "\x00" in name:
+            yield f"{name!r} at [{index}] is not a database role name"
 
 
 def _log_level(level: str) -> Iterator[str]:
@@ -258,6 +275,9 @@ class WorkersConfig:
     preload_modules: tuple[str, ...] = field(
         default=(), metadata=_rule(check=_module_names)
     )
+    posters: tuple[str, ...] = field(
+        default=(), metadata=_rule(check=_role_names)
+    )
 
 
 @dataclass(frozen=True)
@@ -272,6 +292,12 @@ class JobsConfig:
     timeout_grace_s: float = field(default=5.0, metadata=_rule(at_least=0))
     retry_delay_s: float = field(default=0.0, metadata=_rule(at_least=0))
     retry_delay_max_s: float = field(default=300.0, metadata=_rule(at_least=0))
+    result_max_bytes: int = field(
+        default=1048576, metadata=_rule(at_least=1, at_most=268435455)
+    )
+    profile_sample_rate: float = field(
+        default=0.0, metadata=_rule(at_least=0, at_most=1)
+    )
 
 
 @dataclass(frozen=True)
@@ -280,6 +306,15 @@ class MetricsConfig:
 
     listen: str = field(
         default="127.0.0.1:9464", metadata=_rule(check=_listen_address)
+    )
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_client_ca_file: Path | None = None
+    function_labels: tuple[str, ...] = field(
+        default=(), metadata=_rule(check=_function_labels)
+    )
+    queue_stats_interval_s: float = field(
+        default=5.0, metadata=_rule(at_least=1, at_most=3600)
     )
 
     @property
@@ -477,6 +512,20 @@ def _cross_problems(
             f"must be more than twice daemon.heartbeat_interval_s ({beat}),"
             f" got {_number_text(daemon.host_lease_s)}",
         )
+    metrics = config.metrics
+    tls_keys = ("tls_cert_file", "tls_key_file", "tls_client_ca_file")
+    if accepted("metrics.listen") and not metrics.enabled:
+        for name in tls_keys:
+            if getattr(metrics, name) is not None:
+                yield ConfigProblem(
+                    f"metrics.{name}", "set, but metrics.listen is empty"
+                )
+    if metrics.tls_cert_file is None:
+        for name in tls_keys[1:]:
+            if getattr(metrics, name) is not None:
+                yield ConfigProblem(
+                    f"metrics.{name}", "needs metrics.tls_cert_file"
+                )
     if (
         accepted("jobs.retry_delay_max_s", "jobs.retry_delay_s")
         and jobs.retry_delay_max_s < jobs.retry_delay_s

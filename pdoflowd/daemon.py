@@ -36,7 +36,13 @@ from pdoflowd.config import (
     load,
     resolve_password,
 )
-from pdoflowd.migrate import SchemaNotCurrent, upgrade_connection
+from pdoflowd.migrate import (
+    Grants,
+    SchemaNotCurrent,
+    add_grant_arguments,
+    apply_grants,
+    upgrade_connection,
+)
 from pdoflowd.notify import Notifier
 from pdoflowd.supervisor import EXIT_FAILURE, Supervisor
 
@@ -75,7 +81,9 @@ def _parser() -> argparse.ArgumentParser:
         "--pidfile", type=Path, help="with --daemonize: a locked pidfile"
     )
     with_config("check-config", "validate the config; exit 78 if invalid")
-    with_config("migrate", "bring the database schema up to date")
+    add_grant_arguments(
+        with_config("migrate", "bring the database schema up to date")
+    )
     return parser
 
 
@@ -101,7 +109,7 @@ def check_config(path: Path) -> int:
     return 0
 
 
-def migrate(path: Path) -> int:
+def migrate(path: Path, grants: Grants | None = None) -> int:
     try:
         config, password = _load(path)
     except ConfigError as exc:
@@ -111,6 +119,8 @@ def migrate(path: Path) -> int:
     try:
         with psycopg.connect(**kwargs) as conn:  # type: ignore[arg-type]
             applied = upgrade_connection(conn)
+            if grants is not None:
+                apply_grants(conn, grants)
     except psycopg.Error as exc:
         log.error("migration failed: %s", exc)
         return EX_UNAVAILABLE
@@ -243,7 +253,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "check-config":
         return check_config(args.config)
     if args.command == "migrate":
-        return migrate(args.config)
+        return migrate(args.config, Grants.from_args(args))
     if args.pidfile and not args.daemonize:
         print("--pidfile goes with --daemonize", file=sys.stderr)
         return 2

@@ -158,9 +158,9 @@ def outcome_of(kind: str, status: str, *, timed_out: bool = False) -> str:
     will be retried from one that used the last try).
     """
     status = str(getattr(status, "value", status))
-    if kind not in ("done", "failed", "refused", "released"):
+    if kind not in ("done", "failed", "timeout", "refused", "released"):
         raise ValueError(f"unknown outcome kind {kind!r}")
-    if timed_out:
+    if timed_out or kind == "timeout":
         return "timeout"
     if kind in ("done", "released"):
         return kind

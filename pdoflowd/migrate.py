@@ -1,19 +1,23 @@
 """Versioned schema migrations of the ``pdoflowd`` PostgreSQL schema.
 
 Owns the ordered ``migrations/NNNN_name.sql`` files, the ``schema.sql``
-snapshot a fresh install uses, and applying them under an advisory lock so that
-several hosts may run ``pdoflowd migrate`` at once. It must not hold any other
-SQL: the queue's statements live in :mod:`pdoflowd.queries`.
+snapshot a fresh install uses, applying them under an advisory lock so that
+several hosts may run ``pdoflowd migrate`` at once, and the privileges of the
+two kinds of roles (submitters, daemons), granted on request. It must not
+hold any other SQL: the queue's statements live in :mod:`pdoflowd.queries`.
 """
 
 from __future__ import annotations
 
+import argparse
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
 import psycopg
+from psycopg import sql
 
 SCHEMA = "pdoflowd"
 # Any fixed number; all pdoflowd processes agree on it.
@@ -139,3 +143,104 @@ def upgrade_connection(
                 (step.version, step.name),
             )
         return [m.version for m in pending]
+
+
+# ---------------------------------------------------------------- roles
+
+# What a submitter may do: read and add postings and jobs (row-level
+# security shows it only its own), keep its postings' shared variables, ask
+# which daemons run what, and steer its postings through the one checked
+# function. It cannot update a job, nor choose the poster of a posting.
+SUBMITTER_GRANTS = (
+    "GRANT USAGE ON SCHEMA pdoflowd TO {role}",
+    "GRANT SELECT ON pdoflowd.postings, pdoflowd.jobs,"
+    " pdoflowd.shared_variables TO {role}",
+    "GRANT INSERT (uuid, target_function, entry_point, status, timeout_s,"
+    " requires, store_result, tries) ON pdoflowd.postings TO {role}",
+    "GRANT INSERT (uuid, posting_id, priority, posargs, kwargs,"
+    " tries_remaining, run_after) ON pdoflowd.jobs TO {role}",
+    "GRANT INSERT, UPDATE, DELETE ON pdoflowd.shared_variables TO {role}",
+    "GRANT SELECT (provides, posters, stopped_at) ON pdoflowd.daemons"
+    " TO {role}",
+    "GRANT EXECUTE ON FUNCTION"
+    " pdoflowd.control_posting(uuid, text, integer) TO {role}",
+)
+
+# What a daemon may do: check the schema version, claim, record, rescue and
+# settle (UPDATE on postings and jobs, which also lets it see every
+# posting), register itself, share variables with its jobs, store
+# profiles.
+DAEMON_GRANTS = (
+    "GRANT USAGE ON SCHEMA pdoflowd TO {role}",
+    "GRANT SELECT ON pdoflowd.schema_migrations TO {role}",
+    "GRANT SELECT, UPDATE ON pdoflowd.postings, pdoflowd.jobs TO {role}",
+    "GRANT SELECT, INSERT, UPDATE ON pdoflowd.daemons TO {role}",
+    "GRANT SELECT, INSERT, UPDATE, DELETE ON pdoflowd.shared_variables"
+    " TO {role}",
+    "GRANT SELECT, INSERT ON pdoflowd.job_profiles,"
+    " pdoflowd.profile_functions, pdoflowd.profile_function_stats,"
+    " pdoflowd.profile_call_map TO {role}",
+    "GRANT EXECUTE ON FUNCTION"
+    " pdoflowd.control_posting(uuid, text, integer) TO {role}",
+)
+
+
+@dataclass(frozen=True)
+class Grants:
+    """Roles to grant the submitter's or the daemon's privileges to."""
+
+    submitters: Sequence[str] = ()
+    daemons: Sequence[str] = ()
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Grants:
+        return cls(
+            tuple(getattr(args, "grant_submitter", None) or ()),
+            tuple(getattr(args, "grant_daemon", None) or ()),
+        )
+
+
+def add_grant_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--grant-submitter ROLE`` and ``--grant-daemon ROLE`` (repeatable)."""
+    parser.add_argument(
+        "--grant-submitter",
+        action="append",
+        metavar="ROLE",
+        help="grant ROLE what a submitter needs (repeat for more roles)",
+    )
+    parser.add_argument(
+        "--grant-daemon",
+        action="append",
+        metavar="ROLE",
+        help="grant ROLE what the daemon needs (repeat for more roles)",
+    )
+
+
+def grant_statements(grants: Grants) -> list[sql.Composed]:
+    """The GRANT statements for the roles named, role names quoted."""
+    statements = []
+    for templates, roles in (
+        (SUBMITTER_GRANTS, grants.submitters),
+        (DAEMON_GRANTS, grants.daemons),
+    ):
+        for role in roles:
+            for template in templates:
+                statements.append(
+                    sql.SQL(template).format(role=sql.Identifier(role))
+                )
+    return statements
+
+
+def apply_grants(conn: psycopg.Connection[Any], grants: Grants) -> None:
+    """Grant the roles their privileges, in one transaction; idempotent.
+
+    The schema must be current; a role that does not exist is an error
+    (``psycopg.errors.UndefinedObject``) and nothing is granted.
+    """
+    statements = grant_statements(grants)
+    if not statements:
+        return
+    with conn.transaction():
+        check_current(conn)
+        for statement in statements:
+            conn.execute(statement)

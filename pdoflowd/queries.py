@@ -1,8 +1,9 @@
 """Every statement of the queue, parameterised, and nothing else.
 
 Owns the SQL for posting, claiming, recording outcomes (fenced by the claim's
-owner token and attempt), rescuing, heartbeats and progress counts, and the
-small typed rows these return. It knows nothing of processes, signals or
+owner token and attempt), rescuing, heartbeats, progress counts, posting
+controls, shared variables, results and profiles, and the small typed rows
+these return. It knows nothing of processes, signals or
 configuration: callers pass plain values and their own connection.
 Schema changes belong to :mod:`pdoflowd.migrate`.
 """
@@ -37,12 +38,28 @@ class NewJob:
     kwargs_json: str
 
 
+# The poster is never sent: the column defaults to the session user.
 _INSERT_POSTING = """
 INSERT INTO pdoflowd.postings
-    (uuid, target_function, entry_point, status, timeout_s)
+    (uuid, target_function, entry_point, status, timeout_s, requires,
+     store_result, tries)
 VALUES (%(uuid)s, %(target_function)s, %(entry_point)s, %(status)s,
-        %(timeout_s)s)
-RETURNING id
+        %(timeout_s)s, %(requires)s::text[], %(store_result)s, %(tries)s)
+RETURNING id, row_security_active('pdoflowd.jobs'),
+          now() + make_interval(secs => %(delay_s)s)
+"""
+
+# COPY is refused where row-level security applies (a submitter role), so
+# such a session inserts the same rows with one INSERT over arrays.
+_INSERT_JOBS = """
+INSERT INTO pdoflowd.jobs
+    (uuid, posting_id, priority, posargs, kwargs, tries_remaining, run_after)
+SELECT t.uuid, %(posting_id)s, t.priority, t.posargs::jsonb, t.kwargs::jsonb,
+       %(tries)s, %(run_after)s
+FROM unnest(%(uuids)s::uuid[], %(priorities)s::integer[], %(posargs)s::text[],
+            %(kwargs)s::text[]) WITH ORDINALITY
+     AS t(uuid, priority, posargs, kwargs, n)
+ORDER BY t.n
 """
 
 _COPY_JOBS = """
@@ -63,11 +80,16 @@ def insert_posting(
     paused: bool = False,
     timeout_s: float | None = None,
     run_after: dt.datetime | None = None,
+    delay_s: float | None = None,
+    requires: Sequence[str] = (),
+    store_result: bool = False,
 ) -> int:
     """Insert a posting and its jobs (one COPY) and NOTIFY the daemons.
 
     Runs in the caller's transaction: nothing is visible, and nobody is
-    woken, until the caller commits. Returns the posting's internal id.
+    woken, until the caller commits. The jobs may run from ``run_after``,
+    or ``delay_s`` seconds after the database's time now. Returns the
+    posting's internal id.
     """
     status = PostingStatus.PAUSED if paused else PostingStatus.EXECUTING
     row = conn.execute(
@@ -78,23 +100,45 @@ def insert_posting(
             "entry_point": entry_point,
             "status": status.value,
             "timeout_s": timeout_s,
+            "requires": list(requires),
+            "store_result": store_result,
+            "tries": tries,
+            "delay_s": delay_s,
         },
     ).fetchone()
     assert row is not None
     posting_id: int = row[0]
-    with conn.cursor().copy(_COPY_JOBS) as copy:
-        for new in jobs:
-            copy.write_row(
-                (
-                    new.uuid,
-                    posting_id,
-                    new.priority,
-                    new.posargs_json,
-                    new.kwargs_json,
-                    tries,
-                    run_after,
+    restricted: bool = row[1]
+    if run_after is None:
+        run_after = row[2]
+    if restricted:
+        rows = list(jobs)
+        conn.execute(
+            _INSERT_JOBS,
+            {
+                "posting_id": posting_id,
+                "tries": tries,
+                "run_after": run_after,
+                "uuids": [new.uuid for new in rows],
+                "priorities": [new.priority for new in rows],
+                "posargs": [new.posargs_json for new in rows],
+                "kwargs": [new.kwargs_json for new in rows],
+            },
+        )
+    else:
+        with conn.cursor().copy(_COPY_JOBS) as copy:
+            for new in jobs:
+                copy.write_row(
+                    (
+                        new.uuid,
+                        posting_id,
+                        new.priority,
+                        new.posargs_json,
+                        new.kwargs_json,
+                        tries,
+                        run_after,
+                    )
                 )
-            )
     notify(conn)
     return posting_id
 
@@ -124,8 +168,14 @@ class ClaimedJob:
     timeout_s: float | None
     created_at: dt.datetime
     runnable_since: dt.datetime
+    store_result: bool = False
 
 
+# A posting's requirements must be among what this daemon provides, and
+# with posters configured, its poster among them (empty: everyone's).
+# OFFSET 0 keeps the EXISTS a check per candidate row: turned into a join,
+# the planner may expect few matching postings and sort every waiting job
+# instead of walking jobs_claim in order and stopping at the limit.
 _CLAIM = """
 WITH candidate AS (
     SELECT j.id
@@ -134,7 +184,11 @@ WITH candidate AS (
       AND (j.run_after IS NULL OR j.run_after <= now())
       AND EXISTS (
           SELECT FROM pdoflowd.postings AS p
-          WHERE p.id = j.posting_id AND p.status = 'executing')
+          WHERE p.id = j.posting_id AND p.status = 'executing'
+            AND p.requires <@ %(provides)s::text[]
+            AND (cardinality(%(posters)s::text[]) = 0
+                 OR p.poster = ANY(%(posters)s::text[]))
+          OFFSET 0)
     ORDER BY j.priority DESC, j.id
     LIMIT %(limit)s
     FOR UPDATE OF j SKIP LOCKED
@@ -144,23 +198,41 @@ SET status = 'executing',
     owner = %(owner)s,
     daemon_id = %(daemon_id)s,
     attempt = j.attempt + 1,
-    claimed_at = now()
+    claimed_at = now(),
+    progress = NULL,
+    progress_note = NULL,
+    progress_at = NULL
 FROM candidate, pdoflowd.postings AS p
 WHERE j.id = candidate.id AND p.id = j.posting_id
 RETURNING j.id, j.uuid, j.posting_id, p.uuid, p.entry_point, j.priority,
           j.attempt, j.tries_remaining, j.posargs, j.kwargs, p.timeout_s,
-          j.created_at, coalesce(j.run_after, j.created_at)
+          j.created_at, coalesce(j.run_after, j.created_at), p.store_result
 """
 
 
 def claim(
-    conn: Connection, *, owner: UUID, daemon_id: UUID, limit: int
+    conn: Connection,
+    *,
+    owner: UUID,
+    daemon_id: UUID,
+    limit: int,
+    provides: Sequence[str] = (),
+    posters: Sequence[str] = (),
 ) -> list[ClaimedJob]:
-    """Claim up to ``limit`` runnable jobs, best first; commits at once."""
+    """Claim up to ``limit`` runnable jobs, best first; commits at once.
+
+    Only jobs of postings whose requirements are among ``provides`` are
+    taken, and with ``posters`` given, only postings of these posters.
+    """
+    params = {
+        "owner": owner,
+        "daemon_id": daemon_id,
+        "limit": limit,
+        "provides": list(provides),
+        "posters": list(posters),
+    }
     with conn.transaction():
-        rows = conn.execute(
-            _CLAIM, {"owner": owner, "daemon_id": daemon_id, "limit": limit}
-        ).fetchall()
+        rows = conn.execute(_CLAIM, params).fetchall()
     jobs = [ClaimedJob(*row) for row in rows]
     jobs.sort(key=lambda j: (-j.priority, j.id))
     return jobs
@@ -175,7 +247,9 @@ class Outcome:
 
     ``kind`` is ``done``, ``failed`` or ``timeout`` (uses a try; waits again
     while tries remain), ``refused`` (errored out at once, no retry) or
-    ``released`` (never started: back to waiting, no try used).
+    ``released`` (never started: back to waiting, no try used). ``result``
+    is the JSON text of a done job's return value, when its posting keeps
+    results.
     """
 
     job_id: int
@@ -186,6 +260,7 @@ class Outcome:
     error: str | None = None
     traceback: str | None = None
     retry_at: dt.datetime | None = None
+    result: str | None = None
 
 
 @dataclass(frozen=True)
@@ -203,9 +278,10 @@ WITH o AS (
     SELECT * FROM unnest(
         %(ids)s::bigint[], %(attempts)s::integer[], %(kinds)s::text[],
         %(started)s::timestamptz[], %(completed)s::timestamptz[],
-        %(errors)s::text[], %(tracebacks)s::text[], %(retry_at)s::timestamptz[]
+        %(errors)s::text[], %(tracebacks)s::text[], %(retry_at)s::timestamptz[],
+        %(results)s::text[]
     ) AS o(id, attempt, kind, started_at, completed_at, error, traceback,
-           retry_at)
+           retry_at, result)
 )
 UPDATE pdoflowd.jobs AS j
 SET status = CASE
@@ -228,7 +304,9 @@ SET status = CASE
                      ELSE o.kind = 'done' END,
     error = CASE WHEN o.kind = 'released' THEN j.error ELSE o.error END,
     traceback = CASE WHEN o.kind = 'released' THEN j.traceback
-                     ELSE o.traceback END
+                     ELSE o.traceback END,
+    result = CASE WHEN o.kind = 'released' THEN j.result
+                  ELSE o.result::jsonb END
 FROM o
 WHERE j.id = o.id
   AND j.attempt = o.attempt
@@ -259,6 +337,7 @@ def record_outcomes(
         "errors": [o.error for o in outcomes],
         "tracebacks": [o.traceback for o in outcomes],
         "retry_at": [o.retry_at for o in outcomes],
+        "results": [o.result for o in outcomes],
     }
     with conn.transaction():
         rows = conn.execute(_RECORD_OUTCOMES, params).fetchall()
@@ -268,21 +347,29 @@ def record_outcomes(
     ]
 
 
+# A job of a cancelled posting is never requeued: it ends as cancelled.
 _REQUEUE_OWNER = """
 UPDATE pdoflowd.jobs AS j
 SET status = CASE
+        WHEN p.status = 'cancelled' THEN 'errored_out'
         WHEN j.id = %(running)s AND j.tries_remaining <= 1 THEN 'errored_out'
         ELSE 'waiting' END,
     tries_remaining = CASE
         WHEN j.id = %(running)s THEN greatest(j.tries_remaining - 1, 0)
         ELSE j.tries_remaining END,
-    error = CASE WHEN j.id = %(running)s THEN %(reason)s ELSE j.error END,
-    traceback = CASE WHEN j.id = %(running)s THEN NULL ELSE j.traceback END,
-    exited_ok = CASE WHEN j.id = %(running)s THEN false ELSE j.exited_ok END,
-    completed_at = CASE WHEN j.id = %(running)s THEN now()
-                        ELSE j.completed_at END,
+    error = CASE WHEN p.status = 'cancelled' THEN 'cancelled'
+                 WHEN j.id = %(running)s THEN %(reason)s
+                 ELSE j.error END,
+    traceback = CASE WHEN j.id = %(running)s OR p.status = 'cancelled'
+                     THEN NULL ELSE j.traceback END,
+    exited_ok = CASE WHEN j.id = %(running)s OR p.status = 'cancelled'
+                     THEN false ELSE j.exited_ok END,
+    completed_at = CASE WHEN j.id = %(running)s OR p.status = 'cancelled'
+                        THEN now() ELSE j.completed_at END,
     owner = NULL
-WHERE j.daemon_id = %(daemon_id)s
+FROM pdoflowd.postings AS p
+WHERE p.id = j.posting_id
+  AND j.daemon_id = %(daemon_id)s
   AND j.owner = %(owner)s
   AND j.status = 'executing'
 RETURNING j.id, j.posting_id, j.id = %(running)s, j.status
@@ -310,7 +397,8 @@ def requeue_owner(
     """Take back every job a dead worker held, in one statement.
 
     The job it was running uses a try and records ``reason``; jobs it had
-    claimed but not started go back to waiting as they were.
+    claimed but not started go back to waiting as they were. Jobs of a
+    cancelled posting end errored out as ``cancelled`` instead.
     """
     with conn.transaction():
         rows = conn.execute(
@@ -431,9 +519,11 @@ WITH previous AS (
     -- Read in the statement's snapshot: the row as it was before the upsert.
     SELECT stopped_at FROM pdoflowd.daemons WHERE id = %(id)s
 )
-INSERT INTO pdoflowd.daemons (id, hostname, pid, version)
-VALUES (%(id)s, %(hostname)s, %(pid)s, %(version)s)
-ON CONFLICT (id) DO UPDATE SET heartbeat_at = now(), stopped_at = NULL
+INSERT INTO pdoflowd.daemons (id, hostname, pid, version, provides, posters)
+VALUES (%(id)s, %(hostname)s, %(pid)s, %(version)s, %(provides)s::text[],
+        %(posters)s::text[])
+ON CONFLICT (id) DO UPDATE SET heartbeat_at = now(), stopped_at = NULL,
+    provides = EXCLUDED.provides, posters = EXCLUDED.posters
 RETURNING (SELECT stopped_at FROM previous)
 """
 
@@ -445,11 +535,15 @@ def heartbeat(
     hostname: str,
     pid: int,
     version: str,
+    provides: Sequence[str] = (),
+    posters: Sequence[str] = (),
 ) -> dt.datetime | None:
     """Register a daemon or renew its heartbeat.
 
-    Returns when it had been declared lost (its jobs were then rescued by
-    another daemon), else None.
+    ``provides`` and ``posters`` record what it claims, so that a posting
+    no running daemon would claim can be shown as such. Returns when it had
+    been declared lost (its jobs were then rescued by another daemon), else
+    None.
     """
     with conn.transaction():
         row = conn.execute(
@@ -459,6 +553,8 @@ def heartbeat(
                 "hostname": hostname,
                 "pid": pid,
                 "version": version,
+                "provides": list(provides),
+                "posters": list(posters),
             },
         ).fetchone()
     return None if row is None else row[0]
@@ -482,17 +578,19 @@ WITH lost AS (
     RETURNING d.id, d.hostname
 )
 UPDATE pdoflowd.jobs AS j
-SET status = CASE WHEN j.tries_remaining <= 1 THEN 'errored_out'
-                  ELSE 'waiting' END,
+SET status = CASE WHEN j.tries_remaining <= 1 OR p.status = 'cancelled'
+                  THEN 'errored_out' ELSE 'waiting' END,
     tries_remaining = greatest(j.tries_remaining - 1, 0),
-    error = format('host lost: daemon %%s on %%s missed its heartbeat',
-                   lost.id, lost.hostname),
+    error = CASE WHEN p.status = 'cancelled' THEN 'cancelled'
+                 ELSE format('host lost: daemon %%s on %%s missed its '
+                             'heartbeat', lost.id, lost.hostname) END,
     traceback = NULL,
     exited_ok = false,
     completed_at = now(),
     owner = NULL
-FROM lost
+FROM lost, pdoflowd.postings AS p
 WHERE j.status = 'executing' AND j.daemon_id = lost.id
+  AND p.id = j.posting_id
 RETURNING j.id, j.posting_id, j.status
 """
 
@@ -511,3 +609,725 @@ def rescue_lost_daemons(
             _RESCUE_LOST_DAEMONS, {"lease_s": lease_s}
         ).fetchall()
     return [RequeuedJob(r[0], r[1], True, JobStatus(r[2])) for r in rows]
+
+
+# ---------------------------------------------------------------- controls
+
+
+_CONTROL_POSTING = """
+SELECT new_status, jobs_changed
+FROM pdoflowd.control_posting(%(uuid)s, %(action)s, %(tries)s)
+"""
+
+CONTROL_ACTIONS = ("pause", "resume", "cancel", "retry", "finished")
+
+
+def control_posting(
+    conn: Connection,
+    posting_uuid: UUID,
+    action: str,
+    *,
+    tries: int | None = None,
+) -> tuple[PostingStatus, int]:
+    """Pause, resume, cancel, retry or mark a posting; commits at once.
+
+    ``action`` is one of :data:`CONTROL_ACTIONS` or ``errored_out``. The
+    database function checks that the session user posted it (or may
+    update jobs) and that its status allows the action; it raises
+    ``psycopg.errors.NoDataFound`` or ``ObjectNotInPrerequisiteState``
+    otherwise. Returns the posting's new status and how many jobs changed.
+    """
+    with conn.transaction():
+        row = conn.execute(
+            _CONTROL_POSTING,
+            {"uuid": posting_uuid, "action": action, "tries": tries},
+        ).fetchone()
+    assert row is not None
+    return PostingStatus(row[0]), int(row[1])
+
+
+_CANCELLED_AMONG = """
+SELECT j.id
+FROM pdoflowd.jobs AS j
+JOIN pdoflowd.postings AS p ON p.id = j.posting_id
+WHERE j.id = ANY(%(ids)s::bigint[]) AND p.status = 'cancelled'
+"""
+
+
+def cancelled_among(conn: Connection, job_ids: Iterable[int]) -> set[int]:
+    """Which of these (running) jobs belong to a cancelled posting."""
+    ids = sorted(set(job_ids))
+    if not ids:
+        return set()
+    with conn.transaction():
+        rows = conn.execute(_CANCELLED_AMONG, {"ids": ids}).fetchall()
+    return {r[0] for r in rows}
+
+
+# ---------------------------------------------------------------- one job
+
+
+@dataclass(frozen=True)
+class JobTarget:
+    """What a job would run, and where it stands."""
+
+    entry_point: str
+    status: JobStatus
+
+
+_JOB_TARGET = """
+SELECT p.entry_point, j.status
+FROM pdoflowd.jobs AS j JOIN pdoflowd.postings AS p ON p.id = j.posting_id
+WHERE j.uuid = %(uuid)s
+"""
+
+
+def job_target(conn: Connection, job_uuid: UUID) -> JobTarget | None:
+    """A job's entry point and status, or None when there is no such job."""
+    row = conn.execute(_JOB_TARGET, {"uuid": job_uuid}).fetchone()
+    return None if row is None else JobTarget(row[0], JobStatus(row[1]))
+
+
+_CLAIM_JOB = """
+UPDATE pdoflowd.jobs AS j
+SET status = 'executing',
+    owner = %(owner)s,
+    daemon_id = %(daemon_id)s,
+    attempt = j.attempt + 1,
+    claimed_at = now(),
+    progress = NULL,
+    progress_note = NULL,
+    progress_at = NULL
+FROM pdoflowd.postings AS p
+WHERE j.uuid = %(uuid)s AND p.id = j.posting_id AND j.status <> 'executing'
+RETURNING j.id, j.uuid, j.posting_id, p.uuid, p.entry_point, j.priority,
+          j.attempt, j.tries_remaining, j.posargs, j.kwargs, p.timeout_s,
+          j.created_at, coalesce(j.run_after, j.created_at), p.store_result
+"""
+
+
+def claim_job(
+    conn: Connection, *, job_uuid: UUID, owner: UUID, daemon_id: UUID
+) -> ClaimedJob | None:
+    """Claim one job by its id, whatever its posting's status, unless it is
+    executing already (then None); commits at once. For running a job by
+    hand: the claim is fenced like any other."""
+    with conn.transaction():
+        row = conn.execute(
+            _CLAIM_JOB,
+            {"uuid": job_uuid, "owner": owner, "daemon_id": daemon_id},
+        ).fetchone()
+    return None if row is None else ClaimedJob(*row)
+
+
+_SET_PROGRESS = """
+UPDATE pdoflowd.jobs
+SET progress = %(progress)s, progress_note = %(note)s, progress_at = now()
+WHERE id = %(id)s AND owner = %(owner)s AND attempt = %(attempt)s
+  AND status = 'executing'
+"""
+
+
+def set_progress(
+    conn: Connection,
+    *,
+    job_id: int,
+    owner: UUID,
+    attempt: int,
+    progress: float,
+    note: str | None,
+) -> bool:
+    """Record a running job's progress (0 to 1) under its claim's fence.
+
+    False when the job is no longer this claim's (cancelled, rescued).
+    """
+    with conn.transaction():
+        cursor = conn.execute(
+            _SET_PROGRESS,
+            {
+                "id": job_id,
+                "owner": owner,
+                "attempt": attempt,
+                "progress": progress,
+                "note": note,
+            },
+        )
+    return cursor.rowcount == 1
+
+
+# ---------------------------------------------------------------- reading
+
+
+@dataclass(frozen=True)
+class PostingSummary:
+    """A posting as ``pdoflow posting-status`` and ``list-postings`` show it.
+
+    ``delayed`` counts waiting jobs whose run-after time lies ahead;
+    ``mean_progress`` is over executing jobs that reported progress;
+    ``claimable_by`` counts running daemons that provide its requirements
+    and take work of its poster.
+    """
+
+    uuid: UUID
+    poster: str
+    target_function: str
+    entry_point: str
+    status: PostingStatus
+    created_at: dt.datetime
+    finished_at: dt.datetime | None
+    requires: list[str]
+    store_result: bool
+    tries: int
+    timeout_s: float | None
+    jobs: dict[JobStatus, int]
+    delayed: int
+    mean_progress: float | None
+    claimable_by: int
+
+    @property
+    def total(self) -> int:
+        return sum(self.jobs.values())
+
+
+_POSTING_SUMMARIES = """
+SELECT p.uuid, p.poster, p.target_function, p.entry_point, p.status,
+       p.created_at, p.finished_at, p.requires, p.store_result, p.tries,
+       p.timeout_s, c.waiting, c.executing, c.done, c.errored_out, c.delayed,
+       c.progress,
+       (SELECT count(*) FROM pdoflowd.daemons AS d
+        WHERE d.stopped_at IS NULL AND p.requires <@ d.provides
+          AND (cardinality(d.posters) = 0 OR p.poster = ANY(d.posters)))
+FROM pdoflowd.postings AS p
+CROSS JOIN LATERAL (
+    SELECT count(*) FILTER (WHERE j.status = 'waiting') AS waiting,
+           count(*) FILTER (WHERE j.status = 'executing') AS executing,
+           count(*) FILTER (WHERE j.status = 'done') AS done,
+           count(*) FILTER (WHERE j.status = 'errored_out') AS errored_out,
+           count(*) FILTER (WHERE j.status = 'waiting'
+                            AND j.run_after > now()) AS delayed,
+           avg(j.progress) FILTER (WHERE j.status = 'executing') AS progress
+    FROM pdoflowd.jobs AS j
+    WHERE j.posting_id = p.id
+) AS c
+"""
+
+_POSTING_SUMMARY = _POSTING_SUMMARIES + "WHERE p.uuid = %(uuid)s"
+
+_LIST_POSTINGS = (
+    _POSTING_SUMMARIES
+    + """WHERE p.id IN (
+    SELECT id FROM pdoflowd.postings
+    WHERE %(status)s::text IS NULL OR status = %(status)s
+    ORDER BY id DESC
+    LIMIT %(limit)s)
+ORDER BY p.id DESC
+"""
+)
+
+
+def _summary(row: Sequence[Any]) -> PostingSummary:
+    counts = dict(zip(JobStatus, (int(n) for n in row[11:15]), strict=True))
+    return PostingSummary(
+        uuid=row[0],
+        poster=row[1],
+        target_function=row[2],
+        entry_point=row[3],
+        status=PostingStatus(row[4]),
+        created_at=row[5],
+        finished_at=row[6],
+        requires=list(row[7]),
+        store_result=row[8],
+        tries=row[9],
+        timeout_s=row[10],
+        jobs=counts,
+        delayed=int(row[15]),
+        mean_progress=None if row[16] is None else float(row[16]),
+        claimable_by=int(row[17]),
+    )
+
+
+def posting_summary(
+    conn: Connection, posting_uuid: UUID
+) -> PostingSummary | None:
+    """One posting in full, or None when no posting has that id."""
+    row = conn.execute(_POSTING_SUMMARY, {"uuid": posting_uuid}).fetchone()
+    return None if row is None else _summary(row)
+
+
+def list_postings(
+    conn: Connection, *, limit: int, status: PostingStatus | None = None
+) -> list[PostingSummary]:
+    """The newest ``limit`` postings (of one status, if given)."""
+    rows = conn.execute(
+        _LIST_POSTINGS,
+        {"limit": limit, "status": None if status is None else status.value},
+    ).fetchall()
+    return [_summary(row) for row in rows]
+
+
+@dataclass(frozen=True)
+class JobRow:
+    """One job of a posting, as ``posting-status --show-jobs`` lists it."""
+
+    uuid: UUID
+    status: JobStatus
+    priority: int
+    attempt: int
+    tries_remaining: int
+    run_after: dt.datetime | None
+    progress: float | None
+    progress_note: str | None
+    error: str | None
+    completed_at: dt.datetime | None
+
+
+_POSTING_JOBS = """
+SELECT j.uuid, j.status, j.priority, j.attempt, j.tries_remaining,
+       j.run_after, j.progress, j.progress_note, j.error, j.completed_at
+FROM pdoflowd.jobs AS j
+JOIN pdoflowd.postings AS p ON p.id = j.posting_id
+WHERE p.uuid = %(uuid)s
+ORDER BY j.id
+LIMIT %(limit)s
+"""
+
+
+def posting_jobs(
+    conn: Connection, posting_uuid: UUID, *, limit: int
+) -> list[JobRow]:
+    """The first ``limit`` jobs of a posting, in the order they were given."""
+    rows = conn.execute(
+        _POSTING_JOBS, {"uuid": posting_uuid, "limit": limit}
+    ).fetchall()
+    return [
+        JobRow(
+            uuid=r[0],
+            status=JobStatus(r[1]),
+            priority=r[2],
+            attempt=r[3],
+            tries_remaining=r[4],
+            run_after=r[5],
+            progress=None if r[6] is None else float(r[6]),
+            progress_note=r[7],
+            error=r[8],
+            completed_at=r[9],
+        )
+        for r in rows
+    ]
+
+
+@dataclass(frozen=True)
+class PriorityCount:
+    """Unfinished jobs of one priority."""
+
+    priority: int
+    waiting: int
+    runnable: int
+    executing: int
+
+
+_PRIORITY_STATS = """
+SELECT j.priority,
+       count(*) FILTER (WHERE j.status = 'waiting'),
+       count(*) FILTER (WHERE j.status = 'waiting' AND p.status = 'executing'
+                        AND (j.run_after IS NULL OR j.run_after <= now())),
+       count(*) FILTER (WHERE j.status = 'executing')
+FROM pdoflowd.jobs AS j
+JOIN pdoflowd.postings AS p ON p.id = j.posting_id
+WHERE j.status IN ('waiting', 'executing')
+GROUP BY j.priority
+ORDER BY j.priority DESC
+"""
+
+
+def priority_stats(conn: Connection) -> list[PriorityCount]:
+    """Waiting (and of those, runnable now) and executing jobs by priority."""
+    return [
+        PriorityCount(*(int(v) for v in row))
+        for row in conn.execute(_PRIORITY_STATS).fetchall()
+    ]
+
+
+@dataclass(frozen=True)
+class StoredResult:
+    """A job's end and its return value (decoded JSON, still tagged);
+    ``stored`` is False when no value was kept (not done, or not asked)."""
+
+    job_uuid: UUID
+    status: JobStatus
+    stored: bool
+    value: Any
+    error: str | None
+
+
+_POSTING_EXISTS = "SELECT 1 FROM pdoflowd.postings WHERE uuid = %(uuid)s"
+
+_POSTING_RESULTS = """
+SELECT j.uuid, j.status, j.result IS NOT NULL, j.result, j.error
+FROM pdoflowd.jobs AS j
+JOIN pdoflowd.postings AS p ON p.id = j.posting_id
+WHERE p.uuid = %(uuid)s
+ORDER BY j.id
+"""
+
+_JOB_RESULT = """
+SELECT j.uuid, j.status, j.result IS NOT NULL, j.result, j.error
+FROM pdoflowd.jobs AS j
+WHERE j.uuid = %(uuid)s
+"""
+
+
+def posting_results(
+    conn: Connection, posting_uuid: UUID
+) -> list[StoredResult] | None:
+    """Every job's result, in order; None when no posting has that id."""
+    with conn.transaction():
+        if conn.execute(_POSTING_EXISTS, {"uuid": posting_uuid}).fetchone():
+            rows = conn.execute(
+                _POSTING_RESULTS, {"uuid": posting_uuid}
+            ).fetchall()
+        else:
+            return None
+    return [StoredResult(r[0], JobStatus(r[1]), *r[2:]) for r in rows]
+
+
+def job_result(conn: Connection, job_uuid: UUID) -> StoredResult | None:
+    """One job's result, or None when no job has that id."""
+    row = conn.execute(_JOB_RESULT, {"uuid": job_uuid}).fetchone()
+    if row is None:
+        return None
+    return StoredResult(row[0], JobStatus(row[1]), *row[2:])
+
+
+# ---------------------------------------------------------------- shared
+
+
+@dataclass(frozen=True)
+class SharedRead:
+    """A shared variable as read: absent, or its stored (tagged) value."""
+
+    found: bool
+    value: Any
+
+
+_SHARED_GET = """
+SELECT v.posting_id IS NOT NULL, v.value
+FROM pdoflowd.postings AS p
+LEFT JOIN pdoflowd.shared_variables AS v
+       ON v.posting_id = p.id AND v.name = %(name)s
+WHERE p.uuid = %(posting)s
+"""
+
+_SHARED_SET = """
+INSERT INTO pdoflowd.shared_variables (posting_id, name, value)
+SELECT p.id, %(name)s, %(value)s::jsonb
+FROM pdoflowd.postings AS p
+WHERE p.uuid = %(posting)s
+ON CONFLICT (posting_id, name)
+DO UPDATE SET value = EXCLUDED.value, updated_at = now()
+RETURNING 1
+"""
+
+_SHARED_ADD_DEFAULT = """
+INSERT INTO pdoflowd.shared_variables (posting_id, name, value)
+SELECT p.id, %(name)s, %(value)s::jsonb
+FROM pdoflowd.postings AS p
+WHERE p.uuid = %(posting)s
+ON CONFLICT (posting_id, name) DO NOTHING
+"""
+
+_SHARED_LOCK = """
+SELECT v.posting_id, v.value
+FROM pdoflowd.shared_variables AS v
+JOIN pdoflowd.postings AS p ON p.id = v.posting_id
+WHERE p.uuid = %(posting)s AND v.name = %(name)s
+FOR UPDATE OF v
+"""
+
+_SHARED_STORE = """
+UPDATE pdoflowd.shared_variables
+SET value = %(value)s::jsonb, updated_at = now()
+WHERE posting_id = %(posting_id)s AND name = %(name)s
+"""
+
+_SHARED_DELETE = """
+WITH target AS (
+    SELECT id FROM pdoflowd.postings WHERE uuid = %(posting)s
+), gone AS (
+    DELETE FROM pdoflowd.shared_variables AS v
+    USING target
+    WHERE v.posting_id = target.id AND v.name = %(name)s
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM target), (SELECT count(*) FROM gone)
+"""
+
+_SHARED_ALL = """
+SELECT v.name, v.value
+FROM pdoflowd.postings AS p
+LEFT JOIN pdoflowd.shared_variables AS v ON v.posting_id = p.id
+WHERE p.uuid = %(posting)s
+ORDER BY v.name
+"""
+
+
+def shared_get(
+    conn: Connection, posting_uuid: UUID, name: str
+) -> SharedRead | None:
+    """A posting's shared variable; None when there is no such posting."""
+    row = conn.execute(
+        _SHARED_GET, {"posting": posting_uuid, "name": name}
+    ).fetchone()
+    return None if row is None else SharedRead(bool(row[0]), row[1])
+
+
+def shared_set(
+    conn: Connection, posting_uuid: UUID, name: str, value_json: str
+) -> bool:
+    """Create or replace a shared variable; False: no such posting."""
+    with conn.transaction():
+        row = conn.execute(
+            _SHARED_SET,
+            {"posting": posting_uuid, "name": name, "value": value_json},
+        ).fetchone()
+    return row is not None
+
+
+def shared_lock(
+    conn: Connection, posting_uuid: UUID, name: str, default_json: str
+) -> tuple[int, Any] | None:
+    """Lock a shared variable (created with the default if absent) for an
+    update in the caller's transaction: (posting's internal id, value), or
+    None when there is no such posting."""
+    params = {"posting": posting_uuid, "name": name, "value": default_json}
+    conn.execute(_SHARED_ADD_DEFAULT, params)
+    row = conn.execute(_SHARED_LOCK, params).fetchone()
+    return None if row is None else (row[0], row[1])
+
+
+def shared_store(
+    conn: Connection, posting_id: int, name: str, value_json: str
+) -> None:
+    """Write a variable locked by :func:`shared_lock` (same transaction)."""
+    conn.execute(
+        _SHARED_STORE,
+        {"posting_id": posting_id, "name": name, "value": value_json},
+    )
+
+
+def shared_delete(
+    conn: Connection, posting_uuid: UUID, name: str
+) -> bool | None:
+    """Delete a shared variable: whether it existed; None: no such posting."""
+    with conn.transaction():
+        row = conn.execute(
+            _SHARED_DELETE, {"posting": posting_uuid, "name": name}
+        ).fetchone()
+    assert row is not None
+    return None if row[0] == 0 else row[1] > 0
+
+
+def shared_all(conn: Connection, posting_uuid: UUID) -> dict[str, Any] | None:
+    """Every shared variable of a posting; None when there is no posting."""
+    rows = conn.execute(_SHARED_ALL, {"posting": posting_uuid}).fetchall()
+    if not rows:
+        return None
+    return {name: value for name, value in rows if name is not None}
+
+
+# ---------------------------------------------------------------- profiles
+
+
+@dataclass(frozen=True)
+class ProfileRecord:
+    """One job's profile, flattened: functions are (file, line, name);
+    stats and calls refer to them by their index in ``functions``."""
+
+    job_id: int
+    attempt: int
+    entry_point: str
+    total_time: float
+    ncalls: int
+    primitive_calls: int
+    functions: list[tuple[str, int, str]]
+    # (function, ncalls, primitive calls, tottime, cumtime)
+    stats: list[tuple[int, int, int, float, float]]
+    # (caller, callee, ncalls, primitive calls, tottime, cumtime)
+    calls: list[tuple[int, int, int, int, float, float]]
+
+
+_INSERT_PROFILE = """
+INSERT INTO pdoflowd.job_profiles
+    (job_id, attempt, entry_point, total_time, ncalls, primitive_calls)
+VALUES (%(job_id)s, %(attempt)s, %(entry_point)s, %(total_time)s,
+        %(ncalls)s, %(primitive_calls)s)
+RETURNING id
+"""
+
+# Sorted, so that concurrent writers take the unique index's locks in the
+# same order and cannot deadlock.
+_ADD_PROFILE_FUNCTIONS = """
+INSERT INTO pdoflowd.profile_functions (filename, line, name)
+SELECT * FROM unnest(%(files)s::text[], %(lines)s::integer[],
+                     %(names)s::text[]) AS f(filename, line, name)
+ORDER BY filename, line, name
+ON CONFLICT (filename, line, name) DO NOTHING
+"""
+
+_PROFILE_FUNCTION_IDS = """
+SELECT f.id, k.n
+FROM unnest(%(files)s::text[], %(lines)s::integer[], %(names)s::text[])
+     WITH ORDINALITY AS k(filename, line, name, n)
+JOIN pdoflowd.profile_functions AS f
+  ON f.filename = k.filename AND f.line = k.line AND f.name = k.name
+"""
+
+_INSERT_FUNCTION_STATS = """
+INSERT INTO pdoflowd.profile_function_stats
+    (profile_id, function_id, ncalls, primitive_calls, tottime, cumtime)
+SELECT %(profile_id)s, * FROM unnest(
+    %(functions)s::bigint[], %(ncalls)s::bigint[], %(pcalls)s::bigint[],
+    %(tottime)s::double precision[], %(cumtime)s::double precision[])
+"""
+
+_INSERT_CALL_MAP = """
+INSERT INTO pdoflowd.profile_call_map
+    (profile_id, caller_id, callee_id, ncalls, primitive_calls, tottime,
+     cumtime)
+SELECT %(profile_id)s, * FROM unnest(
+    %(callers)s::bigint[], %(callees)s::bigint[], %(ncalls)s::bigint[],
+    %(pcalls)s::bigint[], %(tottime)s::double precision[],
+    %(cumtime)s::double precision[])
+"""
+
+
+def insert_profile(conn: Connection, record: ProfileRecord) -> int:
+    """Store one job's profile in one transaction; returns its id."""
+    keys = {
+        "files": [f[0] for f in record.functions],
+        "lines": [f[1] for f in record.functions],
+        "names": [f[2] for f in record.functions],
+    }
+    with conn.transaction():
+        row = conn.execute(
+            _INSERT_PROFILE,
+            {
+                "job_id": record.job_id,
+                "attempt": record.attempt,
+                "entry_point": record.entry_point,
+                "total_time": record.total_time,
+                "ncalls": record.ncalls,
+                "primitive_calls": record.primitive_calls,
+            },
+        ).fetchone()
+        assert row is not None
+        profile_id: int = row[0]
+        conn.execute(_ADD_PROFILE_FUNCTIONS, keys)
+        ids = {
+            n - 1: fid
+            for fid, n in conn.execute(_PROFILE_FUNCTION_IDS, keys).fetchall()
+        }
+        conn.execute(
+            _INSERT_FUNCTION_STATS,
+            {
+                "profile_id": profile_id,
+                "functions": [ids[s[0]] for s in record.stats],
+                "ncalls": [s[1] for s in record.stats],
+                "pcalls": [s[2] for s in record.stats],
+                "tottime": [s[3] for s in record.stats],
+                "cumtime": [s[4] for s in record.stats],
+            },
+        )
+        conn.execute(
+            _INSERT_CALL_MAP,
+            {
+                "profile_id": profile_id,
+                "callers": [ids[c[0]] for c in record.calls],
+                "callees": [ids[c[1]] for c in record.calls],
+                "ncalls": [c[2] for c in record.calls],
+                "pcalls": [c[3] for c in record.calls],
+                "tottime": [c[4] for c in record.calls],
+                "cumtime": [c[5] for c in record.calls],
+            },
+        )
+    return profile_id
+
+
+@dataclass(frozen=True)
+class FunctionStat:
+    """One function's time summed over the profiles of matching jobs."""
+
+    filename: str
+    line: int
+    name: str
+    profiles: int
+    ncalls: int
+    tottime: float
+    cumtime: float
+
+
+_FUNCTION_STATS = """
+SELECT f.filename, f.line, f.name, count(*), sum(s.ncalls), sum(s.tottime),
+       sum(s.cumtime)
+FROM pdoflowd.profile_function_stats AS s
+JOIN pdoflowd.profile_functions AS f ON f.id = s.function_id
+JOIN pdoflowd.job_profiles AS jp ON jp.id = s.profile_id
+WHERE %(entry_point)s::text IS NULL OR jp.entry_point = %(entry_point)s
+GROUP BY f.id
+ORDER BY sum(s.tottime) DESC, f.id
+LIMIT %(limit)s
+"""
+
+
+def function_stats(
+    conn: Connection, *, entry_point: str | None = None, limit: int = 20
+) -> list[FunctionStat]:
+    """The functions that took most time in profiled jobs (of one entry
+    point, if given), by total time spent in the function itself."""
+    rows = conn.execute(
+        _FUNCTION_STATS, {"entry_point": entry_point, "limit": limit}
+    ).fetchall()
+    return [
+        FunctionStat(r[0], r[1], r[2], int(r[3]), int(r[4]), r[5], r[6])
+        for r in rows
+    ]
+
+
+# ---------------------------------------------------------------- gauges
+
+QUEUE_COUNT_CAP = 100_000
+
+_QUEUE_COUNTS = """
+SELECT
+    (SELECT count(*) FROM (
+        SELECT FROM pdoflowd.jobs WHERE status = 'waiting' LIMIT %(cap)s
+    ) AS w),
+    (SELECT count(*) FROM pdoflowd.jobs WHERE status = 'executing')
+"""
+
+_OLDEST_WAITING = """
+SELECT extract(epoch FROM now() - coalesce(j.run_after, j.created_at))::float8
+FROM pdoflowd.jobs AS j
+WHERE j.status = 'waiting'
+  AND coalesce(j.run_after, j.created_at) <= now()
+  AND EXISTS (
+      SELECT FROM pdoflowd.postings AS p
+      WHERE p.id = j.posting_id AND p.status = 'executing')
+ORDER BY coalesce(j.run_after, j.created_at)
+LIMIT 1
+"""
+
+
+def queue_stats(conn: Connection) -> tuple[dict[str, int], float | None]:
+    """Waiting and executing job counts, and the oldest runnable job's age.
+
+    Both read partial indexes only, never the finished history; the waiting
+    count stops at :data:`QUEUE_COUNT_CAP` so a huge backlog stays cheap.
+    """
+    with conn.transaction():
+        conn.execute("SELECT set_config('statement_timeout', '2000', true)")
+        row = conn.execute(_QUEUE_COUNTS, {"cap": QUEUE_COUNT_CAP}).fetchone()
+        oldest = conn.execute(_OLDEST_WAITING).fetchone()
+    assert row is not None
+    counts = {"waiting": int(row[0]), "executing": int(row[1])}
+    return counts, None if oldest is None else float(oldest[0])

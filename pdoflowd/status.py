@@ -23,13 +23,27 @@ class JobStatus(str, enum.Enum):
 
 
 class PostingStatus(str, enum.Enum):
-    """Where a posting (a batch of related jobs) stands."""
+    """Where a posting (a batch of related jobs) stands.
+
+    ``cancelled`` is a status of its own, set only by a cancel: the jobs it
+    ended are ``errored_out`` with the error ``cancelled``.
+    """
 
     PAUSED = "paused"
     EXECUTING = "executing"
     FINISHED = "finished"
     ERRORED_OUT = "errored_out"
+    CANCELLED = "cancelled"
 
     @property
     def is_final(self) -> bool:
-        return self in (PostingStatus.FINISHED, PostingStatus.ERRORED_OUT)
+        """Whether the posting has ended (no job of it will be claimed).
+
+        An errored-out posting may still have jobs running that were
+        claimed before it errored out; a cancelled one has none.
+        """
+        return self in (
+            PostingStatus.FINISHED,
+            PostingStatus.ERRORED_OUT,
+            PostingStatus.CANCELLED,
+        )

@@ -22,16 +22,23 @@ import random
 import selectors
 import signal
 import socket
+import ssl
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg
 
-from pdoflowd import __version__, policy, queries, worker
-from pdoflowd.config import Config, ConfigError, connection_kwargs
+from pdoflowd import __version__, metrics, policy, queries, worker
+from pdoflowd.config import (
+    Config,
+    ConfigError,
+    MetricsConfig,
+    connection_kwargs,
+)
+from pdoflowd.httpserver import EndpointError, HttpServer, tls_context
 from pdoflowd.migrate import SchemaNotCurrent, check_current
 from pdoflowd.notify import Notifier
 from pdoflowd.scoreboard import Scoreboard, WorkerState
@@ -42,9 +49,10 @@ log = logging.getLogger("pdoflowd.supervisor")
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_SCHEMA = 4
+EXIT_CONFIG = 78
 
 _TICK_S = 0.1
-_STATUS_INTERVAL_S = 2.0
+_STATUS_INTERVAL_S = 1.0
 _SCOREBOARD_SLOTS = 1024
 _HANDLED_SIGNALS = (
     signal.SIGTERM,
@@ -79,7 +87,19 @@ class WorkerHandle:
     kill_reason: str | None = None
     kill_at: float = 0.0
     timed_out_job: int | None = None
+    cancelled_job: int | None = None
     report_buffer: bytes = b""
+
+
+@dataclass(frozen=True)
+class Takeback:
+    """Jobs to take back from a worker that ended, until it is done."""
+
+    owner: uuid.UUID
+    running: int | None
+    reason: str
+    outcome: str = "worker_died"
+    running_s: float | None = None
 
 
 @dataclass
@@ -90,14 +110,6 @@ class Slot:
     worker_pid: int | None = None
     consecutive_crashes: int = 0
     next_spawn_at: float = 0.0
-
-
-@dataclass
-class Stats:
-    """What the supervisor counts about its own pool."""
-
-    jobs_done: int = 0
-    worker_restarts: dict[str, int] = field(default_factory=dict)
 
 
 class Supervisor:
@@ -127,7 +139,7 @@ class Supervisor:
         self.db_retry_at = 0.0
         self.db_delay = 0.5
         self.connected_since = 0.0
-        self.pending_requeues: list[tuple[uuid.UUID, int | None, str]] = []
+        self.pending_requeues: list[Takeback] = []
         self.stop_mode: StopMode | None = None
         self.stop_deadline = 0.0
         self.exit_code = EXIT_OK
@@ -138,7 +150,12 @@ class Supervisor:
         self.next_watchdog = 0.0
         self.next_status = 0.0
         self.last_status = ""
-        self.stats = Stats()
+        self.metrics = metrics.PoolMetrics(
+            version=__version__,
+            function_labels=config.metrics.function_labels,
+        )
+        self.http: HttpServer | None = None
+        self.next_queue_stats = 0.0
         self.rng = random.Random()
         self._signal_r, self._signal_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
@@ -149,13 +166,61 @@ class Supervisor:
         self.install_signal_handlers()
         self.selector.register(self._signal_r, selectors.EVENT_READ, "signal")
         try:
+            if not self.open_endpoint():
+                return self.exit_code
             if not self.start_database():
                 return self.exit_code
             self.loop()
         finally:
             self.shutdown_database()
+            if self.http is not None:
+                self.http.close()
             self.selector.close()
         return self.exit_code
+
+    def open_endpoint(self) -> bool:
+        """Serve /metrics, /livez and /readyz from this loop, if enabled."""
+        settings = self.config.metrics
+        if not settings.enabled:
+            return True
+        try:
+            context = _tls(settings)
+        except EndpointError as exc:
+            log.error("metrics endpoint: %s", exc)
+            self.exit_code = EXIT_CONFIG
+            return False
+        endpoint = metrics.MetricsEndpoint(
+            self.metrics, self.readiness, self.refresh_worker_gauges
+        )
+        try:
+            self.http = HttpServer(
+                self.selector,
+                settings.host,
+                settings.port,
+                endpoint,
+                tls=context,
+            )
+        except EndpointError as exc:
+            log.error("metrics endpoint: %s", exc)
+            self.exit_code = EXIT_FAILURE
+            return False
+        host, port = self.http.address
+        log.info("metrics endpoint on %s:%d", host, port)
+        return True
+
+    def readiness(self) -> metrics.Readiness:
+        return metrics.readiness(
+            started=self.announced_ready,
+            draining=self.stop_mode is not None,
+            live_workers=sum(1 for h in self.workers.values() if h.ready),
+            database_reachable=self.conn is not None,
+        )
+
+    def refresh_worker_gauges(self) -> None:
+        self.metrics.set_workers(
+            (h.slot, h.pid, self.scoreboard.read(h.slot).state.name.lower())
+            for h in self.workers.values()
+        )
 
     def start_database(self) -> bool:
         """Wait for the database and check the schema before any fork."""
@@ -166,6 +231,7 @@ class Supervisor:
                 self.open_connection()
             except SchemaNotCurrent as exc:
                 log.error("%s", exc)
+                self.notifier.status(str(exc))
                 self.exit_code = EXIT_SCHEMA
                 return False
             except psycopg.Error as exc:
@@ -176,13 +242,22 @@ class Supervisor:
                 self.wait_for_signals(delay)
                 delay = min(delay * 2, 10.0)
                 continue
+            self.notifier.status(f"starting {len(self.slots)} workers")
             return True
         return False
 
     def wait_for_signals(self, seconds: float) -> None:
-        for key, _ in self.selector.select(seconds):
-            if key.data == "signal":
-                self.dispatch_signals()
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            for key, events in self.selector.select(min(left, _TICK_S)):
+                if key.data == "signal":
+                    self.dispatch_signals()
+                elif self.http is not None:
+                    self.http.handle(key, events)
+            if self.http is not None:
+                self.http.expire()
+            if self.stop_mode is not None:
+                return
 
     def open_connection(self) -> None:
         """Connect the supervisor's own session: LISTEN and chores."""
@@ -202,6 +277,8 @@ class Supervisor:
                 hostname=self.hostname,
                 pid=os.getpid(),
                 version=__version__,
+                provides=self.config.workers.provides,
+                posters=self.config.workers.posters,
             )
         except BaseException:
             conn.close()
@@ -238,6 +315,7 @@ class Supervisor:
 
     def database_failed(self, what: str, exc: Exception) -> None:
         log.warning("%s failed: %s", what, exc)
+        self.metrics.count_db_error(what)
         self.close_connection()
         self.db_retry_at = time.monotonic() + self.db_delay
         self.db_delay = min(self.db_delay * 2, 10.0)
@@ -305,9 +383,25 @@ class Supervisor:
             log.error(
                 "reload refused, keeping the running config: %s", problems
             )
+            self.metrics.config_reloaded(False)
             self.notifier.ready(f"reload refused: {problems}")
             return
+        try:
+            context = _tls(new.metrics)
+        except EndpointError as exc:
+            log.error("reload refused, keeping the running config: %s", exc)
+            self.metrics.config_reloaded(False)
+            self.notifier.ready(f"reload refused: metrics endpoint: {exc}")
+            return
+        if new.metrics.listen != self.config.metrics.listen:
+            log.warning(
+                "metrics.listen changed; the endpoint moves at the next start"
+            )
+        if self.http is not None:
+            self.http.set_tls(context)
+        self.metrics.set_function_labels(new.metrics.function_labels)
         self.apply_config(new)
+        self.metrics.config_reloaded(True)
         self.notifier.ready(self.status_text())
 
     def add_slot(self) -> None:
@@ -397,13 +491,17 @@ class Supervisor:
             self.spawn_due_workers()
             if self.stop_mode is not None and not self.workers:
                 return
-            for key, _ in self.selector.select(self.next_timeout()):
+            for key, events in self.selector.select(self.next_timeout()):
                 if key.data == "signal":
                     self.dispatch_signals()
                 elif key.data == "listen":
                     self.read_notifications()
-                else:
+                elif isinstance(key.data, int):
                     self.read_report(key.data)
+                elif self.http is not None:
+                    self.http.handle(key, events)
+            if self.http is not None:
+                self.http.expire()
             self.reap()
             self.enforce_timeouts()
             self.enforce_stop_deadline()
@@ -420,7 +518,13 @@ class Supervisor:
             if self.healthy():
                 self.notifier.watchdog()
             self.next_watchdog = now + self.notifier.watchdog_s
-        if self.announced_ready and now >= self.next_status:
+        if self.stop_mode is not None and now >= self.next_status:
+            self.next_status = now + _STATUS_INTERVAL_S
+            left = max(0.0, self.stop_deadline - now)
+            self.notifier.status(
+                f"draining: {self.busy_count()} jobs running, {left:.0f} s left"
+            )
+        elif self.announced_ready and now >= self.next_status:
             self.next_status = now + _STATUS_INTERVAL_S
             text = self.status_text()
             if text != self.last_status:
@@ -435,6 +539,10 @@ class Supervisor:
             interval = self.config.daemon.maintenance_interval_s
             self.next_maintenance = now + interval
             self.db_chore("maintenance", self.maintenance)
+        if self.http is not None and now >= self.next_queue_stats:
+            interval = self.config.metrics.queue_stats_interval_s
+            self.next_queue_stats = now + interval
+            self.db_chore("queue_stats", self.refresh_queue_gauges)
 
     def db_chore(self, what: str, chore: Callable[[], None]) -> None:
         try:
@@ -450,6 +558,8 @@ class Supervisor:
             hostname=self.hostname,
             pid=os.getpid(),
             version=__version__,
+            provides=self.config.workers.provides,
+            posters=self.config.workers.posters,
         )
         if lost_at is not None:
             log.error(
@@ -467,7 +577,9 @@ class Supervisor:
             rescued = queries.rescue_lost_daemons(self.conn, lease_s=lease)
         if rescued:
             log.warning("took back %d job(s) of lost daemons", len(rescued))
+            self.metrics.count_taken_back(running=len(rescued), released=0)
             self.after_requeue(rescued)
+        self.end_cancelled_jobs()
         unsettled = queries.unsettled_postings(self.conn)
         if unsettled:
             queries.settle_postings(
@@ -475,6 +587,10 @@ class Supervisor:
                 unsettled,
                 error_threshold=self.config.jobs.posting_error_threshold,
             )
+
+    def refresh_queue_gauges(self) -> None:
+        assert self.conn is not None
+        self.metrics.set_queue(*queries.queue_stats(self.conn))
 
     def healthy(self) -> bool:
         return self.stop_mode is None or bool(self.workers)
@@ -490,7 +606,7 @@ class Supervisor:
         ready = sum(1 for h in self.workers.values() if h.ready)
         return (
             f"{ready} workers, {self.busy_count()} busy, "
-            f"{self.stats.jobs_done:,} jobs done"
+            f"{self.metrics.processed('done'):,} jobs done"
         )
 
     def update_readiness(self) -> None:
@@ -541,6 +657,8 @@ class Supervisor:
         ]
         for other in self.workers.values():
             inherited += [other.wake_fd, other.report_fd]
+        if self.http is not None:
+            inherited += self.http.fds()
         spec = worker.WorkerSpec(
             slot=slot.index,
             owner=owner,
@@ -604,14 +722,15 @@ class Supervisor:
             return
         self.wake_idle_workers()
 
-    def read_report(self, pid: int) -> None:
+    def read_report(self, pid: int) -> bool:
+        """Read what a worker sent; False when nothing more is there."""
         handle = self.workers.get(pid)
         if handle is None:
-            return
+            return False
         try:
             data = os.read(handle.report_fd, 65536)
         except BlockingIOError:
-            return
+            return False
         except OSError as exc:
             if exc.errno != errno.EBADF:
                 raise
@@ -619,7 +738,7 @@ class Supervisor:
         if not data:
             with contextlib.suppress(KeyError, ValueError):
                 self.selector.unregister(handle.report_fd)
-            return
+            return False
         handle.report_buffer += data
         *lines, handle.report_buffer = handle.report_buffer.split(b"\n")
         for line in lines:
@@ -629,6 +748,7 @@ class Supervisor:
                 log.warning("unreadable report from worker %d", pid)
                 continue
             self.on_report(handle, message)
+        return True
 
     def on_report(self, handle: WorkerHandle, message: dict[str, Any]) -> None:
         event = message.get("event")
@@ -638,8 +758,11 @@ class Supervisor:
             handle.boot_error = str(message.get("reason"))
         elif event == "retiring":
             handle.retiring = str(message.get("reason"))
-        elif event == "jobs_done":
-            self.stats.jobs_done += int(message.get("count", 0))
+        elif event in metrics.REPORT_EVENTS:
+            try:
+                self.metrics.apply_worker_report(message)
+            except ValueError as exc:
+                log.warning("bad report from worker %d: %s", handle.pid, exc)
 
     def reap(self) -> None:
         while self.workers:
@@ -654,7 +777,9 @@ class Supervisor:
                 self.worker_exited(handle, status)
 
     def worker_exited(self, handle: WorkerHandle, status: int) -> None:
-        self.read_report(handle.pid)
+        # Its last lines (counts of outcomes it wrote) must not be lost.
+        while self.read_report(handle.pid):
+            pass
         with contextlib.suppress(KeyError, ValueError):
             self.selector.unregister(handle.report_fd)
         os.close(handle.report_fd)
@@ -686,7 +811,18 @@ class Supervisor:
                 reason,
                 f" while running job {running}" if running else "",
             )
-        self.requeue(handle.owner, running, reason)
+        timed_out = handle.timed_out_job is not None
+        self.requeue(
+            Takeback(
+                handle.owner,
+                running,
+                reason,
+                outcome="timeout" if timed_out else "worker_died",
+                running_s=None
+                if running is None
+                else time.monotonic() - view.started,
+            )
+        )
         if slot is not None:
             self.plan_respawn(slot, handle, clean)
 
@@ -695,7 +831,12 @@ class Supervisor:
     ) -> None:
         now = time.monotonic()
         label = handle.retiring or ("timeout" if handle.timed_out_job else None)
-        if clean or handle.timed_out_job is not None:
+        if handle.cancelled_job is not None:
+            label = "cancelled"
+        ended_on_purpose = (
+            handle.timed_out_job is not None or handle.cancelled_job is not None
+        )
+        if clean or ended_on_purpose:
             slot.consecutive_crashes = 0
             slot.next_spawn_at = now
             self.count_restart(label or "exited")
@@ -728,32 +869,36 @@ class Supervisor:
             self.begin_stop(StopMode.FAST)
 
     def count_restart(self, reason: str) -> None:
-        restarts = self.stats.worker_restarts
-        restarts[reason] = restarts.get(reason, 0) + 1
+        self.metrics.count_worker_restart(reason)
 
-    def requeue(
-        self, owner: uuid.UUID, running: int | None, reason: str
-    ) -> None:
-        self.pending_requeues.append((owner, running, reason))
+    def requeue(self, takeback: Takeback) -> None:
+        self.pending_requeues.append(takeback)
         if self.ensure_connection():
             self.db_chore("taking back jobs", self.retry_pending_requeues)
 
     def retry_pending_requeues(self) -> None:
         while self.pending_requeues and self.conn is not None:
-            owner, running, reason = self.pending_requeues[0]
+            takeback = self.pending_requeues[0]
             requeued = queries.requeue_owner(
                 self.conn,
                 daemon_id=self.daemon_id,
-                owner=owner,
-                running_job_id=running,
-                reason=reason,
+                owner=takeback.owner,
+                running_job_id=takeback.running,
+                reason=takeback.reason,
             )
             self.pending_requeues.pop(0)
+            running = sum(1 for j in requeued if j.was_running)
+            self.metrics.count_taken_back(
+                running=running,
+                released=len(requeued) - running,
+                outcome=takeback.outcome,
+                duration_s=takeback.running_s,
+            )
             if requeued:
                 log.info(
                     "took back %d job(s) of a worker that ended (%s)",
                     len(requeued),
-                    reason,
+                    takeback.reason,
                 )
                 self.after_requeue(requeued)
 
@@ -803,6 +948,47 @@ class Supervisor:
                 handle.kill_at = now + grace
                 self.signal_worker(handle.pid, signal.SIGTERM)
 
+    def end_cancelled_jobs(self) -> None:
+        """KILL the workers running a job whose posting was cancelled.
+
+        The cancel has ended the job in the database already (a late outcome
+        of it is fenced off); ending the process stops the work itself.
+        """
+        assert self.conn is not None
+        running: dict[int, WorkerHandle] = {}
+        for handle in self.workers.values():
+            view = self.scoreboard.read(handle.slot)
+            if (
+                view.state is WorkerState.RUNNING
+                and view.job_id is not None
+                and handle.kill_reason is None
+            ):
+                running[view.job_id] = handle
+        if not running:
+            return
+        for job_id in queries.cancelled_among(self.conn, running):
+            handle = running[job_id]
+            view = self.scoreboard.read(handle.slot)
+            if view.state is not WorkerState.RUNNING or view.job_id != job_id:
+                continue  # it has moved on meanwhile
+            handle.cancelled_job = job_id
+            handle.kill_reason = "cancelled"
+            log.info(
+                "ending worker %d: its job %d was cancelled", handle.pid, job_id
+            )
+            self.signal_worker(handle.pid, signal.SIGKILL)
+
 
 def _note_signal(signum: int, frame: object) -> None:
     """Handlers only wake the loop (through the wake-up fd); it acts."""
+
+
+def _tls(settings: MetricsConfig) -> ssl.SSLContext | None:
+    """The endpoint's TLS context, or None for plain HTTP."""
+    if settings.tls_cert_file is None:
+        return None
+    return tls_context(
+        settings.tls_cert_file,
+        settings.tls_key_file,
+        settings.tls_client_ca_file,
+    )

@@ -34,7 +34,7 @@ from typing import Any, NoReturn
 
 import psycopg
 
-from pdoflowd import logs, policy, queries
+from pdoflowd import jobcontext, logs, metrics, policy, queries
 from pdoflowd.config import Config, connection_kwargs
 from pdoflowd.scoreboard import Scoreboard, WorkerState
 from pdoflowd.status import JobStatus
@@ -100,6 +100,7 @@ class Worker:
         self.pending_since = 0.0
         self.functions: dict[str, Callable[..., Any]] = {}
         self.rng = random.Random()
+        self.tally = metrics.WorkerTally()
 
     # ------------------------------------------------------------ boot
 
@@ -130,10 +131,22 @@ class Worker:
         self.stop_requested = True
 
     def report(self, event: str, **fields: Any) -> None:
-        """Send one line to the supervisor (best effort)."""
-        line = json.dumps({"event": event, **fields}) + "\n"
+        """Send one line to the supervisor (best effort, but whole)."""
+        data = (json.dumps({"event": event, **fields}) + "\n").encode()
         with contextlib.suppress(OSError):
-            os.write(self.spec.report_fd, line.encode())
+            while data:
+                try:
+                    written = os.write(self.spec.report_fd, data)
+                except InterruptedError:
+                    continue
+                data = data[written:]
+
+    def send_metrics(
+        self, recorded: list[queries.RecordedOutcome] | None = None
+    ) -> None:
+        report = self.tally.take_report(recorded)
+        if report is not None:
+            self.report(**report)
 
     def mark(
         self,
@@ -233,6 +246,8 @@ class Worker:
                 "claim", functools.partial(self.claim, limit)
             )
             if not batch:
+                if self.tally.due():
+                    self.send_metrics()
                 self.mark(WorkerState.IDLE)
                 self.sleep(
                     policy.poll_timeout(
@@ -240,16 +255,23 @@ class Worker:
                     )
                 )
                 continue
+            self.send_metrics()
             self.run_batch(batch)
             self.flush()
 
     def claim(self, limit: int) -> list[queries.ClaimedJob]:
-        return queries.claim(
-            self.connect(),
+        conn = self.connect()
+        began = time.monotonic()
+        jobs = queries.claim(
+            conn,
             owner=self.spec.owner,
             daemon_id=self.spec.daemon_id,
             limit=limit,
+            provides=self.config.workers.provides,
+            posters=self.config.workers.posters,
         )
+        self.tally.note_claim(time.monotonic() - began, len(jobs))
+        return jobs
 
     def retirement_due(self) -> bool:
         workers = self.config.workers
@@ -277,6 +299,7 @@ class Worker:
     def release(self, jobs: list[queries.ClaimedJob]) -> None:
         """Give back claimed jobs that were never started (no try used)."""
         for job in jobs:
+            self.tally.note_run(job.id, job.entry_point)
             self.pending.append(
                 queries.Outcome(job.id, job.attempt, "released")
             )
@@ -297,6 +320,7 @@ class Worker:
                 self.connect(), owner=self.spec.owner, outcomes=outcomes
             ),
         )
+        self.send_metrics(recorded)
         if len(recorded) < len(outcomes):
             log.warning(
                 "%d outcome(s) fenced off: their jobs were taken back",
@@ -327,6 +351,7 @@ class Worker:
         if not entry_point_allowed(
             job.entry_point, self.config.jobs.allowed_modules
         ):
+            self.tally.note_run(job.id, job.entry_point)
             return queries.Outcome(
                 job.id,
                 job.attempt,
@@ -340,11 +365,18 @@ class Worker:
         begin = time.monotonic()
         error = tb = None
         kind = "failed"
+        call = jobcontext.JobCall(
+            job,
+            owner=self.spec.owner,
+            config=self.config,
+            password=self.spec.password,
+            draw=self.rng.random(),
+        )
         try:
             self.deadline = begin + timeout if timeout else 0.0
             self.mark(WorkerState.RUNNING, job.id, begin)
             function = self.resolve(job.entry_point)
-            function(*job.posargs, **job.kwargs)
+            call.run(function)
         except JobTimeout:
             error = f"timeout after {timeout:g} s"
             kind = "timeout"
@@ -354,13 +386,27 @@ class Worker:
         finally:
             self.deadline = 0.0
         elapsed = time.monotonic() - begin
+        call.save_profile(self.connect)
         self.jobs_run += 1
         self.mean_job_s = policy.mean_update(self.mean_job_s, elapsed, 0.2)
         completed_at = _utcnow()
+        waited = (started_at - job.runnable_since).total_seconds()
+        self.tally.note_run(
+            job.id,
+            job.entry_point,
+            elapsed,
+            waited_s=max(0.0, waited),
+            timed_out=kind == "timeout",
+        )
         self.report_done(job, error, elapsed)
         if error is None:
             return queries.Outcome(
-                job.id, job.attempt, "done", started_at, completed_at
+                job.id,
+                job.attempt,
+                "done",
+                started_at,
+                completed_at,
+                result=call.result_json,
             )
         delay = policy.retry_delay(
             job.attempt,

@@ -291,3 +291,51 @@ def dsn(
 ) -> Iterator[str]:
     """DSN of a fresh database with the pdoflowd schema current."""
     yield from _fresh_database(pg_server, template=pdoflowd_template)
+
+
+@pytest.fixture(scope="session")
+def promtool() -> str:
+    """The path of promtool; the test is skipped, loudly, without it."""
+    path = shutil.which("promtool")
+    if path is None:
+        pytest.skip(
+            "PROMTOOL MISSING: the Prometheus format is not checked; install"
+            " it (Debian: apt-get install prometheus)"
+        )
+    return path
+
+
+@pytest.fixture
+def effects_dsn(dsn: str) -> str:
+    """``dsn`` with the ``effects`` table the test job functions write."""
+    from harness import create_effects_table
+
+    create_effects_table(dsn)
+    return dsn
+
+
+@pytest.fixture
+def daemons(tmp_path: Path, effects_dsn: str) -> Iterator[Any]:
+    """Start real daemons on ``effects_dsn``: ``daemons(**overrides)``.
+
+    Each waits for READY=1 unless ``ready=False``; all are stopped (and
+    their workers killed) at the end of the test.
+    """
+    from harness import Daemon, daemon_config
+
+    made: list[Daemon] = []
+
+    def make(ready: bool = True, **overrides: Any) -> Daemon:
+        daemon = Daemon(
+            tmp_path,
+            daemon_config(effects_dsn, **overrides),
+            effects_dsn=effects_dsn,
+            name=f"daemon{len(made)}",
+        )
+        made.append(daemon)
+        daemon.start()
+        return daemon.wait_ready() if ready else daemon
+
+    yield make
+    for daemon in made:
+        daemon.close()

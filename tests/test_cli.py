@@ -181,8 +181,7 @@ MALFORMED_LINES = [
     ('{"priority": 1.5}', '"priority" must be an integer, got a number'),
     ('{"priority": true}', '"priority" must be an integer, got a boolean'),
     ('{"priority": 4294967296}', '"priority" must be between'),
-    ("[NaN]", "posargs[0]: nan is not representable"),
-    ("[1e999]", "posargs[0]: inf is not representable"),
+    ('[{"a": [1, {"b": {}}]}, true, {"c": "\\u0000"}]', "posargs[2]['c']: a"),
     ('["a\\u0000b"]', "posargs[0]: a string with a NUL character"),
     ('["\\ud800"]', "posargs[0]: a string is not valid Unicode"),
     ('{"kwargs": {"not-a-name": 1}}', "kwargs: 'not-a-name' is not"),
@@ -208,7 +207,7 @@ def test_parse_job_lines_names_the_first_malformed_line(
         ('"text"', "expected a JSON array or object"),
         ('{"args": [], "retries": 2}', "unknown key 'retries'"),
         ('{"priority": "high"}', '"priority" must be an integer'),
-        ("[NaN]", "posargs[0]: nan is not representable"),
+        ('["\\ud800"]', "posargs[0]: a string is not valid Unicode"),
     ],
 )
 def test_submit_rejects_a_malformed_line_naming_it_and_writes_nothing(

@@ -7,17 +7,13 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import psycopg
-import pytest
 
 from harness import (
     REPO_ROOT,
-    Daemon,
-    create_effects_table,
     daemon_config,
     job_counts,
     wait_until,
@@ -25,31 +21,6 @@ from harness import (
 )
 from pdoflowd.client import Client
 from pdoflowd.status import PostingStatus
-
-
-@pytest.fixture
-def effects_dsn(dsn: str) -> str:
-    create_effects_table(dsn)
-    return dsn
-
-
-@pytest.fixture
-def start_daemon(tmp_path: Path, effects_dsn: str) -> Iterator[Any]:
-    started: list[Daemon] = []
-
-    def start(**overrides: Any) -> Daemon:
-        daemon = Daemon(
-            tmp_path,
-            daemon_config(effects_dsn, **overrides),
-            effects_dsn=effects_dsn,
-            name=f"daemon{len(started)}",
-        )
-        started.append(daemon)
-        return daemon.start().wait_ready()
-
-    yield start
-    for daemon in started:
-        daemon.close()
 
 
 def job_row(dsn: str, where: str, *params: Any) -> dict[str, Any]:
@@ -74,9 +45,9 @@ def effects(dsn: str, key: str) -> list[tuple[int, str]]:
 
 
 def test_daemon_drains_a_posting_and_stops_cleanly_on_sigterm(
-    effects_dsn: str, start_daemon: Any
+    effects_dsn: str, daemons: Any
 ) -> None:
-    daemon = start_daemon()
+    daemon = daemons()
     client = Client(effects_dsn)
     posting = client.post("jobfns.record", [[f"k{i}"] for i in range(200)])
     state = client.wait(posting.id, timeout=60, poll_interval=0.05)
@@ -94,9 +65,9 @@ def test_daemon_drains_a_posting_and_stops_cleanly_on_sigterm(
 
 
 def test_each_job_runs_once_without_failures(
-    effects_dsn: str, start_daemon: Any
+    effects_dsn: str, daemons: Any
 ) -> None:
-    start_daemon(workers={"count": 3})
+    daemons(workers={"count": 3})
     client = Client(effects_dsn)
     posting = client.post("jobfns.record", [[f"k{i}"] for i in range(300)])
     client.wait(posting.id, timeout=60, poll_interval=0.05)
@@ -108,9 +79,9 @@ def test_each_job_runs_once_without_failures(
 
 
 def test_sigterm_lets_the_running_job_finish_and_releases_the_rest(
-    effects_dsn: str, start_daemon: Any
+    effects_dsn: str, daemons: Any
 ) -> None:
-    daemon = start_daemon(workers={"count": 1, "batch_size": 5})
+    daemon = daemons(workers={"count": 1, "batch_size": 5})
     client = Client(effects_dsn)
     # Teach the worker that jobs are quick, so it claims a batch of five.
     client.wait(
@@ -132,9 +103,9 @@ def test_sigterm_lets_the_running_job_finish_and_releases_the_rest(
 
 
 def test_drain_budget_exceeded_kills_and_requeues_the_job(
-    effects_dsn: str, start_daemon: Any
+    effects_dsn: str, daemons: Any
 ) -> None:
-    daemon = start_daemon(workers={"count": 1, "drain_timeout_s": 0.5})
+    daemon = daemons(workers={"count": 1, "drain_timeout_s": 0.5})
     Client(effects_dsn).post("jobfns.sleep", [[60, "long"]])
     wait_until(lambda: effects(effects_dsn, "long"))
     began = time.monotonic()
@@ -147,9 +118,9 @@ def test_drain_budget_exceeded_kills_and_requeues_the_job(
 
 
 def test_worker_killed_by_its_job_is_replaced_and_the_job_rerun(
-    effects_dsn: str, start_daemon: Any
+    effects_dsn: str, daemons: Any
 ) -> None:
-    daemon = start_daemon(workers={"count": 2})
+    daemon = daemons(workers={"count": 2})
     before = set(daemon.workers())
     client = Client(effects_dsn)
     posting = client.post("jobfns.kill_self_once", [["victim"]])
@@ -169,9 +140,9 @@ def test_worker_killed_by_its_job_is_replaced_and_the_job_rerun(
 
 
 def test_sigkill_of_a_busy_worker_requeues_its_job_with_the_reason(
-    effects_dsn: str, start_daemon: Any
+    effects_dsn: str, daemons: Any
 ) -> None:
-    daemon = start_daemon(workers={"count": 1})
+    daemon = daemons(workers={"count": 1})
     Client(effects_dsn).post("jobfns.sleep", [[60, "busy"]], tries=1)
     pid = wait_until(lambda: effects(effects_dsn, "busy"))[0][0]
     os.kill(pid, signal.SIGKILL)
@@ -187,9 +158,9 @@ def test_sigkill_of_a_busy_worker_requeues_its_job_with_the_reason(
 
 
 def test_failing_job_errors_out_with_its_traceback_after_its_tries(
-    effects_dsn: str, start_daemon: Any
+    effects_dsn: str, daemons: Any
 ) -> None:
-    start_daemon()
+    daemons()
     client = Client(effects_dsn)
     posting = client.post("jobfns.record_then_fail", [["f"]], tries=3)
     state = client.wait(posting.id, timeout=30, poll_interval=0.05)
@@ -203,9 +174,9 @@ def test_failing_job_errors_out_with_its_traceback_after_its_tries(
 
 
 def test_posting_errors_out_when_its_threshold_is_reached(
-    effects_dsn: str, start_daemon: Any
+    effects_dsn: str, daemons: Any
 ) -> None:
-    start_daemon(jobs={"posting_error_threshold": 3})
+    daemons(jobs={"posting_error_threshold": 3})
     client = Client(effects_dsn)
     posting = client.post("jobfns.fail", [["x"]] * 40, tries=1)
     state = client.wait(posting.id, timeout=30, poll_interval=0.05)
@@ -217,13 +188,13 @@ def test_posting_errors_out_when_its_threshold_is_reached(
 
 
 def test_entry_point_outside_allowed_modules_is_refused_unimported(
-    effects_dsn: str, start_daemon: Any, tmp_path: Path
+    effects_dsn: str, daemons: Any, tmp_path: Path
 ) -> None:
     marker = tmp_path / "imported"
     (tmp_path / "sneaky.py").write_text(
         f"open({str(marker)!r}, 'w').close()\ndef run(): pass\n"
     )
-    start_daemon()
+    daemons()
     client = Client(effects_dsn)
     posting = client.post("sneaky.run", [[]])
     state = client.wait(posting.id, timeout=30, poll_interval=0.05)

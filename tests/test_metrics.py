@@ -31,8 +31,8 @@ from typing import Any
 
 import psycopg
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
+from pdoflowd import queries
 from pdoflowd.httpserver import (
     EndpointError,
     HttpServer,
@@ -51,63 +51,13 @@ from pdoflowd.metrics import (
     outcome_of,
     readiness,
 )
-
-Labels = tuple[tuple[str, str], ...]
-Scrape = dict[tuple[str, Labels], float]
-
-
-# ------------------------------------------------------------ helpers
-
-
-def parse_scrape(text: str) -> Scrape:
-    """A scrape as {(sample name, sorted label pairs): value}."""
-    samples: Scrape = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            labels = tuple(sorted(sample.labels.items()))
-            samples[(sample.name, labels)] = sample.value
-    return samples
-
-
-def scrape_value(scrape: Scrape, name: str, **labels: str) -> float:
-    """One sample's value; KeyError names what is missing."""
-    key = (name, tuple(sorted(labels.items())))
-    if key not in scrape:
-        raise KeyError(f"no sample {name}{labels} in the scrape")
-    return scrape[key]
-
-
-def scrape_sum(scrape: Scrape, name: str, **labels: str) -> float:
-    """The sum of a metric's samples whose labels include ``labels``."""
-    wanted = set(labels.items())
-    return sum(
-        value
-        for (sample, pairs), value in scrape.items()
-        if sample == name and wanted <= set(pairs)
-    )
-
-
-@pytest.fixture(scope="session")
-def promtool() -> str:
-    path = shutil.which("promtool")
-    if path is None:
-        pytest.skip(
-            "PROMTOOL MISSING: the Prometheus format is not checked; install"
-            " it (Debian: apt-get install prometheus)"
-        )
-    return path
-
-
-def promtool_check_metrics(promtool: str, text: bytes) -> None:
-    result = subprocess.run(
-        [promtool, "check", "metrics"],
-        input=text,
-        capture_output=True,
-        timeout=60,
-    )
-    problems = (result.stdout + result.stderr).decode()
-    assert result.returncode == 0, problems
-    assert not problems.strip(), problems
+from scrape import (
+    Scrape,
+    parse_scrape,
+    promtool_check_metrics,
+    scrape_sum,
+    scrape_value,
+)
 
 
 @dataclass
@@ -1253,50 +1203,15 @@ def test_unreadable_tls_files_are_an_endpoint_error(
 
 # ------------------------------------------------------------ queue gauges
 #
-# The statements proposed for pdoflowd/queries.py, and the index they need,
-# tried here against a real PostgreSQL until they move there.
-
-QUEUE_WAITING_CAP = 100_000
-
-PROPOSED_QUEUE_COUNTS = """
-SELECT (SELECT count(*) FROM (SELECT FROM pdoflowd.jobs
-                              WHERE status = 'waiting'
-                              LIMIT %(cap)s) AS w),
-       (SELECT count(*) FROM pdoflowd.jobs WHERE status = 'executing')
-"""
-
-PROPOSED_OLDEST_WAITING = """
-SELECT extract(epoch FROM now() - coalesce(j.run_after, j.created_at))::float8
-FROM pdoflowd.jobs AS j
-WHERE j.status = 'waiting'
-  AND coalesce(j.run_after, j.created_at) <= now()
-  AND EXISTS (
-      SELECT FROM pdoflowd.postings AS p
-      WHERE p.id = j.posting_id AND p.status = 'executing')
-ORDER BY coalesce(j.run_after, j.created_at)
-LIMIT 1
-"""
-
-PROPOSED_INDEX = """
-CREATE INDEX jobs_waiting_since ON pdoflowd.jobs
-    ((coalesce(run_after, created_at))) WHERE status = 'waiting'
-"""
+# The statements of queries.queue_stats and the index the schema gives them
+# (jobs_waiting_since), against a real PostgreSQL.
 
 
 def read_queue(
     conn: psycopg.Connection[Any],
 ) -> tuple[dict[str, int], float | None]:
-    """What the supervisor would pass to PoolMetrics.set_queue."""
-    with conn.transaction():
-        conn.execute("SET LOCAL statement_timeout = '2s'")
-        row = conn.execute(
-            PROPOSED_QUEUE_COUNTS, {"cap": QUEUE_WAITING_CAP}
-        ).fetchone()
-        assert row is not None
-        oldest = conn.execute(PROPOSED_OLDEST_WAITING).fetchone()
-    return {"waiting": row[0], "executing": row[1]}, (
-        None if oldest is None else oldest[0]
-    )
+    """What the supervisor passes to PoolMetrics.set_queue."""
+    return queries.queue_stats(conn)
 
 
 def add_posting(conn: psycopg.Connection[Any], status: str) -> int:
@@ -1339,7 +1254,6 @@ def test_queue_gauges_count_and_age_only_runnable_waiting_jobs(
     dsn: str,
 ) -> None:
     with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute(PROPOSED_INDEX)
         running = add_posting(conn, "executing")
         paused = add_posting(conn, "paused")
         add_jobs(conn, running, 3, "waiting", age_s=60)
@@ -1355,7 +1269,6 @@ def test_queue_gauges_count_and_age_only_runnable_waiting_jobs(
 
 def test_no_runnable_job_means_no_oldest_age(dsn: str) -> None:
     with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute(PROPOSED_INDEX)
         add_jobs(conn, add_posting(conn, "executing"), 2, "done")
         assert read_queue(conn) == ({"waiting": 0, "executing": 0}, None)
 
@@ -1363,7 +1276,7 @@ def test_no_runnable_job_means_no_oldest_age(dsn: str) -> None:
 def plan_of(conn: psycopg.Connection[Any], query: str) -> str:
     rows = conn.execute(
         "EXPLAIN (ANALYZE, BUFFERS, COSTS OFF, TIMING OFF) " + query,
-        {"cap": QUEUE_WAITING_CAP},
+        {"cap": queries.QUEUE_COUNT_CAP},
     ).fetchall()
     return "\n".join(row[0] for row in rows)
 
@@ -1382,14 +1295,13 @@ def test_queue_gauge_queries_stay_cheap_beside_a_million_done_jobs(
     dsn: str,
 ) -> None:
     with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute(PROPOSED_INDEX)
         running = add_posting(conn, "executing")
         add_jobs(conn, running, 1_000_000, "done", age_s=86400)
         add_jobs(conn, running, 1000, "waiting", age_s=5)
         add_jobs(conn, running, 100, "executing")
         conn.execute("VACUUM ANALYZE pdoflowd.jobs")
-        counts_plan = plan_of(conn, PROPOSED_QUEUE_COUNTS)
-        oldest_plan = plan_of(conn, PROPOSED_OLDEST_WAITING)
+        counts_plan = plan_of(conn, queries._QUEUE_COUNTS)
+        oldest_plan = plan_of(conn, queries._OLDEST_WAITING)
         counts, oldest = read_queue(conn)
     assert counts == {"waiting": 1000, "executing": 100}
     assert oldest is not None

@@ -339,7 +339,13 @@ def test_claim_uses_the_partial_index(dsn: str, conn: Any) -> None:
         r[0]
         for r in conn.execute(
             "EXPLAIN " + queries._CLAIM,
-            {"owner": uuid.uuid4(), "daemon_id": DAEMON, "limit": 5},
+            {
+                "owner": uuid.uuid4(),
+                "daemon_id": DAEMON,
+                "limit": 5,
+                "provides": ["gpu"],
+                "posters": [],
+            },
         ).fetchall()
     )
     assert "jobs_claim" in plan

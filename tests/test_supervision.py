@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,40 +16,12 @@ import psycopg
 import pytest
 
 from harness import (
-    Daemon,
-    create_effects_table,
     daemon_config,
     wait_until,
     write_config,
 )
 from pdoflowd.client import Client
 from pdoflowd.status import PostingStatus
-
-
-@pytest.fixture
-def effects_dsn(dsn: str) -> str:
-    create_effects_table(dsn)
-    return dsn
-
-
-@pytest.fixture
-def daemons(tmp_path: Path, effects_dsn: str) -> Iterator[Any]:
-    made: list[Daemon] = []
-
-    def make(ready: bool = True, **overrides: Any) -> Daemon:
-        daemon = Daemon(
-            tmp_path,
-            daemon_config(effects_dsn, **overrides),
-            effects_dsn=effects_dsn,
-            name=f"daemon{len(made)}",
-        )
-        made.append(daemon)
-        daemon.start()
-        return daemon.wait_ready() if ready else daemon
-
-    yield make
-    for daemon in made:
-        daemon.close()
 
 
 def the_job(dsn: str) -> dict[str, Any]:

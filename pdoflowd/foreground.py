@@ -1,0 +1,179 @@
+"""One job run by hand, in this process, the way a worker runs it.
+
+Owns ``pdoflow execute-job``'s work: it checks the job's entry point
+against ``jobs.allowed_modules`` before claiming anything, registers this
+process as a short-lived daemon (with a heartbeat, so that a run which
+dies is rescued like a lost host's), claims the job with a fresh owner
+token, and then uses the worker's own code to run it and to record its
+outcome, fenced like any other. It must not run more than the one job.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+
+from pdoflowd import __version__, queries
+from pdoflowd.config import Config, connection_kwargs
+from pdoflowd.scoreboard import Scoreboard
+from pdoflowd.status import JobStatus
+from pdoflowd.worker import Worker, WorkerSpec, entry_point_allowed
+
+Connect = Callable[[], psycopg.Connection[Any]]
+
+
+class JobRefused(Exception):
+    """The job cannot be run here; nothing was changed."""
+
+
+@dataclass(frozen=True)
+class ForegroundRun:
+    """What became of a job run by hand: the claim, the outcome written,
+    the job's status afterwards, and whether Ctrl-C cut it short (then it
+    was given back, waiting, without using a try)."""
+
+    job: queries.ClaimedJob
+    outcome: queries.Outcome
+    status: JobStatus
+    seconds: float
+    interrupted: bool
+
+
+def _register(conn: psycopg.Connection[Any], daemon_id: uuid.UUID) -> None:
+    queries.heartbeat(
+        conn,
+        daemon_id=daemon_id,
+        hostname=socket.gethostname(),
+        pid=os.getpid(),
+        version=f"{__version__} (pdoflow execute-job)",
+    )
+
+
+class _Heartbeat(threading.Thread):
+    """Renews this process's daemon row while the job runs."""
+
+    def __init__(
+        self, connect: Connect, daemon_id: uuid.UUID, every: float
+    ) -> None:
+        super().__init__(name="pdoflow-heartbeat", daemon=True)
+        self.connect = connect
+        self.daemon_id = daemon_id
+        self.every = every
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        conn: psycopg.Connection[Any] | None = None
+        while not self.stopped.wait(self.every):
+            try:
+                if conn is None or conn.closed:
+                    conn = self.connect()
+                _register(conn, self.daemon_id)
+            except psycopg.Error:
+                conn = None
+        if conn is not None:
+            conn.close()
+
+
+def execute_job(
+    config: Config,
+    *,
+    dsn: str,
+    password: str | None,
+    job_uuid: uuid.UUID,
+) -> ForegroundRun:
+    """Claim the job, run it, and record its outcome as a worker would.
+
+    ``config`` gives ``[jobs]`` (allowed modules, result size, profiling)
+    and the heartbeat interval; the database is ``dsn``. Raises KeyError
+    for an unknown job and :class:`JobRefused` when its entry point is not
+    allowed or it is executing already.
+    """
+    config = dataclasses.replace(
+        config, database=dataclasses.replace(config.database, dsn=dsn)
+    )
+    wake_r, wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+    spec = WorkerSpec(
+        slot=0,
+        owner=uuid.uuid4(),
+        daemon_id=uuid.uuid4(),
+        config=config,
+        password=password,
+        scoreboard=Scoreboard(1),
+        wake_fd=wake_r,
+        report_fd=-1,
+        parent_pid=os.getppid(),
+        inherited_fds=(),
+    )
+    worker = Worker(spec)
+    try:
+        return _run(worker, spec, job_uuid)
+    finally:
+        worker.drop_connection()
+        os.close(wake_r)
+        os.close(wake_w)
+
+
+def _run(
+    worker: Worker, spec: WorkerSpec, job_uuid: uuid.UUID
+) -> ForegroundRun:
+    config = spec.config
+    conn = worker.connect()
+    target = queries.job_target(conn, job_uuid)
+    if target is None:
+        raise KeyError(f"no job {job_uuid}")
+    if not entry_point_allowed(target.entry_point, config.jobs.allowed_modules):
+        raise JobRefused(
+            f"refused: {target.entry_point} is not under "
+            "jobs.allowed_modules; nothing was run"
+        )
+    if target.status is JobStatus.EXECUTING:
+        raise JobRefused(f"job {job_uuid} is executing already")
+    kwargs = connection_kwargs(config.database, spec.password)
+    heartbeat = _Heartbeat(
+        lambda: psycopg.connect(autocommit=True, **kwargs),  # type: ignore[arg-type]
+        spec.daemon_id,
+        config.daemon.heartbeat_interval_s,
+    )
+    _register(conn, spec.daemon_id)
+    heartbeat.start()
+    try:
+        job = queries.claim_job(
+            conn, job_uuid=job_uuid, owner=spec.owner, daemon_id=spec.daemon_id
+        )
+        if job is None:
+            raise JobRefused(f"job {job_uuid} is executing already")
+        begin = time.monotonic()
+        outcome = worker.run_job(job)
+        seconds = time.monotonic() - begin
+        interrupted = (outcome.error or "").startswith("KeyboardInterrupt")
+        if interrupted:
+            outcome = queries.Outcome(job.id, job.attempt, "released")
+        worker.pending.append(outcome)
+        worker.flush()
+        after = queries.job_target(worker.connect(), job_uuid)
+        assert after is not None
+        return ForegroundRun(job, outcome, after.status, seconds, interrupted)
+    finally:
+        heartbeat.stopped.set()
+        heartbeat.join()
+        with contextlib.suppress(psycopg.Error):
+            # A claim whose outcome was not written goes back unharmed;
+            # after a written outcome this changes nothing.
+            queries.requeue_owner(
+                worker.connect(),
+                daemon_id=spec.daemon_id,
+                owner=spec.owner,
+                running_job_id=None,
+                reason="pdoflow execute-job ended",
+            )
+            queries.mark_daemon_stopped(worker.connect(), spec.daemon_id)

@@ -1,0 +1,85 @@
+"""Job functions for the tests of job features (module ``featurejobs``).
+
+They use the job context (``current_job``), shared variables, progress and
+stored results; the daemon under test imports them, and
+``pdoflow execute-job`` runs them in the test's own process.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Any
+
+from pdoflowd import current_job
+from pdoflowd.client import job
+
+
+@job(store_result=True)
+def describe(*args: Any, **kwargs: Any) -> dict[str, Any]:
+    """Return what the job got and who it is, as a stored result."""
+    context = current_job()
+    return {
+        "args": list(args),
+        "kwargs": kwargs,
+        "job_id": str(context.job_id),
+        "posting_id": str(context.posting_id),
+        "attempt": context.attempt,
+        "pid": os.getpid(),
+    }
+
+
+def count_up(times: int = 1) -> int:
+    """Add one to the posting's shared counter ``times`` times."""
+    shared = current_job().shared
+    value = 0
+    for _ in range(times):
+        value = shared.update("counter", lambda n: n + 1, default=0)
+    return value
+
+
+def report_progress(steps: int) -> str:
+    """Report progress at each step; return the last note."""
+    context = current_job()
+    note = ""
+    for step in range(1, steps + 1):
+        note = f"step {step} of {steps}"
+        context.progress(step / steps, note)
+    return note
+
+
+def wait_for_flag(name: str, seconds: float = 30.0) -> None:
+    """Report progress, then wait until the shared flag ``name`` is set."""
+    context = current_job()
+    context.progress(0.5, "waiting for the flag")
+    deadline = time.monotonic() + seconds
+    while not context.shared.get(name) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def non_finite() -> list[float]:
+    return [math.nan, math.inf, -math.inf, 1.5]
+
+
+def big_result(size: int) -> str:
+    return "x" * size
+
+
+def unstorable_result() -> Any:
+    return {1, 2}
+
+
+def busy(n: int) -> int:
+    """A little CPU work for the profiler to see."""
+    return sum(_square(i) for i in range(n))
+
+
+def _square(i: int) -> int:
+    return i * i
+
+
+def fail_until_flag(name: str) -> None:
+    """Fail until the shared flag ``name`` is set."""
+    if not current_job().shared.get(name):
+        raise RuntimeError(f"flag {name} not set")
