@@ -22,12 +22,13 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from pdoflowd.client import Client, PostingState, WaitTimeout
-from pdoflowd.devcluster import LocalCluster
+from pdoflowd.devcluster import LocalCluster, free_port
 from pdoflowd.status import JobStatus
 
 __all__ = ["ENTRY_POINT", "FLAKY_FRAMES", "main", "render_frame"]
@@ -146,8 +147,8 @@ def _toml(sections: Mapping[str, Mapping[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def demo_config(dsn: str) -> dict[str, dict[str, Any]]:
-    """A config for a short demo: quick polls, short leases, no metrics."""
+def demo_config(dsn: str, metrics_port: int) -> dict[str, dict[str, Any]]:
+    """A config for a short demo: quick polls, short leases."""
     return {
         "database": {"dsn": dsn},
         "workers": {
@@ -161,7 +162,11 @@ def demo_config(dsn: str) -> dict[str, dict[str, Any]]:
             "retry_delay_s": 0.2,
             "retry_delay_max_s": 1.0,
         },
-        "metrics": {"listen": ""},
+        "metrics": {
+            "listen": f"127.0.0.1:{metrics_port}",
+            "queue_stats_interval_s": 1.0,
+            "function_labels": [ENTRY_POINT],
+        },
         "daemon": {
             "heartbeat_interval_s": 1.0,
             "host_lease_s": 5.0,
@@ -169,6 +174,34 @@ def demo_config(dsn: str) -> dict[str, dict[str, Any]]:
             "log_level": "info",
         },
     }
+
+
+# The lines of a /metrics scrape worth showing a newcomer.
+_SHOWN_METRICS = (
+    "pdoflowd_jobs_claimed_total",
+    "pdoflowd_jobs_processed_total",
+    "pdoflowd_job_duration_seconds_count",
+    "pdoflowd_job_duration_seconds_sum",
+    "pdoflowd_workers",
+    "pdoflowd_queue_jobs",
+)
+
+
+def _show_metrics(port: int) -> None:
+    """Print the headline lines of the daemon's /metrics, and /readyz."""
+    base = f"http://127.0.0.1:{port}"
+    # The queue gauges are refreshed every queue_stats_interval_s (1 s).
+    time.sleep(1.2)
+    _step(f"GET {base}/metrics (the lines that matter here)")
+    with urllib.request.urlopen(f"{base}/metrics", timeout=10) as page:  # noqa: S310
+        text = page.read().decode()
+    for line in text.splitlines():
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        value = line.rsplit(" ", 1)[-1]
+        if name in _SHOWN_METRICS and value not in ("0.0", "0"):
+            _say(f"    {line}")
+    with urllib.request.urlopen(f"{base}/readyz", timeout=10) as page:  # noqa: S310
+        _step(f"GET {base}/readyz: {page.status} {page.read().decode()}")
 
 
 def _pdoflowd(*args: str) -> list[str]:
@@ -379,7 +412,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         dsn = cluster.create_database(_DATABASE)
 
         config_path = base_dir / "pdoflowd.toml"
-        config_path.write_text(_toml(demo_config(dsn)))
+        metrics_port = free_port()
+        config_path.write_text(_toml(demo_config(dsn, metrics_port)))
         _step(f"config {config_path}:")
         for line in config_path.read_text().splitlines():
             _say(f"    {line}" if line else "")
@@ -399,8 +433,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         marks_dir.mkdir()
         state = _post_and_follow(dsn, marks_dir)
 
-        # Where a scrape of /metrics will be shown, once the demo config
-        # sets metrics.listen (it is "" for now: no HTTP endpoint).
+        _show_metrics(metrics_port)
 
         _step("stopping pdoflowd with SIGTERM")
         code = daemon.stop()
