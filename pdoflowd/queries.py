@@ -176,7 +176,26 @@ class ClaimedJob:
 # OFFSET 0 keeps the EXISTS a check per candidate row: turned into a join,
 # the planner may expect few matching postings and sort every waiting job
 # instead of walking jobs_claim in order and stopping at the limit.
-_CLAIM = """
+# What a claim sets on a job it takes, and what it returns: shared by the
+# worker's claim and ``execute-job``'s, so the two cannot drift apart.
+_TAKE_OWNERSHIP = """
+SET status = 'executing',
+    owner = %(owner)s,
+    daemon_id = %(daemon_id)s,
+    attempt = j.attempt + 1,
+    claimed_at = now(),
+    progress = NULL,
+    progress_note = NULL,
+    progress_at = NULL
+"""
+_CLAIMED_COLUMNS = """
+RETURNING j.id, j.uuid, j.posting_id, p.uuid, p.entry_point, j.priority,
+          j.attempt, j.tries_remaining, j.posargs, j.kwargs, p.timeout_s,
+          j.created_at, coalesce(j.run_after, j.created_at), p.store_result
+"""
+
+_CLAIM = (
+    """
 WITH candidate AS (
     SELECT j.id
     FROM pdoflowd.jobs AS j
@@ -194,20 +213,14 @@ WITH candidate AS (
     FOR UPDATE OF j SKIP LOCKED
 )
 UPDATE pdoflowd.jobs AS j
-SET status = 'executing',
-    owner = %(owner)s,
-    daemon_id = %(daemon_id)s,
-    attempt = j.attempt + 1,
-    claimed_at = now(),
-    progress = NULL,
-    progress_note = NULL,
-    progress_at = NULL
+"""
+    + _TAKE_OWNERSHIP
+    + """
 FROM candidate, pdoflowd.postings AS p
 WHERE j.id = candidate.id AND p.id = j.posting_id
-RETURNING j.id, j.uuid, j.posting_id, p.uuid, p.entry_point, j.priority,
-          j.attempt, j.tries_remaining, j.posargs, j.kwargs, p.timeout_s,
-          j.created_at, coalesce(j.run_after, j.created_at), p.store_result
 """
+    + _CLAIMED_COLUMNS
+)
 
 
 def claim(
@@ -688,22 +701,17 @@ def job_target(conn: Connection, job_uuid: UUID) -> JobTarget | None:
     return None if row is None else JobTarget(row[0], JobStatus(row[1]))
 
 
-_CLAIM_JOB = """
+_CLAIM_JOB = (
+    """
 UPDATE pdoflowd.jobs AS j
-SET status = 'executing',
-    owner = %(owner)s,
-    daemon_id = %(daemon_id)s,
-    attempt = j.attempt + 1,
-    claimed_at = now(),
-    progress = NULL,
-    progress_note = NULL,
-    progress_at = NULL
+"""
+    + _TAKE_OWNERSHIP
+    + """
 FROM pdoflowd.postings AS p
 WHERE j.uuid = %(uuid)s AND p.id = j.posting_id AND j.status <> 'executing'
-RETURNING j.id, j.uuid, j.posting_id, p.uuid, p.entry_point, j.priority,
-          j.attempt, j.tries_remaining, j.posargs, j.kwargs, p.timeout_s,
-          j.created_at, coalesce(j.run_after, j.created_at), p.store_result
 """
+    + _CLAIMED_COLUMNS
+)
 
 
 def claim_job(
