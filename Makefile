@@ -13,12 +13,13 @@ INSTALLED := $(VENV)/.installed
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 .DEFAULT_GOAL := help
-.PHONY: help install-deps demo test lint clean deb systemd-test
+.PHONY: help install-deps demo test lint clean deb systemd-test bench
 
 help:
 	@echo "make demo          start a throwaway PostgreSQL and pdoflowd, run a posting"
 	@echo "make test          the whole test suite (pytest)"
 	@echo "make lint          ruff check, ruff format --check, mypy --strict"
+	@echo "make bench         throughput, latency and footprint against PostgreSQL's limit"
 	@echo "make deb           build the Debian package into dist/"
 	@echo "make systemd-test  the package under a real systemd (root, systemd-nspawn)"
 	@echo "make install-deps  create or refresh $(VENV) (the other targets do it too)"
@@ -41,6 +42,11 @@ lint: $(INSTALLED)
 	$(VENV_PYTHON) -m ruff check .
 	$(VENV_PYTHON) -m ruff format --check .
 	$(VENV_PYTHON) -m mypy pdoflowd
+
+# The benchmark (minutes, not part of make test); results also land as JSON
+# in bench-results/. BENCH_ARGS passes options, e.g. BENCH_ARGS=--quick.
+bench: $(INSTALLED)
+	$(VENV_PYTHON) -m bench --out bench-results $(BENCH_ARGS)
 
 # The Debian package, built from a copy of the tree into dist/.
 deb:
