@@ -33,6 +33,7 @@ import psycopg
 
 from pdoflowd import __version__, metrics, policy, queries, worker
 from pdoflowd.config import (
+    EX_CONFIG,
     Config,
     ConfigError,
     MetricsConfig,
@@ -49,7 +50,6 @@ log = logging.getLogger("pdoflowd.supervisor")
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_SCHEMA = 4
-EXIT_CONFIG = 78
 
 _TICK_S = 0.1
 _STATUS_INTERVAL_S = 1.0
@@ -187,7 +187,7 @@ class Supervisor:
             context = _tls(settings)
         except EndpointError as exc:
             log.error("metrics endpoint: %s", exc)
-            self.exit_code = EXIT_CONFIG
+            self.exit_code = EX_CONFIG
             return False
         endpoint = metrics.MetricsEndpoint(
             self.metrics, self.readiness, self.refresh_worker_gauges
@@ -491,7 +491,7 @@ class Supervisor:
             self.spawn_due_workers()
             if self.stop_mode is not None and not self.workers:
                 return
-            for key, events in self.selector.select(self.next_timeout()):
+            for key, events in self.selector.select(_TICK_S):
                 if key.data == "signal":
                     self.dispatch_signals()
                 elif key.data == "listen":
@@ -508,9 +508,6 @@ class Supervisor:
             self.roll_workers()
             self.periodic_chores()
             self.update_readiness()
-
-    def next_timeout(self) -> float:
-        return _TICK_S
 
     def periodic_chores(self) -> None:
         now = time.monotonic()
