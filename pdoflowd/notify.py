@@ -60,6 +60,10 @@ class Notifier:
         if not self.enabled:
             return
         notifier = sdnotify.SystemdNotifier()
+        if notifier.socket is not None:
+            # Never wait on a reader that is not reading: a full queue
+            # drops the message instead of stalling the main loop.
+            notifier.socket.setblocking(False)
         try:
             notifier.notify(_wire("\n".join(fields)))
         finally:

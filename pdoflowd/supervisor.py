@@ -542,6 +542,9 @@ class Supervisor:
             self.db_chore("queue_stats", self.refresh_queue_gauges)
 
     def db_chore(self, what: str, chore: Callable[[], None]) -> None:
+        if self.conn is None:
+            # An earlier chore of this round lost the connection.
+            return
         try:
             chore()
         except psycopg.Error as exc:

@@ -105,7 +105,15 @@ def test_counters_over_all_workers_equal_what_the_database_recorded(
             )
             >= 1
         )
-        assert scrape_sum(scrape, "pdoflowd_workers") == 2
+        # A worker may be between retirement and its replacement.
+        wait_until(
+            lambda: (
+                scrape_sum(
+                    parse_scrape(fetch(port, "/metrics")[1]), "pdoflowd_workers"
+                )
+                == 2
+            )
+        )
         assert scrape_sum(scrape, "pdoflowd_build_info") == 1 and scrape_sum(
             scrape, "pdoflowd_job_queue_wait_seconds_count"
         )
