@@ -170,28 +170,34 @@ def rows(runs: Sequence[Run], plan: dict[str, Any]) -> list[Row | str]:
         out.append(
             f"Pickup: idle daemon, {count} single-job postings, one at a time"
         )
-        pickup = "pickup"
+
+        def latency(kind: str, q: str) -> Callable[[Run], float]:
+            def pick(run: Run) -> float:
+                return float(run["drain"]["pickup"][kind][q]) * 1000
+
+            return pick
+
         for q, target in (("p50", 3.0), ("p95", None), ("p99", 20.0)):
             add(
                 f"{q} from post() returning (after the commit)",
-                lambda r, q=q: r["drain"][pickup]["from_returned"][q] * 1000,
+                latency("from_returned", q),
                 unit="ms",
                 digits=2,
                 target=target,
                 sense="max",
             )
-        if all(r["drain"][pickup]["from_commit"] for r in runs):
+        if all(r["drain"]["pickup"]["from_commit"] for r in runs):
             for q in ("p50", "p99"):
                 add(
                     f"{q} from the commit record (before its WAL flush)",
-                    lambda r, q=q: r["drain"][pickup]["from_commit"][q] * 1000,
+                    latency("from_commit", q),
                     unit="ms",
                     digits=2,
                 )
         for q in ("p50", "p99"):
             add(
                 f"{q} from created_at (the posting's transaction start)",
-                lambda r, q=q: r["drain"][pickup]["from_created"][q] * 1000,
+                latency("from_created", q),
                 unit="ms",
                 digits=2,
             )

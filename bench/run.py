@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
+import functools
 import itertools
 import json
 import os
@@ -324,8 +325,8 @@ def sweep(stage: phases.Stage, plan: Plan) -> list[dict[str, Any]]:
                 database.reset(conn)
             limit = timed(
                 "PostgreSQL limit",
-                lambda w=w, b=b: phases.pg_limit(
-                    stage, clients=w, batch=b, jobs=plan.jobs
+                functools.partial(
+                    phases.pg_limit, stage, clients=w, batch=b, jobs=plan.jobs
                 ),
                 _rate,
             )
@@ -335,7 +336,9 @@ def sweep(stage: phases.Stage, plan: Plan) -> list[dict[str, Any]]:
                     database.reset(conn)
                 drained = timed(
                     f"drain {settings.label()}",
-                    lambda s=settings: phases.drain(stage, s, jobs=plan.jobs),
+                    functools.partial(
+                        phases.drain, stage, settings, jobs=plan.jobs
+                    ),
                     lambda r: f"{r.jobs_per_s:,.0f} jobs/s",
                 )
                 entry = configs.setdefault(
