@@ -27,7 +27,7 @@ help:
 
 $(INSTALLED): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(VENV_PYTHON) -m pip install --quiet --editable '.[test]'
+	$(VENV_PYTHON) -m pip install --quiet --editable '.[test,binary]'
 	touch $@
 
 install-deps: $(INSTALLED)
