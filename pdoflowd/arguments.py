@@ -4,7 +4,8 @@ Owns which Python values may be stored (JSON's: None, bool, int, float,
 str, lists and tuples, dicts with string keys), the error that names where
 the first value that is not one of them lies (the job index and the
 argument path), and the round trip of what plain JSON cannot spell.
-Encoding happens before any row is written, so a bad posting loses nothing.
+The client checks and encodes each job's arguments as it writes the job,
+inside the posting's transaction, so a bad argument leaves nothing behind.
 
 Ordinary values are stored as plain JSON, so JSONB queries on them keep
 working. Only two things are spelt differently:
@@ -127,8 +128,9 @@ def _tagged(value: Any) -> Any:
     return value
 
 
-def _dumps(value: Any) -> str:
-    return json.dumps(value, allow_nan=False, separators=(",", ":"))
+# One encoder for every value: json.dumps with options builds a new one
+# per call.
+_dumps = json.JSONEncoder(allow_nan=False, separators=(",", ":")).encode
 
 
 def encode_value(value: Any, path: str = "value") -> str:
@@ -159,20 +161,89 @@ def decode(value: Any) -> Any:
     return value
 
 
+_json_decode = json.JSONDecoder().decode
+
+
+def _stored(text: str) -> Any:
+    """A stored value (jsonb as text) as the poster gave it."""
+    if text == "[]":
+        return []
+    if text == "{}":
+        return {}
+    value = _json_decode(text)
+    # jsonb text spells every key as it is: no tag name in the text, no
+    # tagged value in it, and the walk through it can be skipped.
+    if FLOAT_TAG in text or DICT_TAG in text:
+        return decode(value)
+    return value
+
+
 def decode_job(
-    posargs: list[Any], kwargs: dict[str, Any]
+    posargs_json: str, kwargs_json: str
 ) -> tuple[list[Any], dict[str, Any]]:
-    """A claimed job's stored arguments as the poster gave them."""
-    decoded = decode(kwargs)
-    if not isinstance(decoded, dict):
+    """A claimed job's stored arguments, JSON text as the database keeps
+    it, as the poster gave them."""
+    posargs, kwargs = _stored(posargs_json), _stored(kwargs_json)
+    if not isinstance(posargs, list):
+        raise ValueError("stored positional arguments are not an array")
+    if not isinstance(kwargs, dict):
         raise ValueError("stored keyword arguments are not an object")
-    return decode(posargs), decoded
+    return posargs, kwargs
+
+
+def _plain(value: Any) -> bool:
+    """Whether a value is a scalar stored as it is, told cheaply.
+
+    False means only "not sure": the value then takes the full check, which
+    refuses what must be refused and names where it lies.
+    """
+    kind = type(value)
+    if kind is int:
+        bits: int = value.bit_length()
+        return bits <= _LONG_INT_BITS
+    if kind is str:
+        if "\x00" in value:
+            return False
+        if value.isascii():
+            return True
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return False
+        return True
+    if kind is float:
+        return math.isfinite(value)
+    return value is None or kind is bool
+
+
+def _plain_keywords(kwargs: dict[Any, Any]) -> bool:
+    """Whether keyword arguments are all scalars stored as they are."""
+    if not kwargs:
+        return True
+    if len(kwargs) == 1 and next(iter(kwargs)) in _TAGS:
+        return False
+    for key, value in kwargs.items():
+        if type(key) is not str or not key.isidentifier() or not _plain(value):
+            return False
+    return True
 
 
 def encode_job(
     job_index: int, posargs: Sequence[Any], kwargs: Mapping[str, Any]
 ) -> tuple[str, str]:
     """Check one job's arguments and return them as two JSON texts."""
+    kind = type(posargs)
+    if (
+        (kind is list or kind is tuple)
+        and type(kwargs) is dict
+        and all(map(_plain, posargs))
+        and _plain_keywords(kwargs)
+    ):
+        # The common case, scalars only: nothing to tag, no paths to build.
+        return (
+            _dumps(posargs) if posargs else "[]",
+            _dumps(kwargs) if kwargs else "{}",
+        )
     if isinstance(posargs, (str, bytes)) or not isinstance(
         posargs, (list, tuple)
     ):

@@ -4,10 +4,12 @@ Owns ``@job`` and :data:`Registry` (the seed's way: ``Registry[f].post_work``),
 :class:`Client` (post, status, wait, wait_for, pause, resume, cancel, retry,
 results, shared variables) for code and tools, and finding the database
 (explicit DSN, ``PDOFLOW_DSN``, libpq's environment, the seed's
-``~/.config/pdoflow/db.conf``). A posting is checked whole, every argument
-of every job, before any row is written, and it is written in one
-transaction (the caller's own when a connection is passed). It must not run
-jobs; the poster is never sent, PostgreSQL records it.
+``~/.config/pdoflow/db.conf``). A posting's shape (how many jobs, their
+priorities, a list and a dict of arguments per job) is checked before any
+row is written, each job's arguments as that job is written; it is written
+in one transaction (a savepoint in the caller's when a connection is
+passed), so a bad argument anywhere leaves no row of it behind. It must
+not run jobs; the poster is never sent, PostgreSQL records it.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import configparser
 import contextlib
 import datetime as dt
 import inspect
+import itertools
 import math
 import os
 import re
@@ -29,6 +32,7 @@ from typing import Any, TypeVar, overload
 import psycopg
 from psycopg import errors
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.pq import TransactionStatus
 
 from pdoflowd import queries
 from pdoflowd.arguments import (
@@ -38,7 +42,7 @@ from pdoflowd.arguments import (
     decode,
     encode_job,
 )
-from pdoflowd.ids import uuid7
+from pdoflowd.ids import uuid7, uuid7_run
 from pdoflowd.sharedvars import SharedVariableError, SharedVariables
 from pdoflowd.status import JobStatus, PostingStatus
 
@@ -123,10 +127,14 @@ class PostingEnded(RuntimeError):
 
 @dataclass(frozen=True)
 class Posting:
-    """A posting just made: its id and the ids of its jobs, in order."""
+    """A posting just made: its id and the ids of its jobs, in order.
+
+    The job ids are consecutive version 7 UUIDs of one millisecond, held
+    as the first and how many (:class:`pdoflowd.ids.UuidRun`).
+    """
 
     id: uuid.UUID
-    job_ids: list[uuid.UUID]
+    job_ids: Sequence[uuid.UUID]
 
 
 @dataclass(frozen=True)
@@ -296,7 +304,7 @@ class JobDefinition:
         paused: bool = False,
         dsn: str | None = None,
         conn: psycopg.Connection[Any] | None = None,
-    ) -> tuple[uuid.UUID, list[uuid.UUID]]:
+    ) -> tuple[uuid.UUID, Sequence[uuid.UUID]]:
         """Post one job per argument set; return (posting id, job ids)."""
         posting = Client(dsn).post(
             self,
@@ -457,7 +465,7 @@ def job(
     return decorate
 
 
-def _per_job_list(value: Any, name: str, each: str) -> list[Any]:
+def _per_job_list(value: Any, name: str, each: str) -> Sequence[Any]:
     # A lone dict, string or scalar here is a common slip (the arguments of
     # one job given where a list of them, one per job, is expected).
     if isinstance(value, (str, bytes, Mapping)) or not isinstance(
@@ -467,7 +475,7 @@ def _per_job_list(value: Any, name: str, each: str) -> list[Any]:
             f"{name} must be a list with one {each} per job, got "
             f"{type(value).__name__}"
         )
-    return list(value)
+    return value if isinstance(value, (list, tuple)) else list(value)
 
 
 def _job_count(posargs: Sequence[Any], kwargs: Sequence[Any]) -> int:
@@ -489,7 +497,10 @@ def _check_priority(value: Any, where: str) -> None:
         )
 
 
-def _priorities(priority: int | Sequence[int], count: int) -> list[int]:
+def _priorities(
+    priority: int | Sequence[int], count: int
+) -> int | Sequence[int]:
+    """One priority for all jobs, or a checked list with one per job."""
     if isinstance(priority, (str, bytes, Mapping)) or not isinstance(
         priority, (int, Iterable)
     ):
@@ -498,8 +509,8 @@ def _priorities(priority: int | Sequence[int], count: int) -> list[int]:
         )
     if isinstance(priority, int):
         _check_priority(priority, "")
-        return [priority] * count
-    values = list(priority)
+        return priority
+    values = priority if isinstance(priority, (list, tuple)) else list(priority)
     if len(values) != count:
         raise PostingError(f"{len(values)} priorities given for {count} jobs")
     for index, value in enumerate(values):
@@ -507,12 +518,55 @@ def _priorities(priority: int | Sequence[int], count: int) -> list[int]:
     return values
 
 
-def encode_posting(
+@dataclass(frozen=True)
+class PostingJobs:
+    """A posting's jobs, their shape checked; arguments not yet encoded.
+
+    ``posargs`` or ``kwargs`` may be empty (every job then gets none), and
+    ``priority`` is one for all jobs or one per job.
+    """
+
+    posargs: Sequence[Sequence[Any]]
+    kwargs: Sequence[Mapping[str, Any]]
+    priority: int | Sequence[int]
+    count: int
+
+    def encoded(self, ids: Iterable[str]) -> Iterator[queries.NewJob]:
+        """Each job with its id, its arguments checked and encoded as it
+        is reached; raises :class:`ArgumentError` at the first bad one."""
+        priorities = (
+            itertools.repeat(self.priority, self.count)
+            if isinstance(self.priority, int)
+            else self.priority
+        )
+        none: Mapping[str, Any] = {}
+        every_posargs = self.posargs or itertools.repeat((), self.count)
+        every_kwargs = self.kwargs or itertools.repeat(none, self.count)
+        for index, (job_id, priority, args, kw) in enumerate(
+            zip(ids, priorities, every_posargs, every_kwargs, strict=True)
+        ):
+            args_json, kwargs_json = encode_job(index, args, kw)
+            yield job_id, priority, args_json, kwargs_json
+
+
+def _shapes_fit(jobs: PostingJobs) -> bool:
+    """Whether every job's arguments are a list (or tuple) and a dict."""
+    return all(
+        map(isinstance, jobs.posargs, itertools.repeat((list, tuple)))
+    ) and (
+        all(map(isinstance, jobs.kwargs, itertools.repeat(dict)))
+        or all(map(isinstance, jobs.kwargs, itertools.repeat(Mapping)))
+    )
+
+
+def check_posting(
     posargs: Sequence[Sequence[Any]],
     kwargs: Sequence[Mapping[str, Any]] | None,
     priority: int | Sequence[int],
-) -> list[queries.NewJob]:
-    """Check and encode every job of a posting; raise before any write."""
+) -> PostingJobs:
+    """Check a posting's shape: job count, priorities, each job's argument
+    list and dict. The arguments themselves are checked as they are
+    encoded (:meth:`PostingJobs.encoded`), while the posting is written."""
     posargs = _per_job_list(posargs, "posargs", "list of arguments")
     kwargs = _per_job_list(
         [] if kwargs is None else kwargs, "kwargs", "dict of keyword arguments"
@@ -520,17 +574,13 @@ def encode_posting(
     count = _job_count(posargs, kwargs)
     if count == 0:
         raise PostingError("a posting needs at least one job")
-    priorities = _priorities(priority, count)
-    jobs = []
-    for index in range(count):
-        args_json, kwargs_json = encode_job(
-            index,
-            posargs[index] if posargs else [],
-            kwargs[index] if kwargs else {},
-        )
-        jobs.append(
-            queries.NewJob(uuid7(), priorities[index], args_json, kwargs_json)
-        )
+    jobs = PostingJobs(posargs, kwargs, _priorities(priority, count), count)
+    if not _shapes_fit(jobs):
+        # Encoding the jobs in order raises the error a posting checked
+        # whole raises: an earlier job's bad value before a later job's
+        # shape.
+        for _ in jobs.encoded(itertools.repeat("", count)):
+            pass
     return jobs
 
 
@@ -637,6 +687,31 @@ def as_uuid(value: uuid.UUID | str, what: str = "posting") -> uuid.UUID:
         raise KeyError(f"{_shown(value)} is not a {what} id") from None
 
 
+def _write_undoably(
+    conn: psycopg.Connection[Any],
+    write: Callable[[psycopg.Connection[Any]], None],
+) -> None:
+    """Write a posting in the caller's transaction so that an error undoes
+    the posting alone and leaves the connection as it was.
+
+    Inside a transaction the posting gets a savepoint; on an autocommit
+    connection outside one, a transaction of its own. A connection not in
+    autocommit mode and with no transaction open has nothing of the
+    caller's to keep: the posting opens its transaction, and an error rolls
+    that back.
+    """
+    idle = conn.info.transaction_status == TransactionStatus.IDLE
+    if conn.autocommit or not idle:
+        with conn.transaction():
+            write(conn)
+        return
+    try:
+        write(conn)
+    except BaseException:
+        conn.rollback()
+        raise
+
+
 class Client:
     """Post work, follow it and steer it, from a DSN or an open connection."""
 
@@ -707,10 +782,11 @@ class Client:
         _check_store_result(store_result)
         at, delay_s = when_to_run(run_after)
         try:
-            jobs = encode_posting(posargs, kwargs, priority)
+            jobs = check_posting(posargs, kwargs, priority)
         except ArgumentError as exc:
             raise PostingError(str(exc)) from exc
         posting_id = uuid7()
+        job_ids = uuid7_run(jobs.count)
 
         def write(connection: psycopg.Connection[Any]) -> None:
             queries.insert_posting(
@@ -718,7 +794,7 @@ class Client:
                 posting_uuid=posting_id,
                 target_function=definition.name,
                 entry_point=definition.entry_point,
-                jobs=jobs,
+                jobs=jobs.encoded(job_ids.texts()),
                 tries=tries,
                 paused=paused,
                 timeout_s=timeout_s,
@@ -728,15 +804,15 @@ class Client:
                 store_result=store_result,
             )
 
-        if conn is None:
-            with self.connect() as own, own.transaction():
-                write(own)
-        elif conn.autocommit:
-            with conn.transaction():
-                write(conn)
-        else:
-            write(conn)
-        return Posting(posting_id, [j.uuid for j in jobs])
+        try:
+            if conn is None:
+                with self.connect() as own, own.transaction():
+                    write(own)
+            else:
+                _write_undoably(conn, write)
+        except ArgumentError as exc:
+            raise PostingError(str(exc)) from exc
+        return Posting(posting_id, job_ids)
 
     @staticmethod
     def _definition(

@@ -160,6 +160,7 @@ def _run(
             outcome = queries.Outcome(job.id, job.attempt, "released")
         worker.pending.append(outcome)
         worker.flush()
+        worker.settle()
         after = queries.job_target(worker.connect(), job_uuid)
         assert after is not None
         return ForegroundRun(job, outcome, after.status, seconds, interrupted)

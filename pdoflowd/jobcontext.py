@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import cProfile
+import functools
 import logging
 import math
 import uuid
@@ -28,7 +29,7 @@ from pdoflowd.arguments import (
     decode_job,
     encode_value,
 )
-from pdoflowd.config import Config, connection_kwargs
+from pdoflowd.config import Config, DatabaseConfig, connection_kwargs
 from pdoflowd.sharedvars import SharedVariables
 
 __all__ = [
@@ -87,6 +88,15 @@ def _job_connection(kwargs: dict[str, object]) -> Connection:
         _connection = psycopg.connect(autocommit=True, **kwargs)  # type: ignore[arg-type]
         _connected_with = kwargs
     return _connection
+
+
+@functools.lru_cache(maxsize=4)
+def _job_connector(
+    database: DatabaseConfig, password: str | None
+) -> Callable[[], Connection]:
+    # One per configuration, not one per job: jobs are many and short.
+    kwargs = connection_kwargs(database, password)
+    return functools.partial(_job_connection, kwargs)
 
 
 class JobContext:
@@ -207,8 +217,9 @@ class JobCall:
     ) -> None:
         self.job = job
         self.config = config
-        kwargs = connection_kwargs(config.database, password)
-        self.context = JobContext(job, owner, lambda: _job_connection(kwargs))
+        self.context = JobContext(
+            job, owner, _job_connector(config.database, password)
+        )
         self.profiled = profiling.sampled(config.jobs.profile_sample_rate, draw)
         self.profile: cProfile.Profile | None = None
         self.result_json: str | None = None
@@ -220,7 +231,9 @@ class JobCall:
         when its return value is to be kept but cannot be.
         """
         global _current
-        posargs, kwargs = decode_job(self.job.posargs, self.job.kwargs)
+        posargs, kwargs = decode_job(
+            self.job.posargs_json, self.job.kwargs_json
+        )
         _current = self.context
         try:
             if self.profiled:

@@ -28,13 +28,6 @@ def sampled(rate: float, draw: float) -> bool:
     return draw < rate
 
 
-def _text(value: str) -> str:
-    # File names may carry undecodable bytes as lone surrogates, which
-    # PostgreSQL refuses; spell them out instead of losing the profile.
-    text = value.encode("utf-8", "backslashreplace").decode("utf-8")
-    return text.replace("\x00", "\\x00")
-
-
 def profile_record(
     profile: cProfile.Profile, *, job_id: int, attempt: int, entry_point: str
 ) -> queries.ProfileRecord:
@@ -65,8 +58,11 @@ def profile_record(
                     c_cumtime,
                 )
             )
+    # File names may carry undecodable bytes as lone surrogates, which
+    # PostgreSQL refuses: spelt out instead of losing the profile.
+    text = queries.storable_text
     functions = [
-        (_text(filename), line, _text(name)) for (filename, line, name) in index
+        (text(filename), line, text(name)) for (filename, line, name) in index
     ]
     return queries.ProfileRecord(
         job_id=job_id,

@@ -1,22 +1,28 @@
 """Every statement of the queue, parameterised, and nothing else.
 
-Owns the SQL for posting, claiming, recording outcomes (fenced by the claim's
-owner token and attempt), rescuing, heartbeats, progress counts, posting
-controls, shared variables, results and profiles, and the small typed rows
-these return. It knows nothing of processes, signals or
-configuration: callers pass plain values and their own connection.
+Owns the SQL for posting (and the COPY text a posting's jobs are sent as),
+claiming, recording outcomes (fenced by the claim's owner token and
+attempt), rescuing, heartbeats, progress counts, posting controls, shared
+variables, results and profiles, and the small typed rows these return. It
+knows nothing of processes, signals or configuration: callers pass plain
+values and their own connection.
 Schema changes belong to :mod:`pdoflowd.migrate`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
-from collections.abc import Iterable, Sequence
+import itertools
+import json
+import selectors
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
 
 import psycopg
+from psycopg.pq import TransactionStatus
 
 from pdoflowd.status import JobStatus, PostingStatus
 
@@ -25,18 +31,30 @@ NOTIFY_CHANNEL = "pdoflowd_jobs"
 Connection = psycopg.Connection[Any]
 
 
+@contextlib.contextmanager
+def _one_statement(conn: Connection) -> Iterator[None]:
+    """Make one statement its own committed transaction.
+
+    On a connection in autocommit mode outside any transaction the
+    statement already is one: sending it alone saves the round trips of
+    BEGIN and COMMIT. Anywhere else it runs in a transaction block (or a
+    savepoint of the caller's) that commits, or releases, when it ends.
+    """
+    idle = conn.info.transaction_status == TransactionStatus.IDLE
+    if conn.autocommit and idle:
+        yield
+    else:
+        with conn.transaction():
+            yield
+
+
 # ---------------------------------------------------------------- posting
 
 
-@dataclass(frozen=True)
-class NewJob:
-    """One row to enqueue: arguments already encoded as JSON text."""
-
-    uuid: UUID
-    priority: int
-    posargs_json: str
-    kwargs_json: str
-
+# One job to enqueue, as the client hands it over: its id (the canonical
+# text of a UUID), its priority, and its positional and keyword arguments
+# already encoded as JSON text.
+NewJob = tuple[str, int, str, str]
 
 # The poster is never sent: the column defaults to the session user.
 _INSERT_POSTING = """
@@ -50,7 +68,8 @@ RETURNING id, row_security_active('pdoflowd.jobs'),
 """
 
 # COPY is refused where row-level security applies (a submitter role), so
-# such a session inserts the same rows with one INSERT over arrays.
+# such a session inserts the same rows with INSERTs over arrays, a chunk of
+# jobs at a time.
 _INSERT_JOBS = """
 INSERT INTO pdoflowd.jobs
     (uuid, posting_id, priority, posargs, kwargs, tries_remaining, run_after)
@@ -61,12 +80,68 @@ FROM unnest(%(uuids)s::uuid[], %(priorities)s::integer[], %(posargs)s::text[],
      AS t(uuid, priority, posargs, kwargs, n)
 ORDER BY t.n
 """
+_INSERT_CHUNK_JOBS = 10_000
 
+# The columns that differ from job to job come first; the rest of each
+# line is the same for every job of the posting.
 _COPY_JOBS = """
 COPY pdoflowd.jobs
-    (uuid, posting_id, priority, posargs, kwargs, tries_remaining, run_after)
+    (uuid, priority, posargs, kwargs, posting_id, tries_remaining, run_after)
 FROM STDIN
 """
+# COPY text is sent in blocks of about this many characters: few calls,
+# and memory that does not grow with the posting.
+_COPY_BLOCK_CHARS = 64 * 1024
+
+
+def copy_field(text: str) -> str:
+    """``text`` as one field of COPY's text format.
+
+    Backslash, tab, newline and carriage return are escaped (backslash
+    first); everything else stands for itself.
+    """
+    if "\\" in text or "\t" in text or "\n" in text or "\r" in text:
+        return (
+            text.replace("\\", "\\\\")
+            .replace("\t", "\\t")
+            .replace("\n", "\\n")
+            .replace("\r", "\\r")
+        )
+    return text
+
+
+def copy_tail(
+    posting_id: int, tries: int, run_after: dt.datetime | None
+) -> str:
+    """The end of every line of a posting's COPY: what all its jobs share.
+
+    A time is written as psycopg writes one, ISO 8601, which PostgreSQL
+    reads whatever its DateStyle.
+    """
+    when = "\\N" if run_after is None else copy_field(str(run_after))
+    return f"\t{posting_id:d}\t{tries:d}\t{when}\n"
+
+
+def copy_blocks(jobs: Iterable[NewJob], tail: str) -> Iterator[str]:
+    """The jobs as lines of COPY text (``_COPY_JOBS``'s columns), in blocks.
+
+    ``tail`` ends every line (:func:`copy_tail`).
+    """
+    lines: list[str] = []
+    size = 0
+    for job_id, priority, posargs_json, kwargs_json in jobs:
+        line = (
+            f"{job_id}\t{priority:d}\t{copy_field(posargs_json)}"
+            f"\t{copy_field(kwargs_json)}{tail}"
+        )
+        lines.append(line)
+        size += len(line)
+        if size >= _COPY_BLOCK_CHARS:
+            yield "".join(lines)
+            lines = []
+            size = 0
+    if lines:
+        yield "".join(lines)
 
 
 def insert_posting(
@@ -90,6 +165,11 @@ def insert_posting(
     woken, until the caller commits. The jobs may run from ``run_after``,
     or ``delay_s`` seconds after the database's time now. Returns the
     posting's internal id.
+
+    ``jobs`` is read as the rows are sent, so a posting is never held in
+    memory whole. An exception from it stops the write half-way, the
+    posting and some of its jobs written: run this in a transaction or a
+    savepoint that the exception rolls back.
     """
     status = PostingStatus.PAUSED if paused else PostingStatus.EXECUTING
     row = conn.execute(
@@ -112,35 +192,83 @@ def insert_posting(
     if run_after is None:
         run_after = row[2]
     if restricted:
-        rows = list(jobs)
+        _insert_jobs(conn, jobs, posting_id, tries, run_after)
+    else:
+        tail = copy_tail(posting_id, tries, run_after)
+        _copy_jobs(conn, copy_blocks(jobs, tail))
+    notify(conn)
+    return posting_id
+
+
+class _Abandoned(Exception):
+    """Ends a COPY whose rows could not all be made."""
+
+
+def _copy_jobs(conn: Connection, blocks: Iterator[str]) -> None:
+    """Send the blocks of COPY text in one COPY of the jobs.
+
+    When making a block fails, the COPY is abandoned and that failure is
+    raised, not what psycopg reports of the abandoned COPY (psycopg 3.1
+    raises the server's QueryCanceled instead). The server hears only that
+    the client gave up, never the failure's text.
+    """
+    failure: Exception | None = None
+    try:
+        with conn.cursor().copy(_COPY_JOBS) as copy:
+            while True:
+                try:
+                    block = next(blocks, None)
+                except Exception as exc:
+                    failure = exc
+                    raise _Abandoned("the client gave up the posting") from None
+                if block is None:
+                    break
+                copy.write(block)
+                _flush(conn)
+    except (_Abandoned, psycopg.Error):
+        if failure is None:
+            raise
+        raise failure from None
+
+
+def _flush(conn: Connection) -> None:
+    """Wait until libpq has handed all it holds to the kernel.
+
+    Rows are made faster than the server reads them, and psycopg 3.1 lets
+    libpq's output buffer grow with the COPY meanwhile; waiting here keeps
+    what is in flight to a block and the socket's buffers.
+    """
+    pgconn = conn.pgconn
+    if not pgconn.flush():
+        return
+    with selectors.DefaultSelector() as selector:
+        selector.register(pgconn.socket, selectors.EVENT_WRITE)
+        while pgconn.flush():
+            selector.select()
+
+
+def _insert_jobs(
+    conn: Connection,
+    jobs: Iterable[NewJob],
+    posting_id: int,
+    tries: int,
+    run_after: dt.datetime | None,
+) -> None:
+    """The posting's jobs by INSERTs over arrays, in chunks, in order."""
+    remaining = iter(jobs)
+    while chunk := list(itertools.islice(remaining, _INSERT_CHUNK_JOBS)):
         conn.execute(
             _INSERT_JOBS,
             {
                 "posting_id": posting_id,
                 "tries": tries,
                 "run_after": run_after,
-                "uuids": [new.uuid for new in rows],
-                "priorities": [new.priority for new in rows],
-                "posargs": [new.posargs_json for new in rows],
-                "kwargs": [new.kwargs_json for new in rows],
+                "uuids": [job[0] for job in chunk],
+                "priorities": [job[1] for job in chunk],
+                "posargs": [job[2] for job in chunk],
+                "kwargs": [job[3] for job in chunk],
             },
         )
-    else:
-        with conn.cursor().copy(_COPY_JOBS) as copy:
-            for new in jobs:
-                copy.write_row(
-                    (
-                        new.uuid,
-                        posting_id,
-                        new.priority,
-                        new.posargs_json,
-                        new.kwargs_json,
-                        tries,
-                        run_after,
-                    )
-                )
-    notify(conn)
-    return posting_id
 
 
 def notify(conn: Connection) -> None:
@@ -163,8 +291,9 @@ class ClaimedJob:
     priority: int
     attempt: int
     tries_remaining: int
-    posargs: list[Any]
-    kwargs: dict[str, Any]
+    # The arguments as stored (jsonb as text), for arguments.decode_job.
+    posargs_json: str
+    kwargs_json: str
     timeout_s: float | None
     created_at: dt.datetime
     runnable_since: dt.datetime
@@ -190,8 +319,9 @@ SET status = 'executing',
 """
 _CLAIMED_COLUMNS = """
 RETURNING j.id, j.uuid, j.posting_id, p.uuid, p.entry_point, j.priority,
-          j.attempt, j.tries_remaining, j.posargs, j.kwargs, p.timeout_s,
-          j.created_at, coalesce(j.run_after, j.created_at), p.store_result
+          j.attempt, j.tries_remaining, j.posargs::text, j.kwargs::text,
+          p.timeout_s, j.created_at, coalesce(j.run_after, j.created_at),
+          p.store_result
 """
 
 _CLAIM = (
@@ -244,7 +374,7 @@ def claim(
         "provides": list(provides),
         "posters": list(posters),
     }
-    with conn.transaction():
+    with _one_statement(conn):
         rows = conn.execute(_CLAIM, params).fetchall()
     jobs = [ClaimedJob(*row) for row in rows]
     jobs.sort(key=lambda j: (-j.priority, j.id))
@@ -286,16 +416,10 @@ class RecordedOutcome:
     status: JobStatus
 
 
+# The outcomes arrive as one JSON array of objects (times in seconds since
+# the epoch; absent keys are NULL): one parameter to send and to parse,
+# where an array per column cost both sides several times as much.
 _RECORD_OUTCOMES = """
-WITH o AS (
-    SELECT * FROM unnest(
-        %(ids)s::bigint[], %(attempts)s::integer[], %(kinds)s::text[],
-        %(started)s::timestamptz[], %(completed)s::timestamptz[],
-        %(errors)s::text[], %(tracebacks)s::text[], %(retry_at)s::timestamptz[],
-        %(results)s::text[]
-    ) AS o(id, attempt, kind, started_at, completed_at, error, traceback,
-           retry_at, result)
-)
 UPDATE pdoflowd.jobs AS j
 SET status = CASE
         WHEN o.kind = 'done' THEN 'done'
@@ -308,11 +432,12 @@ SET status = CASE
         WHEN o.kind = 'refused' THEN 0
         ELSE greatest(j.tries_remaining - 1, 0) END,
     owner = CASE WHEN o.kind = 'done' THEN j.owner END,
-    run_after = CASE WHEN o.kind IN ('failed', 'timeout') THEN o.retry_at
+    run_after = CASE WHEN o.kind IN ('failed', 'timeout')
+                     THEN to_timestamp(o.retry_at)
                      ELSE j.run_after END,
-    work_started_at = coalesce(o.started_at, j.work_started_at),
+    work_started_at = coalesce(to_timestamp(o.started), j.work_started_at),
     completed_at = CASE WHEN o.kind = 'released' THEN j.completed_at
-                        ELSE o.completed_at END,
+                        ELSE to_timestamp(o.completed) END,
     exited_ok = CASE WHEN o.kind = 'released' THEN j.exited_ok
                      ELSE o.kind = 'done' END,
     error = CASE WHEN o.kind = 'released' THEN j.error ELSE o.error END,
@@ -320,13 +445,44 @@ SET status = CASE
                      ELSE o.traceback END,
     result = CASE WHEN o.kind = 'released' THEN j.result
                   ELSE o.result::jsonb END
-FROM o
+FROM json_to_recordset(%(outcomes)s::json) AS o(
+    id bigint, attempt integer, kind text, started float8, completed float8,
+    error text, traceback text, retry_at float8, result text)
 WHERE j.id = o.id
   AND j.attempt = o.attempt
   AND j.owner = %(owner)s
   AND j.status = 'executing'
 RETURNING j.id, j.posting_id, o.kind, j.status
 """
+
+_JSON_ENCODER = json.JSONEncoder(
+    ensure_ascii=False, allow_nan=False, separators=(",", ":")
+)
+
+
+def storable_text(text: str) -> str:
+    """``text`` as PostgreSQL can store it: NUL and lone surrogates (from
+    undecodable bytes) spelt out as backslash escapes instead of refused."""
+    if not text.isascii():
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text.replace("\x00", "\\x00")
+
+
+def _outcome_json(o: Outcome) -> dict[str, Any]:
+    row: dict[str, Any] = {"id": o.job_id, "attempt": o.attempt, "kind": o.kind}
+    if o.started_at is not None:
+        row["started"] = o.started_at.timestamp()
+    if o.completed_at is not None:
+        row["completed"] = o.completed_at.timestamp()
+    if o.error is not None:
+        row["error"] = storable_text(o.error)
+    if o.traceback is not None:
+        row["traceback"] = storable_text(o.traceback)
+    if o.retry_at is not None:
+        row["retry_at"] = o.retry_at.timestamp()
+    if o.result is not None:
+        row["result"] = o.result
+    return row
 
 
 def record_outcomes(
@@ -336,23 +492,16 @@ def record_outcomes(
 
     An outcome whose job is no longer ``executing`` under this owner and
     attempt (it was rescued after its owner was declared dead) changes
-    nothing and is absent from the result.
+    nothing and is absent from the result. Error texts are stored as
+    :func:`storable_text` makes them.
     """
     if not outcomes:
         return []
     params = {
         "owner": owner,
-        "ids": [o.job_id for o in outcomes],
-        "attempts": [o.attempt for o in outcomes],
-        "kinds": [o.kind for o in outcomes],
-        "started": [o.started_at for o in outcomes],
-        "completed": [o.completed_at for o in outcomes],
-        "errors": [o.error for o in outcomes],
-        "tracebacks": [o.traceback for o in outcomes],
-        "retry_at": [o.retry_at for o in outcomes],
-        "results": [o.result for o in outcomes],
+        "outcomes": _JSON_ENCODER.encode([_outcome_json(o) for o in outcomes]),
     }
-    with conn.transaction():
+    with _one_statement(conn):
         rows = conn.execute(_RECORD_OUTCOMES, params).fetchall()
     return [
         RecordedOutcome(job_id, posting_id, kind, JobStatus(status))
@@ -389,6 +538,26 @@ RETURNING j.id, j.posting_id, j.id = %(running)s, j.status
 """
 
 
+# Executing jobs of this daemon under none of the owners it knows: a worker
+# killed while its claim was in flight can have that claim commit after
+# its jobs were taken back, leaving them to a dead owner of a live daemon.
+_STRAY_OWNERS = """
+SELECT DISTINCT j.owner FROM pdoflowd.jobs AS j
+WHERE j.daemon_id = %(daemon_id)s AND j.status = 'executing'
+  AND NOT j.owner = ANY(%(known)s::uuid[])
+"""
+
+
+def stray_owners(
+    conn: Connection, *, daemon_id: UUID, known_owners: Sequence[UUID]
+) -> list[UUID]:
+    """Owners of this daemon's executing jobs that are not ``known_owners``."""
+    rows = conn.execute(
+        _STRAY_OWNERS, {"daemon_id": daemon_id, "known": list(known_owners)}
+    ).fetchall()
+    return [r[0] for r in rows]
+
+
 @dataclass(frozen=True)
 class RequeuedJob:
     """A job taken back from a worker that is gone."""
@@ -413,7 +582,7 @@ def requeue_owner(
     claimed but not started go back to waiting as they were. Jobs of a
     cancelled posting end errored out as ``cancelled`` instead.
     """
-    with conn.transaction():
+    with _one_statement(conn):
         rows = conn.execute(
             _REQUEUE_OWNER,
             {
@@ -465,7 +634,7 @@ def settle_postings(
     ids = sorted(set(posting_ids))
     if not ids:
         return {}
-    with conn.transaction():
+    with _one_statement(conn):
         rows = conn.execute(
             _SETTLE_POSTINGS, {"ids": ids, "threshold": error_threshold}
         ).fetchall()
@@ -484,7 +653,7 @@ LIMIT 1000
 
 def unsettled_postings(conn: Connection) -> list[int]:
     """Executing postings with nothing left to run (a settle was missed)."""
-    with conn.transaction():
+    with _one_statement(conn):
         return [r[0] for r in conn.execute(_UNSETTLED_POSTINGS).fetchall()]
 
 
@@ -558,7 +727,7 @@ def heartbeat(
     been declared lost (its jobs were then rescued by another daemon), else
     None.
     """
-    with conn.transaction():
+    with _one_statement(conn):
         row = conn.execute(
             _HEARTBEAT,
             {
@@ -575,7 +744,7 @@ def heartbeat(
 
 def mark_daemon_stopped(conn: Connection, daemon_id: UUID) -> None:
     """Record a clean stop, so nobody mistakes the daemon for a lost host."""
-    with conn.transaction():
+    with _one_statement(conn):
         conn.execute(
             "UPDATE pdoflowd.daemons SET stopped_at = now() WHERE id = %s",
             (daemon_id,),
@@ -617,7 +786,7 @@ def rescue_lost_daemons(
     not known). A daemon that was only cut off finds its row stopped at its
     next heartbeat, and its late outcome writes are fenced off.
     """
-    with conn.transaction():
+    with _one_statement(conn):
         rows = conn.execute(
             _RESCUE_LOST_DAEMONS, {"lease_s": lease_s}
         ).fetchall()
@@ -650,7 +819,7 @@ def control_posting(
     ``psycopg.errors.NoDataFound`` or ``ObjectNotInPrerequisiteState``
     otherwise. Returns the posting's new status and how many jobs changed.
     """
-    with conn.transaction():
+    with _one_statement(conn):
         row = conn.execute(
             _CONTROL_POSTING,
             {"uuid": posting_uuid, "action": action, "tries": tries},
@@ -672,7 +841,7 @@ def cancelled_among(conn: Connection, job_ids: Iterable[int]) -> set[int]:
     ids = sorted(set(job_ids))
     if not ids:
         return set()
-    with conn.transaction():
+    with _one_statement(conn):
         rows = conn.execute(_CANCELLED_AMONG, {"ids": ids}).fetchall()
     return {r[0] for r in rows}
 
@@ -720,7 +889,7 @@ def claim_job(
     """Claim one job by its id, whatever its posting's status, unless it is
     executing already (then None); commits at once. For running a job by
     hand: the claim is fenced like any other."""
-    with conn.transaction():
+    with _one_statement(conn):
         row = conn.execute(
             _CLAIM_JOB,
             {"uuid": job_uuid, "owner": owner, "daemon_id": daemon_id},
@@ -749,7 +918,7 @@ def set_progress(
 
     False when the job is no longer this claim's (cancelled, rescued).
     """
-    with conn.transaction():
+    with _one_statement(conn):
         cursor = conn.execute(
             _SET_PROGRESS,
             {
@@ -1093,7 +1262,7 @@ def shared_set(
     conn: Connection, posting_uuid: UUID, name: str, value_json: str
 ) -> bool:
     """Create or replace a shared variable; False: no such posting."""
-    with conn.transaction():
+    with _one_statement(conn):
         row = conn.execute(
             _SHARED_SET,
             {"posting": posting_uuid, "name": name, "value": value_json},
@@ -1127,7 +1296,7 @@ def shared_delete(
     conn: Connection, posting_uuid: UUID, name: str
 ) -> bool | None:
     """Delete a shared variable: whether it existed; None: no such posting."""
-    with conn.transaction():
+    with _one_statement(conn):
         row = conn.execute(
             _SHARED_DELETE, {"posting": posting_uuid, "name": name}
         ).fetchone()

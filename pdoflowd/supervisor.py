@@ -571,6 +571,7 @@ class Supervisor:
     def maintenance(self) -> None:
         assert self.conn is not None
         self.retry_pending_requeues()
+        self.take_back_strays()
         lease = self.config.daemon.host_lease_s
         rescued = []
         if policy.may_rescue(time.monotonic() - self.connected_since, lease):
@@ -901,6 +902,26 @@ class Supervisor:
                     takeback.reason,
                 )
                 self.after_requeue(requeued)
+
+    def take_back_strays(self) -> None:
+        """Take back jobs claimed under an owner that is no worker of ours.
+
+        A worker killed while its claim statement was in flight leaves a
+        claim that may commit after the worker's jobs were taken back; its
+        jobs were never started, so they go back as released.
+        """
+        assert self.conn is not None
+        known = [h.owner for h in self.workers.values()]
+        known += [t.owner for t in self.pending_requeues]
+        strays = queries.stray_owners(
+            self.conn, daemon_id=self.daemon_id, known_owners=known
+        )
+        if strays:
+            self.pending_requeues += [
+                Takeback(owner, None, "its worker ended while claiming")
+                for owner in strays
+            ]
+            self.retry_pending_requeues()
 
     def after_requeue(self, jobs: list[queries.RequeuedJob]) -> None:
         assert self.conn is not None

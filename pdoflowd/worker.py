@@ -98,7 +98,11 @@ class Worker:
         self.conn: psycopg.Connection[Any] | None = None
         self.pending: list[queries.Outcome] = []
         self.pending_since = 0.0
+        # Postings with jobs this worker ended, not yet settled.
+        self.unsettled: set[int] = set()
         self.functions: dict[str, Callable[..., Any]] = {}
+        # Whether jobs.allowed_modules admits an entry point, as seen.
+        self.verdicts: dict[str, bool] = {}
         self.rng = random.Random()
         self.tally = metrics.WorkerTally()
 
@@ -246,6 +250,7 @@ class Worker:
                 "claim", functools.partial(self.claim, limit)
             )
             if not batch:
+                self.settle()
                 if self.tally.due():
                     self.send_metrics()
                 self.mark(WorkerState.IDLE)
@@ -258,6 +263,9 @@ class Worker:
             self.send_metrics()
             self.run_batch(batch)
             self.flush()
+            if len(batch) < limit:
+                # The queue is running dry: its postings may be complete.
+                self.settle()
 
     def claim(self, limit: int) -> list[queries.ClaimedJob]:
         conn = self.connect()
@@ -309,7 +317,14 @@ class Worker:
         return window == 0 or time.monotonic() - self.pending_since >= window
 
     def flush(self) -> None:
-        """Write buffered outcomes (fenced), then settle their postings."""
+        """Write buffered outcomes (fenced); note their postings to settle.
+
+        Settling waits for a short batch, an empty claim or the worker's
+        exit, where a posting is likely to be complete, and saves a
+        statement per flush while a queue drains; a job errored out settles
+        at once, so a posting past its error threshold stops being claimed.
+        What a worker leaves unsettled, the supervisor's maintenance does.
+        """
         if not self.pending:
             return
         self.mark(WorkerState.FLUSHING)
@@ -326,19 +341,31 @@ class Worker:
                 "%d outcome(s) fenced off: their jobs were taken back",
                 len(outcomes) - len(recorded),
             )
-        finals = {
-            r.posting_id
-            for r in recorded
-            if r.status in (JobStatus.DONE, JobStatus.ERRORED_OUT)
-        }
-        if finals:
-            threshold = self.config.jobs.posting_error_threshold
-            self.with_database(
-                "settle postings",
-                lambda: queries.settle_postings(
-                    self.connect(), finals, error_threshold=threshold
-                ),
-            )
+        errored_out = False
+        for r in recorded:
+            if r.status is JobStatus.DONE:
+                self.unsettled.add(r.posting_id)
+            elif r.status is JobStatus.ERRORED_OUT:
+                self.unsettled.add(r.posting_id)
+                errored_out = True
+        if errored_out:
+            self.settle()
+
+    def settle(self) -> None:
+        """Finish or error out the postings this worker's outcomes ended.
+
+        Runs after those outcomes committed (see queries.settle_postings).
+        """
+        if not self.unsettled:
+            return
+        postings, self.unsettled = self.unsettled, set()
+        threshold = self.config.jobs.posting_error_threshold
+        self.with_database(
+            "settle postings",
+            lambda: queries.settle_postings(
+                self.connect(), postings, error_threshold=threshold
+            ),
+        )
 
     # ------------------------------------------------------------ one job
 
@@ -348,9 +375,7 @@ class Worker:
     def run_job(self, job: queries.ClaimedJob) -> queries.Outcome:
         """Run one claimed job and say what became of it."""
         started_at = _utcnow()
-        if not entry_point_allowed(
-            job.entry_point, self.config.jobs.allowed_modules
-        ):
+        if not self.allowed(job.entry_point):
             self.tally.note_run(job.id, job.entry_point)
             return queries.Outcome(
                 job.id,
@@ -430,6 +455,15 @@ class Worker:
         if error is not None:
             log.info("job %s (%s) failed: %s", job.uuid, job.entry_point, error)
 
+    def allowed(self, entry_point: str) -> bool:
+        verdict = self.verdicts.get(entry_point)
+        if verdict is None:
+            verdict = entry_point_allowed(
+                entry_point, self.config.jobs.allowed_modules
+            )
+            self.verdicts[entry_point] = verdict
+        return verdict
+
     def resolve(self, entry_point: str) -> Callable[..., Any]:
         function = self.functions.get(entry_point)
         if function is None:
@@ -443,6 +477,7 @@ class Worker:
         self.mark(WorkerState.EXITING)
         try:
             self.flush()
+            self.settle()
         finally:
             self.drop_connection()
 

@@ -211,9 +211,7 @@ def test_non_finite_floats_and_tag_lookalikes_round_trip_exactly(
     posargs: list[Any], kwargs: dict[str, Any]
 ) -> None:
     args_json, kwargs_json = encode_job(0, posargs, kwargs)
-    back_args, back_kwargs = decode_job(
-        json.loads(args_json), json.loads(kwargs_json)
-    )
+    back_args, back_kwargs = decode_job(args_json, kwargs_json)
     assert same(back_args, posargs)
     assert same(back_kwargs, kwargs)
 
@@ -261,3 +259,49 @@ def test_values_other_than_arguments_name_their_own_path() -> None:
         encode_value({"a": [object()]}, "result")
     assert caught.value.path == "result['a'][0]"
     assert not isinstance(caught.value, ArgumentError)
+
+
+# ---------------------------------------------------------------- fast path
+
+
+class FullList(list[Any]):
+    """A list that encode_job's shortcut for plain scalars does not take."""
+
+
+class FullDict(dict[str, Any]):
+    """A dict that encode_job's shortcut for plain scalars does not take."""
+
+
+any_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.integers(min_value=2**1990, max_value=2**2010)
+    | st.integers(min_value=10**4290, max_value=10**4310)
+    | any_floats
+    | st.text(max_size=8)
+    | st.sampled_from(["\x00", "a\ud800", "é", "\\n", FLOAT_TAG])
+)
+
+
+def _outcome(posargs: Any, kwargs: Any) -> Any:
+    try:
+        return encode_job(3, posargs, kwargs)
+    except ArgumentError as exc:
+        return exc.job_index, exc.path, exc.problem
+
+
+@given(
+    posargs=st.lists(any_scalars, max_size=4),
+    kwargs=st.dictionaries(
+        keyword_names | tag_keys | st.sampled_from(["1st", "a-b"]),
+        any_scalars,
+        max_size=3,
+    ),
+)
+def test_the_shortcut_for_plain_scalars_agrees_with_the_full_check(
+    posargs: list[Any], kwargs: dict[str, Any]
+) -> None:
+    expected = _outcome(FullList(posargs), FullDict(kwargs))
+    assert _outcome(posargs, kwargs) == expected
+    assert _outcome(tuple(posargs), kwargs) == expected

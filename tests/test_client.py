@@ -197,6 +197,193 @@ def test_job_ids_are_uuid7_increasing_within_a_posting(dsn: str) -> None:
     assert len(set(posting.job_ids)) == 200
 
 
+def test_job_ids_are_consecutive_uuid7s_of_one_millisecond(dsn: str) -> None:
+    posting = Client(dsn).post(clientjobs.add, [[i, i] for i in range(300)])
+    numbers = [j.int for j in posting.job_ids]
+    assert len({n >> 80 for n in numbers}) == 1
+    randoms = [((n >> 64) & 0xFFF) << 62 | (n & (2**62 - 1)) for n in numbers]
+    assert randoms == list(range(randoms[0], randoms[0] + 300))
+    assert [row[0] for row in job_rows(dsn)] == list(posting.job_ids)
+
+
+def test_a_later_postings_ids_sort_after_an_earlier_ones(dsn: str) -> None:
+    client = Client(dsn)
+    first = client.post(clientjobs.add, [[1, 1], [2, 2]])
+    second = client.post(clientjobs.add, [[3, 3], [4, 4]])
+    ids = [first.id, *first.job_ids, second.id, *second.job_ids]
+    assert ids == sorted(ids)
+
+
+def test_arguments_with_copy_text_specials_round_trip_exactly(
+    dsn: str,
+) -> None:
+    texts = [
+        "back\\slash",
+        "\\n is not a newline",
+        "\\\\N",
+        "\\.",
+        "tab\there",
+        "new\nline",
+        "carriage\rreturn",
+        "\r\n",
+        "\"quoted\" 'single'",
+        "\x01\x08\x0b\x0c\x1f\x7f",
+        "é ü 漢字 🎉 \u202e",
+        "",
+    ]
+    posargs = [[text, {text: [text]}] for text in texts]
+    kwargs = [{"label": text} for text in texts]
+    Client(dsn).post(clientjobs.add, posargs, kwargs)
+    assert [(row[2], row[3]) for row in job_rows(dsn)] == [
+        ([text, {text: [text]}], {"label": text}) for text in texts
+    ]
+
+
+def test_copy_fields_escape_backslash_tab_newline_and_return() -> None:
+    assert queries.copy_field("plain [1,2]") == "plain [1,2]"
+    assert queries.copy_field("a\\nb\tc\nd\re\\") == ("a\\\\nb\\tc\\nd\\re\\\\")
+
+
+def test_json_with_raw_whitespace_goes_through_copy_intact(dsn: str) -> None:
+    job_id = uuid.uuid4()
+    with psycopg.connect(dsn) as conn:
+        queries.insert_posting(
+            conn,
+            posting_uuid=uuid.uuid4(),
+            target_function="add",
+            entry_point="clientjobs.add",
+            jobs=[
+                (
+                    str(job_id),
+                    3,
+                    '[1,\n\t2,\r\n"a\\\\n\\tb"]',
+                    '{\n"k": "\\\\"}',
+                )
+            ],
+            tries=1,
+        )
+    assert job_rows(dsn) == [(job_id, 3, [1, 2, "a\\n\tb"], {"k": "\\"}, 1)]
+
+
+def test_a_bad_argument_deep_in_a_large_posting_leaves_no_row(
+    dsn: str,
+) -> None:
+    posargs: list[list[Any]] = [[i, 0.5] for i in range(60_000)]
+    posargs[50_000] = [1, {"when": {1, 2}}]
+    with pytest.raises(PostingError) as caught:
+        Client(dsn).post(clientjobs.add, posargs)
+    assert str(caught.value) == (
+        "job 50000: posargs[1]['when']: set is not a JSON value"
+    )
+    assert row_counts(dsn) == (0, 0)
+
+
+def _orders(dsn: str) -> list[int]:
+    with psycopg.connect(dsn) as conn:
+        return [r[0] for r in conn.execute("SELECT id FROM orders ORDER BY id")]
+
+
+@pytest.fixture
+def orders(dsn: str) -> str:
+    """``dsn`` with a table ``orders`` for the caller's own writes."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE orders (id int PRIMARY KEY)")
+    return dsn
+
+
+def _large_posting_bad_at(count: int, bad: int) -> list[list[Any]]:
+    posargs: list[list[Any]] = [[i, 1.5] for i in range(count)]
+    posargs[bad] = [1, float("nan"), object()]
+    return posargs
+
+
+def test_a_bad_argument_mid_posting_keeps_the_callers_transaction(
+    orders: str,
+) -> None:
+    with psycopg.connect(orders) as conn:
+        conn.execute("INSERT INTO orders VALUES (1)")
+        with pytest.raises(
+            PostingError, match=r"^job 20000: posargs\[2\]: object is not"
+        ):
+            Client().post(
+                clientjobs.add, _large_posting_bad_at(30_000, 20_000), conn=conn
+            )
+        assert conn.info.transaction_status.name == "INTRANS"
+        conn.execute("INSERT INTO orders VALUES (2)")
+        posting = Client().post(clientjobs.add, [[5, 6]], conn=conn)
+        conn.commit()
+    assert _orders(orders) == [1, 2]
+    assert row_counts(orders) == (1, 1)
+    assert [row[0] for row in job_rows(orders)] == posting.job_ids
+
+
+def test_a_bad_argument_mid_posting_keeps_an_autocommit_callers_block(
+    orders: str,
+) -> None:
+    with psycopg.connect(orders, autocommit=True) as conn:
+        with conn.transaction():
+            conn.execute("INSERT INTO orders VALUES (1)")
+            with pytest.raises(PostingError, match=r"^job 20000: "):
+                Client().post(
+                    clientjobs.add,
+                    _large_posting_bad_at(30_000, 20_000),
+                    conn=conn,
+                )
+            conn.execute("INSERT INTO orders VALUES (2)")
+        assert conn.info.transaction_status.name == "IDLE"
+    assert _orders(orders) == [1, 2]
+    assert row_counts(orders) == (0, 0)
+
+
+def test_a_bad_argument_leaves_a_connection_without_a_transaction_as_it_was(
+    orders: str,
+) -> None:
+    with psycopg.connect(orders) as conn:
+        with pytest.raises(PostingError, match=r"^job 20000: "):
+            Client().post(
+                clientjobs.add, _large_posting_bad_at(30_000, 20_000), conn=conn
+            )
+        assert conn.info.transaction_status.name == "IDLE"
+        conn.execute("INSERT INTO orders VALUES (3)")
+        conn.commit()
+    assert _orders(orders) == [3]
+    assert row_counts(orders) == (0, 0)
+
+
+def test_a_job_whose_arguments_are_not_a_list_is_refused_before_writing(
+    dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_write(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError(
+            "a posting of the wrong shape reached the database"
+        )
+
+    monkeypatch.setattr(queries, "insert_posting", no_write)
+    posargs: list[Any] = [[1, 2]] * 10
+    posargs[7] = "12"
+    with pytest.raises(
+        PostingError, match=r"^job 7: posargs: positional arguments must be"
+    ):
+        Client(dsn).post(clientjobs.add, posargs)
+    kwargs: list[Any] = [{}] * 10
+    kwargs[8] = [("a", 1)]
+    with pytest.raises(
+        PostingError, match=r"^job 8: kwargs: keyword arguments must be a dict"
+    ):
+        Client(dsn).post(clientjobs.add, [[1, 2]] * 10, kwargs)
+
+
+def test_the_first_bad_job_is_named_even_when_a_later_one_is_misshapen(
+    dsn: str,
+) -> None:
+    posargs: list[Any] = [[1, 2]] * 10
+    posargs[3] = [1, {2}]
+    posargs[6] = "not a list"
+    with pytest.raises(PostingError, match=r"^job 3: posargs\[1\]: set"):
+        Client(dsn).post(clientjobs.add, posargs)
+    assert row_counts(dsn) == (0, 0)
+
+
 # ---------------------------------------------------------------- targets
 
 

@@ -77,7 +77,7 @@ def test_claim_is_fifo_within_a_priority(dsn: str, conn: Any) -> None:
     second = post(dsn, 4)
     jobs = claim(conn, 8)
     assert [j.posting_uuid for j in jobs] == [first] * 4 + [second] * 4
-    assert [j.posargs[0] for j in jobs] == [0, 1, 2, 3] * 2
+    assert [j.posargs_json for j in jobs] == ["[0]", "[1]", "[2]", "[3]"] * 2
 
 
 def test_claim_respects_limit_and_marks_executing(dsn: str, conn: Any) -> None:
@@ -181,6 +181,90 @@ def test_released_job_waits_again_without_using_a_try(
     [recorded] = finish(conn, owner, [job], kind="released")
     assert recorded.status is JobStatus.WAITING
     assert job_row(conn, job.id)["tries_remaining"] == 3
+
+
+def test_outcome_times_and_texts_are_stored_exactly(
+    dsn: str, conn: Any
+) -> None:
+    post(dsn, 2, tries=3)
+    owner = uuid.uuid4()
+    done, failed = claim(conn, 2, owner)
+    base = dt.datetime(2026, 11, 26, 14, 7, 3, tzinfo=dt.timezone.utc)
+    started = base + dt.timedelta(microseconds=999_999)
+    completed = base + dt.timedelta(seconds=1, microseconds=1)
+    retry_at = base + dt.timedelta(days=400, microseconds=123_457)
+    error = 'ValueError: "quoted" \\ back\\slash, tab\t, newline\n, é, 💥'
+    tb = "Traceback (most recent call last):\n  …\n" + error
+    queries.record_outcomes(
+        conn,
+        owner=owner,
+        outcomes=[
+            queries.Outcome(
+                done.id,
+                done.attempt,
+                "done",
+                started,
+                completed,
+                result='{"x": [1.5, "two"]}',
+            ),
+            queries.Outcome(
+                failed.id,
+                failed.attempt,
+                "failed",
+                started,
+                completed,
+                error=error,
+                traceback=tb,
+                retry_at=retry_at,
+            ),
+        ],
+    )
+    row = job_row(conn, done.id)
+    assert (row["work_started_at"], row["completed_at"]) == (started, completed)
+    assert row["result"] == {"x": [1.5, "two"]}
+    row = job_row(conn, failed.id)
+    assert (row["error"], row["traceback"]) == (error, tb)
+    assert row["run_after"] == retry_at
+
+
+def test_error_texts_postgresql_refuses_are_spelt_out(
+    dsn: str, conn: Any
+) -> None:
+    post(dsn, 1, tries=1)
+    owner = uuid.uuid4()
+    [job] = claim(conn, 1, owner)
+    undecodable = b"caf\xe9".decode("utf-8", "surrogateescape")
+    [recorded] = queries.record_outcomes(
+        conn,
+        owner=owner,
+        outcomes=[
+            queries.Outcome(
+                job.id,
+                job.attempt,
+                "failed",
+                now(),
+                now(),
+                error="NUL\x00 in " + undecodable,
+                traceback="x\x00y",
+            )
+        ],
+    )
+    assert recorded.status is JobStatus.ERRORED_OUT
+    row = job_row(conn, job.id)
+    assert row["error"] == "NUL\\x00 in caf\\udce9"
+    assert row["traceback"] == "x\\x00y"
+
+
+def test_claim_and_outcome_commit_at_once_without_autocommit(
+    dsn: str, conn: Any
+) -> None:
+    post(dsn, 1)
+    owner = uuid.uuid4()
+    with psycopg.connect(dsn) as own:
+        [job] = claim(own, 1, owner)
+        assert job_row(conn, job.id)["status"] == "executing"
+        finish(own, owner, [job])
+        assert job_row(conn, job.id)["status"] == "done"
 
 
 def test_outcome_of_another_owner_changes_nothing(dsn: str, conn: Any) -> None:

@@ -18,8 +18,8 @@ from psycopg import errors, sql
 from psycopg.conninfo import make_conninfo
 
 from harness import Daemon, create_effects_table, daemon_config, write_config
-from pdoflowd import migrate
-from pdoflowd.client import Client
+from pdoflowd import migrate, queries
+from pdoflowd.client import Client, PostingError
 from pdoflowd.status import JobStatus, PostingStatus
 
 
@@ -151,6 +151,35 @@ def test_a_submitter_posts_and_follows_its_own_posting(
     shared = client.shared(posting.id)
     assert shared.update("n", lambda n: n + 1, default=0) == 1
     assert [p.uuid for p in client.postings()] == [posting.id]
+
+
+def test_a_submitter_posts_in_chunks_in_order_and_all_or_nothing(
+    dsn: str, submitters: tuple[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Row-level security refuses COPY: the jobs go by INSERTs of a chunk.
+    monkeypatch.setattr(queries, "_INSERT_CHUNK_JOBS", 3)
+    alice_dsn, _ = submitters
+    client = Client(alice_dsn)
+    posting = client.post(
+        "jobfns.noop", [[i, "a\\b\tc"] for i in range(8)], priority=range(8)
+    )
+    with psycopg.connect(dsn) as conn:
+        jobs = conn.execute(
+            "SELECT uuid, priority, posargs FROM pdoflowd.jobs ORDER BY id"
+        ).fetchall()
+    assert jobs == [
+        (job_id, i, [i, "a\\b\tc"]) for i, job_id in enumerate(posting.job_ids)
+    ]
+    posargs: list[list[Any]] = [[i] for i in range(8)]
+    posargs[5] = [{1}]
+    with pytest.raises(PostingError, match=r"^job 5: posargs\[0\]: set"):
+        client.post("jobfns.noop", posargs)
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute(
+            "SELECT (SELECT count(*) FROM pdoflowd.postings),"
+            " (SELECT count(*) FROM pdoflowd.jobs)"
+        ).fetchone()
+    assert row == (1, 8)
 
 
 def test_a_submitter_cannot_update_jobs_not_even_its_own(

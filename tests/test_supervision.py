@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from harness import (
     wait_until,
     write_config,
 )
+from pdoflowd import queries
 from pdoflowd.client import Client
 from pdoflowd.status import PostingStatus
 
@@ -30,6 +32,12 @@ def the_job(dsn: str) -> dict[str, Any]:
         rows = cur.execute("SELECT * FROM pdoflowd.jobs").fetchall()
     assert len(rows) == 1
     return dict(rows[0])
+
+
+def all_jobs(dsn: str) -> list[dict[str, Any]]:
+    with psycopg.connect(dsn) as conn:
+        cur = conn.cursor(row_factory=psycopg.rows.dict_row)
+        return cur.execute("SELECT * FROM pdoflowd.jobs").fetchall()
 
 
 def runs(dsn: str, key: str, note: str | None = None) -> list[int]:
@@ -304,6 +312,42 @@ def host_config(lease: float) -> dict[str, Any]:
             "maintenance_interval_s": 0.1,
         },
     }
+
+
+def test_a_claim_that_commits_after_its_worker_was_reaped_is_taken_back(
+    effects_dsn: str, daemons: Any
+) -> None:
+    # A worker killed while its claim was in flight: the claim commits
+    # after the supervisor took back the worker's jobs, under an owner that
+    # no live worker has. Made here by claiming in the daemon's name.
+    daemon = daemons(**host_config(5.0))
+    Client(effects_dsn).post(
+        "jobfns.noop", [[1], [2]], requires=["elsewhere"], tries=3
+    )
+    with psycopg.connect(effects_dsn, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT id FROM pdoflowd.daemons WHERE pid = %s", (daemon.pid,)
+        ).fetchone()
+        assert row is not None
+        claimed = queries.claim(
+            conn,
+            owner=uuid.uuid4(),
+            daemon_id=row[0],
+            limit=2,
+            provides=["elsewhere"],
+        )
+    assert len(claimed) == 2
+    wait_until(
+        lambda: (
+            {
+                (r["status"], r["owner"], r["tries_remaining"])
+                for r in all_jobs(effects_dsn)
+            }
+            == {("waiting", None, 3)}
+        )
+    )
+    assert "took back 2 job(s)" in daemon.log()
+    assert "its worker ended while claiming" in daemon.log()
 
 
 def test_jobs_of_a_dead_host_are_rescued_by_another_daemon(
