@@ -1,11 +1,13 @@
 """The benchmark's own SQL: set the stage, read the results.
 
 Owns emptying the queue between phases, loading waiting jobs and finished
-history in bulk (ids ordered as pdoflowd's time-ordered UUIDs are),
-resuming a paused posting, and the read-only queries the figures come
-from. Rows that are measured are written by pdoflowd's own code (the client
-and the daemon); these helpers only prepare and observe. Every connection
-made here is named ``pdoflow-bench`` so it is never counted as the daemon's.
+history in bulk (ids ordered as pdoflowd's time-ordered UUIDs are), a COPY
+of pre-rendered job rows, resuming a paused posting, and the read-only
+queries the figures come from. Rows that are measured are written by
+pdoflowd's own code (the client and the daemon), or, for PostgreSQL's own
+limits, by pgbench and by :func:`copy_jobs`; the other helpers only prepare
+and observe. Every connection made here is named ``pdoflow-bench`` so it is
+never counted as the daemon's.
 """
 
 from __future__ import annotations
@@ -74,6 +76,26 @@ def _ordered_uuid_sql() -> str:
     )
 
 
+def new_posting(
+    conn: Connection, *, paused: bool, entry_point: str = NOOP
+) -> int:
+    """Insert one posting without jobs; return its id."""
+    row = conn.execute(
+        "INSERT INTO pdoflowd.postings"
+        " (uuid, target_function, entry_point, status)"
+        " VALUES (%s, %s, %s, %s) RETURNING id",
+        (
+            uuid.uuid4(),
+            entry_point.rsplit(".", 1)[1],
+            entry_point,
+            "paused" if paused else "executing",
+        ),
+    ).fetchone()
+    assert row is not None
+    posting_id: int = row[0]
+    return posting_id
+
+
 def load_waiting(
     conn: Connection,
     count: int,
@@ -85,19 +107,7 @@ def load_waiting(
 ) -> int:
     """Insert one posting of ``count`` waiting jobs; return its id."""
     with conn.transaction():
-        row = conn.execute(
-            "INSERT INTO pdoflowd.postings"
-            " (uuid, target_function, entry_point, status)"
-            " VALUES (%s, %s, %s, %s) RETURNING id",
-            (
-                uuid.uuid4(),
-                entry_point.rsplit(".", 1)[1],
-                entry_point,
-                "paused" if paused else "executing",
-            ),
-        ).fetchone()
-        assert row is not None
-        posting_id: int = row[0]
+        posting_id = new_posting(conn, paused=paused, entry_point=entry_point)
         conn.execute(
             "INSERT INTO pdoflowd.jobs (uuid, posting_id, priority, posargs)"
             f" SELECT {_ordered_uuid_sql()}, %s, %s, {posargs_sql}"
@@ -105,6 +115,22 @@ def load_waiting(
             (posting_id, priority, count),
         )
     return posting_id
+
+
+def copy_jobs(conn: Connection, data: bytes) -> None:
+    """COPY job rows already in COPY text, in one committed transaction.
+
+    The columns, in their order, are those of ``Client.post``'s own COPY,
+    whose lines ``queries.copy_blocks`` renders.
+    """
+    with (
+        conn.transaction(),
+        conn.cursor().copy(
+            "COPY pdoflowd.jobs (uuid, priority, posargs, kwargs, posting_id,"
+            " tries_remaining, run_after) FROM STDIN"
+        ) as copy,
+    ):
+        copy.write(data)
 
 
 def load_history(conn: Connection, count: int) -> None:

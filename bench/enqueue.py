@@ -2,27 +2,40 @@
 
 ``python -m bench.enqueue DSN N`` prints one JSON object: the seconds the
 call took and the process's resident memory before it and at its peak
-(VmRSS, ru_maxrss), so the growth is the call's own. The arguments are
-built before the first reading: they are the caller's, not the client's.
-The posting is paused, so no daemon runs it.
+(VmRSS, then VmHWM with the high-water mark reset to VmRSS just before the
+call), so the growth is the call's own. Not ``ru_maxrss``: Linux carries
+it over from the parent through fork and exec, so a large parent would
+show as growth here. The arguments are built before the first reading:
+they are the caller's, not the client's. The posting is paused, so no
+daemon runs it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-import resource
 import sys
 import time
 
 from pdoflowd.client import Client
 
 
-def _rss_kib() -> int:
+def _status_kib(field: str) -> int:
     with open("/proc/self/status") as status:
         for line in status:
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1])
-    raise LookupError("VmRSS not in /proc/self/status")
+    raise LookupError(f"{field} not in /proc/self/status")
+
+
+def _reset_peak() -> None:
+    """Set VmHWM to VmRSS (Linux 4.0 and later; else it stays the peak of
+    this process so far, warm-up included)."""
+    with (
+        contextlib.suppress(OSError),
+        open("/proc/self/clear_refs", "w") as clear_refs,
+    ):
+        clear_refs.write("5")
 
 
 def measure(dsn: str, count: int) -> dict[str, float]:
@@ -31,11 +44,12 @@ def measure(dsn: str, count: int) -> dict[str, float]:
     posargs = [[index] for index in range(count)]
     # A warm-up post: connections, imports and caches are not per job.
     client.post("bench.jobs.noop", [[0]], paused=True)
-    before = _rss_kib()
+    _reset_peak()
+    before = _status_kib("VmRSS")
     started = time.perf_counter()
     client.post("bench.jobs.noop", posargs, paused=True)
     seconds = time.perf_counter() - started
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = _status_kib("VmHWM")
     return {
         "jobs": count,
         "seconds": seconds,

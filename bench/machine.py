@@ -54,6 +54,8 @@ def describe(repo: Path, server: dict[str, str]) -> dict[str, Any]:
         "kernel": platform.release(),
         "python": platform.python_version(),
         "psycopg": psycopg.__version__,
+        # "python" (pure Python, as Debian ships it), "c" or "binary".
+        "psycopg_impl": psycopg.pq.__impl__,
         "libpq": psycopg.pq.version(),
         "pdoflowd": pdoflowd.__version__,
         "commit": _commit(repo),
@@ -67,7 +69,8 @@ def summary(facts: dict[str, Any]) -> str:
     return (
         f"{facts['nproc']} CPU ({facts['cpu']}), {facts['memory_gib']} GiB,"
         f" Linux {facts['kernel']}, Python {facts['python']},"
-        f" psycopg {facts['psycopg']}; PostgreSQL"
+        f" psycopg {facts['psycopg']} ({facts.get('psycopg_impl', '?')});"
+        " PostgreSQL"
         f" {server.get('server_version')} (fsync={server.get('fsync')},"
         f" synchronous_commit={server.get('synchronous_commit')},"
         f" wal_sync_method={server.get('wal_sync_method')},"

@@ -1,7 +1,8 @@
 """The measurements, one function each, on a database given to them.
 
 Owns how each figure is taken: enqueue (``Client.post`` in a process of
-its own), PostgreSQL's limit (pgbench running ``cycle.sql`` on the same
+its own), PostgreSQL's COPY limit (the rows such a post sends, rendered
+beforehand), PostgreSQL's limit (pgbench running ``cycle.sql`` on the same
 table), drain (a daemon started on a paused posting, which is then resumed;
 timed from the resuming transaction to the posting's ``finished_at``, both
 on the database clock), pickup latency (single-job postings to an idle
@@ -28,8 +29,10 @@ from typing import Any
 from bench import cpu, database
 from bench.daemon import Daemon, DaemonSettings, Memory
 from pdoflowd import queries
-from pdoflowd.client import Client
+from pdoflowd.arguments import encode_job
+from pdoflowd.client import DEFAULT_TRIES, Client
 from pdoflowd.config import APPLICATION_NAME
+from pdoflowd.ids import uuid7_run
 
 CYCLE_SQL = Path(__file__).resolve().parent / "cycle.sql"
 _TPS = re.compile(r"^tps = ([0-9.]+) \(without initial connection time\)", re.M)
@@ -76,6 +79,32 @@ def enqueue(stage: Stage, count: int) -> dict[str, float]:
     result: dict[str, float] = json.loads(done.stdout)
     result["jobs_per_s"] = count / result["seconds"]
     return result
+
+
+def copy_limit(stage: Stage, count: int) -> dict[str, float]:
+    """PostgreSQL's own rate for the COPY of ``count`` rows of a posting.
+
+    The rows are those ``bench.enqueue`` has ``Client.post`` send (same
+    columns, arguments ``[index]``, no keywords, priority 0, default
+    tries), rendered as COPY text before the clock starts and sent from
+    memory into a paused posting. Timed from here around the COPY and its
+    commit; the posting and its rows are deleted afterwards.
+    """
+    with database.connect(stage.dsn) as conn:
+        posting_id = database.new_posting(conn, paused=True)
+        tail = queries.copy_tail(posting_id, DEFAULT_TRIES, None)
+        jobs = (
+            (job_id, 0, *encode_job(index, [index], {}))
+            for index, job_id in enumerate(uuid7_run(count).texts())
+        )
+        data = "".join(queries.copy_blocks(jobs, tail)).encode()
+        started = time.perf_counter()
+        database.copy_jobs(conn, data)
+        seconds = time.perf_counter() - started
+        conn.execute(
+            "DELETE FROM pdoflowd.postings WHERE id = %s", (posting_id,)
+        )
+    return {"jobs": count, "seconds": seconds, "jobs_per_s": count / seconds}
 
 
 # ---------------------------------------------------------------- pgbench

@@ -80,6 +80,16 @@ def rows(runs: Sequence[Run], plan: dict[str, Any]) -> list[Row | str]:
         target=100_000,
     )
     add(
+        f"PostgreSQL COPY limit, {plan['enqueue_jobs']:,} pre-rendered rows",
+        lambda r: r["copy_limit"]["jobs_per_s"],
+        unit="rows/s",
+    )
+    add(
+        "post / COPY limit, same run",
+        lambda r: r["enqueue"]["jobs_per_s"] / r["copy_limit"]["jobs_per_s"],
+        digits=2,
+    )
+    add(
         f"post {plan['enqueue_small']:,} jobs",
         lambda r: r["enqueue_small"]["jobs_per_s"],
         unit="jobs/s",

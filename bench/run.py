@@ -1,11 +1,12 @@
 """The benchmark's command line and the order of its measurements.
 
 ``python -m bench`` starts a throwaway PostgreSQL (or uses ``--dsn``),
-creates a fresh database in it, and measures, ``--runs`` times: enqueue,
-PostgreSQL's limit and pdoflowd's drain on an empty table, claim and
-pickup latency, the daemon's footprint, hoarding, and limit and drain again
-with a history of finished jobs kept. It prints one table of medians and
-writes every raw figure to ``bench-results/<timestamp>.json``.
+creates a fresh database in it, and measures, ``--runs`` times: enqueue
+and PostgreSQL's limit for the same COPY, PostgreSQL's limit and pdoflowd's
+drain on an empty table, claim and pickup latency, the daemon's footprint,
+hoarding, and limit and drain again with a history of finished jobs kept.
+It prints one table of medians and writes every raw figure to
+``bench-results/<timestamp>.json``.
 ``--sweep`` measures only drain against limit, for every combination of
 the ``--workers``, ``--batch`` and ``--flush-ms`` lists.
 """
@@ -256,6 +257,12 @@ def one_run(stage: phases.Stage, plan: Plan) -> dict[str, Any]:
     out["enqueue"] = timed(
         f"post {plan.enqueue_jobs:,}",
         lambda: phases.enqueue(stage, plan.enqueue_jobs),
+        _rate,
+    )
+    reset()
+    out["copy_limit"] = timed(
+        f"PostgreSQL COPY limit, {plan.enqueue_jobs:,} rows",
+        lambda: phases.copy_limit(stage, plan.enqueue_jobs),
         _rate,
     )
     reset()
