@@ -341,14 +341,13 @@ class Worker:
                 "%d outcome(s) fenced off: their jobs were taken back",
                 len(outcomes) - len(recorded),
             )
-        errored_out = False
-        for r in recorded:
-            if r.status is JobStatus.DONE:
-                self.unsettled.add(r.posting_id)
-            elif r.status is JobStatus.ERRORED_OUT:
-                self.unsettled.add(r.posting_id)
-                errored_out = True
-        if errored_out:
+        finals = [
+            r
+            for r in recorded
+            if r.status in (JobStatus.DONE, JobStatus.ERRORED_OUT)
+        ]
+        self.unsettled.update(r.posting_id for r in finals)
+        if any(r.status is JobStatus.ERRORED_OUT for r in finals):
             self.settle()
 
     def settle(self) -> None:
