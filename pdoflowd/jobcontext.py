@@ -90,6 +90,45 @@ def _job_connection(kwargs: dict[str, object]) -> Connection:
     return _connection
 
 
+def _discard_unless_idle() -> None:
+    """Close the shared connection if a job left it busy.
+
+    A job stopped inside its own statement (a timeout, or any exception
+    raised by a signal handler) leaves the statement in flight: every later
+    use of the connection would fail with "another command is already in
+    progress". One left inside a transaction would carry that transaction
+    into the next job. Either way the next job gets a fresh connection; a
+    statement still running is cancelled first, so the server stops the
+    work the timeout was meant to stop.
+    """
+    global _connection
+    conn = _connection
+    if conn is None or conn.closed:
+        return
+    status = conn.pgconn.transaction_status
+    if status == psycopg.pq.TransactionStatus.IDLE:
+        return
+    _connection = None
+    if status == psycopg.pq.TransactionStatus.ACTIVE:
+        limit = _connected_with.get("connect_timeout")
+        _cancel(conn, float(limit) if isinstance(limit, int) else 5.0)
+    with contextlib.suppress(Exception):
+        conn.close()
+
+
+def _cancel(conn: Connection, timeout: float) -> None:
+    # cancel_safe (psycopg >= 3.2) bounds the wait; older ones block in
+    # libpq's cancel request.
+    cancel_safe = getattr(conn, "cancel_safe", None)
+    try:
+        if cancel_safe is not None:
+            cancel_safe(timeout=timeout)
+        else:
+            conn.cancel()
+    except Exception as exc:
+        log.warning("a job's statement left running: %s", exc)
+
+
 @functools.lru_cache(maxsize=4)
 def _job_connector(
     database: DatabaseConfig, password: str | None
@@ -142,7 +181,10 @@ class JobContext:
 
         It is shared by the jobs this worker runs one after another and
         stays open between them; do not close it, and end any transaction
-        you open.
+        you open. A job that ends while a statement of it is still running
+        (a timeout) or inside a transaction has the connection closed
+        behind it (the statement cancelled, the transaction rolled back);
+        the next job gets a fresh one.
         """
         return self._connect()
 
@@ -243,6 +285,7 @@ class JobCall:
                 value = function(*posargs, **kwargs)
         finally:
             _current = None
+            _discard_unless_idle()
         if self.job.store_result:
             self.result_json = encode_result(
                 value, self.config.jobs.result_max_bytes

@@ -83,3 +83,9 @@ def fail_until_flag(name: str) -> None:
     """Fail until the shared flag ``name`` is set."""
     if not current_job().shared.get(name):
         raise RuntimeError(f"flag {name} not set")
+
+
+@job()
+def query_past_timeout(seconds: float = 30.0) -> None:
+    """Sleep inside a statement on the job's own connection."""
+    current_job().connection().execute("SELECT pg_sleep(%s)", (seconds,))
