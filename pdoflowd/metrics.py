@@ -52,6 +52,7 @@ __all__ = [
     "Readiness",
     "WorkerTally",
     "batch_report",
+    "merge_reports",
     "metric_names",
     "outcome_of",
     "readiness",
@@ -307,6 +308,44 @@ class WorkerTally:
         self._claim_s = []
         self._since = 0.0
         return report
+
+
+def merge_reports(
+    first: Mapping[str, Any],
+    second: Mapping[str, Any],
+    *,
+    max_samples: int = 10000,
+) -> dict[str, Any]:
+    """One metrics report that counts what both reports count.
+
+    For a report a worker could not send yet (its supervisor was not
+    reading): the next one is merged into it rather than queued behind it.
+    Counts add up exactly; each list of durations keeps at most
+    ``max_samples`` (the earliest), so a report held for long stays
+    bounded while every counter stays exact.
+    """
+
+    def samples(key: str) -> list[float]:
+        return [*first.get(key, ()), *second.get(key, ())][:max_samples]
+
+    outcomes: dict[str, dict[str, list[Any]]] = {}
+    for report in (first, second):
+        for outcome, by_function in report.get("outcomes", {}).items():
+            into = outcomes.setdefault(outcome, {})
+            for function, (count, durations) in by_function.items():
+                count_so_far, kept = into.get(function, (0, []))
+                into[function] = [
+                    count_so_far + count,
+                    [*kept, *durations][:max_samples],
+                ]
+    return {
+        "event": METRICS_EVENT,
+        "v": REPORT_VERSION,
+        "claimed": first.get("claimed", 0) + second.get("claimed", 0),
+        "claim_s": samples("claim_s"),
+        "wait_s": samples("wait_s"),
+        "outcomes": outcomes,
+    }
 
 
 # ------------------------------------------------------------ readiness

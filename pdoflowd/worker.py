@@ -45,6 +45,11 @@ EXIT_OK = 0
 EXIT_BOOT_FAILED = 3
 
 _PR_SET_PDEATHSIG = 1
+# Lines other than metrics reports that may wait for a supervisor that
+# does not read (a few hundred); beyond that they are dropped.
+_OUTBOX_BYTES = 65536
+# How long an exiting worker waits for its last reports to be read.
+_EXIT_DELIVERY_S = 5.0
 _SYSTEMD_VARIABLES = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
 
 
@@ -105,6 +110,12 @@ class Worker:
         self.verdicts: dict[str, bool] = {}
         self.rng = random.Random()
         self.tally = metrics.WorkerTally()
+        # Report lines the pipe has not taken yet (the first may be begun),
+        # and a metrics report not yet begun, to merge later ones into.
+        self.outbox = bytearray()
+        self.held_metrics: dict[str, Any] | None = None
+        self.reports_dropped = 0
+        self.drops_logged = 0
 
     # ------------------------------------------------------------ boot
 
@@ -126,6 +137,8 @@ class Worker:
             libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
         if os.getppid() != self.spec.parent_pid:
             raise _Stop("the supervisor exited before the worker started")
+        # A busy or stopped supervisor must not stop the jobs (see report).
+        os.set_blocking(self.spec.report_fd, False)
         logs.set_process_label(f"worker {self.spec.slot}")
 
     def _on_term(self, signum: int, frame: FrameType | None) -> None:
@@ -135,22 +148,76 @@ class Worker:
         self.stop_requested = True
 
     def report(self, event: str, **fields: Any) -> None:
-        """Send one line to the supervisor (best effort, but whole)."""
-        data = (json.dumps({"event": event, **fields}) + "\n").encode()
-        with contextlib.suppress(OSError):
-            while data:
-                try:
-                    written = os.write(self.spec.report_fd, data)
-                except InterruptedError:
-                    continue
-                data = data[written:]
+        """Send one line to the supervisor, never waiting for it to read.
+
+        What the pipe cannot take now (its supervisor is busy or stopped)
+        waits in the outbox and goes out, whole and in order, with a later
+        report; a worker so keeps running jobs however long its supervisor
+        does not read. Past _OUTBOX_BYTES waiting, further lines are
+        dropped and counted; metrics reports are merged instead (see
+        :meth:`send_metrics`).
+        """
+        line = (json.dumps({"event": event, **fields}) + "\n").encode()
+        if len(self.outbox) + len(line) > _OUTBOX_BYTES:
+            self.reports_dropped += 1
+        else:
+            self.outbox += line
+        self.deliver_reports()
 
     def send_metrics(
         self, recorded: list[queries.RecordedOutcome] | None = None
     ) -> None:
+        """Send what the tally noted; never lost to a supervisor not reading.
+
+        A report the pipe cannot take yet is held, and later ones merged
+        into it (metrics.merge_reports), so the counters stay exact and
+        the held report bounded.
+        """
         report = self.tally.take_report(recorded)
         if report is not None:
-            self.report(**report)
+            held = self.held_metrics
+            self.held_metrics = (
+                report if held is None else metrics.merge_reports(held, report)
+            )
+        self.deliver_reports()
+
+    def deliver_reports(self, wait_s: float = 0.0) -> bool:
+        """Write what the report pipe takes, waiting at most ``wait_s``.
+
+        True when nothing is left to send. A line written in part keeps its
+        tail first in the outbox, so the stream the supervisor reads stays
+        whole lines. A pipe that is gone (the supervisor exited; or none,
+        under execute-job) takes everything: it is dropped.
+        """
+        deadline = time.monotonic() + wait_s
+        while True:
+            if not self.outbox and self.held_metrics is not None:
+                self.outbox += (json.dumps(self.held_metrics) + "\n").encode()
+                self.held_metrics = None
+            if not self.outbox:
+                if self.reports_dropped > self.drops_logged:
+                    log.warning(
+                        "%d report(s) dropped: the supervisor did not read",
+                        self.reports_dropped - self.drops_logged,
+                    )
+                    self.drops_logged = self.reports_dropped
+                return True
+            try:
+                written = os.write(self.spec.report_fd, self.outbox)
+            except BlockingIOError:
+                pass
+            except OSError:
+                self.outbox.clear()
+                self.held_metrics = None
+                return False
+            else:
+                del self.outbox[:written]
+                continue
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            with contextlib.suppress(InterruptedError):
+                select.select([], [self.spec.report_fd], [], left)
 
     def mark(
         self,
@@ -515,6 +582,8 @@ def main(spec: WorkerSpec) -> NoReturn:
         log.exception("worker failed")
         code = 1
     finally:
+        with contextlib.suppress(Exception):
+            worker.deliver_reports(_EXIT_DELIVERY_S)
         with contextlib.suppress(Exception):
             logging.shutdown()
     os._exit(code)

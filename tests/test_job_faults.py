@@ -8,6 +8,12 @@ timeouts are signals, the supervisor is stopped with SIGSTOP.
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import signal
+import time
+import urllib.request
 import uuid
 from typing import Any
 
@@ -17,10 +23,26 @@ from harness import Daemon, wait_until
 from pdoflowd import current_job, queries
 from pdoflowd.client import Client
 from pdoflowd.config import Config, DatabaseConfig, JobsConfig
+from pdoflowd.devcluster import free_port
 from pdoflowd.jobcontext import JobCall
+from pdoflowd.metrics import (
+    JobRun,
+    PoolMetrics,
+    batch_report,
+    merge_reports,
+)
+from pdoflowd.scoreboard import Scoreboard
 from pdoflowd.status import JobStatus
+from pdoflowd.worker import Worker, WorkerSpec
+from scrape import parse_scrape, scrape_sum
 
 FEATURES = {"allowed_modules": ["jobfns", "featurejobs"]}
+
+
+def fetch(port: int, path: str) -> str:
+    url = f"http://127.0.0.1:{port}{path}"
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return str(response.read().decode())
 
 
 def job_row(dsn: str, job_id: Any) -> dict[str, Any]:
@@ -117,3 +139,155 @@ def test_a_transaction_a_job_left_open_does_not_reach_the_next_job(
     later = call(second)
     later.run(transaction_state)
     assert later.result_json == '"IDLE"'
+
+
+# ------------------------------------------------ a supervisor not reading
+
+
+def database_attempts(dsn: str) -> tuple[int, int]:
+    """(attempts made, jobs done) as the database recorded them."""
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute(
+            "SELECT coalesce(sum(attempt), 0),"
+            " count(*) FILTER (WHERE status = 'done') FROM pdoflowd.jobs"
+        ).fetchone()
+    assert row is not None
+    return int(row[0]), int(row[1])
+
+
+def test_workers_go_on_while_the_supervisor_reads_no_report_and_count_all(
+    daemons: Any, effects_dsn: str
+) -> None:
+    port = free_port()
+    daemon: Daemon = daemons(
+        # One report per claim and one per outcome: a few hundred jobs fill
+        # the report pipe of a supervisor that does not read it.
+        workers={"count": 1, "batch_size": 1, "outcome_flush_ms": 0},
+        metrics={"listen": f"127.0.0.1:{port}"},
+        daemon={"host_lease_s": 120.0},
+    )
+    jobs = 1500
+    daemon.send(signal.SIGSTOP)
+    try:
+        Client(effects_dsn).post("jobfns.noop", [[]] * jobs)
+        wait_until(
+            lambda: database_attempts(effects_dsn)[1] == jobs, timeout=60
+        )
+    finally:
+        daemon.send(signal.SIGCONT)
+    attempts, done = database_attempts(effects_dsn)
+    assert (attempts, done) == (jobs, jobs)
+
+    def counted() -> Any:
+        scrape = parse_scrape(fetch(port, "/metrics"))
+        return (
+            scrape_sum(scrape, "pdoflowd_jobs_processed_total")
+            == scrape_sum(scrape, "pdoflowd_jobs_claimed_total")
+            == attempts
+        ) and scrape
+
+    scrape = wait_until(counted, timeout=30)
+    processed = "pdoflowd_jobs_processed_total"
+    assert scrape_sum(scrape, processed, outcome="done") == jobs
+    assert daemon.stop() == 0
+    assert "report from worker" not in daemon.log(), "every line was whole"
+
+
+def scrape_of(*reports: dict[str, Any]) -> dict[Any, float]:
+    pool = PoolMetrics(version="test", process_metrics=False)
+    for report in reports:
+        pool.apply_worker_report(report)
+    return {
+        key: value
+        for key, value in parse_scrape(pool.render().decode()).items()
+        if ("job" in key[0] or "claim" in key[0])
+        and not key[0].endswith("_created")
+    }
+
+
+def test_a_held_report_merged_with_later_ones_counts_what_they_count() -> None:
+    reports = [
+        batch_report(claimed=3, claim_s=[0.001], wait_s=[0.5, 1.0]),
+        batch_report(
+            claim_s=[0.002],
+            wait_s=[2.0],
+            runs=[
+                JobRun("done", "pkg.f", 0.25),
+                JobRun("failed", "pkg.f", 1.5),
+                JobRun("released", "pkg.g", None),
+            ],
+        ),
+        batch_report(claimed=1, runs=[JobRun("done", "pkg.f", 0.75)]),
+    ]
+    merged = reports[0]
+    for later in reports[1:]:
+        merged = merge_reports(merged, later)
+    assert json.loads(json.dumps(merged)) == merged
+    assert scrape_of(merged) == scrape_of(*reports)
+
+
+def test_a_held_report_keeps_every_count_but_bounded_durations() -> None:
+    one = batch_report(
+        claimed=1, claim_s=[0.001], runs=[JobRun("done", "pkg.f", 0.5)]
+    )
+    merged = one
+    for _ in range(99):
+        merged = merge_reports(merged, one, max_samples=10)
+    assert merged["claimed"] == 100
+    assert len(merged["claim_s"]) == 10
+    assert merged["outcomes"] == {"done": {"pkg.f": [100, [0.5] * 10]}}
+    scrape = scrape_of(merged)
+    assert scrape_sum(scrape, "pdoflowd_jobs_processed_total") == 100
+    assert scrape_sum(scrape, "pdoflowd_jobs_claimed_total") == 100
+
+
+def test_report_lines_stay_whole_and_metrics_exact_through_a_full_pipe() -> (
+    None
+):
+    read_fd, write_fd = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+    worker = Worker(
+        WorkerSpec(
+            slot=0,
+            owner=uuid.uuid4(),
+            daemon_id=uuid.uuid4(),
+            config=Config(),
+            password=None,
+            scoreboard=Scoreboard(1),
+            wake_fd=-1,
+            report_fd=write_fd,
+            parent_pid=os.getpid(),
+            inherited_fds=(),
+        )
+    )
+    received = bytearray()
+
+    def read(limit: int) -> None:
+        with contextlib.suppress(BlockingIOError):
+            received.extend(os.read(read_fd, limit))
+
+    try:
+        sent = 0
+        for n in range(3000):
+            # Lines of every size up to twice PIPE_BUF, so writes are cut.
+            worker.report("probe", n=n, pad="x" * (n * 997 % 8192))
+            worker.tally.note_claim(0.001, 1)
+            worker.send_metrics()
+            sent += 1
+            if n % 40 == 0:
+                read(3000)  # a supervisor reading now and then, in bits
+        deadline = time.monotonic() + 10
+        while not worker.deliver_reports() and time.monotonic() < deadline:
+            read(65536)
+        read(65536)
+    finally:
+        os.close(read_fd)
+        os.close(write_fd)
+    assert received.endswith(b"\n")
+    lines = [json.loads(line) for line in received.splitlines()]
+    probes = [line["n"] for line in lines if line["event"] == "probe"]
+    assert probes == sorted(set(probes)), "in order, none twice"
+    assert 0 < len(probes) < sent, "the pipe was full: some were dropped"
+    assert worker.reports_dropped == sent - len(probes)
+    reports = [line for line in lines if line["event"] == "metrics"]
+    # No metrics report is ever dropped: every claim is counted.
+    assert sum(report["claimed"] for report in reports) == sent
