@@ -41,6 +41,7 @@ __all__ = [
     "MetricsConfig",
     "WorkersConfig",
     "connection_kwargs",
+    "dsn_problems",
     "load",
     "parse",
     "resolve_password",
@@ -185,19 +186,166 @@ def _listen_address(listen: str) -> Iterator[str]:
 # they are safe to repeat; any other detail might echo part of a password.
 _SAFE_CONNINFO_ERRORS = ("invalid connection option", "invalid URI query")
 
+# The values libpq accepts for its settings with a fixed set of them; any
+# other is refused only when a connection is attempted, again and again.
+_CONNINFO_CHOICES: Mapping[str, tuple[str, ...]] = {
+    "sslmode": (
+        "disable",
+        "allow",
+        "prefer",
+        "require",
+        "verify-ca",
+        "verify-full",
+    ),
+    "gssencmode": ("disable", "prefer", "require"),
+    "channel_binding": ("disable", "prefer", "require"),
+    "target_session_attrs": (
+        "any",
+        "read-write",
+        "read-only",
+        "primary",
+        "standby",
+        "prefer-standby",
+    ),
+    "load_balance_hosts": ("disable", "random"),
+    "sslnegotiation": ("postgres", "direct"),
+    "sslcertmode": ("disable", "allow", "require"),
+    "sslsni": ("0", "1"),
+    "sslcompression": ("0", "1"),
+}
+_TLS_VERSIONS = ("TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3")
+_CONNINFO_INTEGERS = (
+    "connect_timeout",
+    "keepalives",
+    "keepalives_idle",
+    "keepalives_interval",
+    "keepalives_count",
+    "tcp_user_timeout",
+)
+_AUTH_METHODS = (
+    "password",
+    "md5",
+    "gss",
+    "sspi",
+    "scram-sha-256",
+    "oauth",
+    "none",
+)
+_UNENCODED_USERINFO = (
+    "an '@' or '/' in the URI's user name or password must be"
+    " percent-encoded (%40, %2F): as written, libpq would read part of"
+    " the password as a host name"
+)
 
-def _conninfo(dsn: str) -> Iterator[str]:
+
+def _list_count(value: str) -> int:
+    return len(value.split(",")) if value else 0
+
+
+def _uri_userinfo_problems(dsn: str) -> Iterator[str]:
+    uri = re.match(r"\s*postgres(?:ql)?://([^?]*)", dsn)
+    if uri is None:
+        return
+    front = uri.group(1)
+    ats = [i for i, char in enumerate(front) if char == "@"]
+    slash = front.find("/")
+    if len(ats) > 1 or (ats and 0 <= slash < ats[0]):
+        yield _UNENCODED_USERINFO
+
+
+def _address_problems(params: Mapping[str, str]) -> Iterator[str]:
+    host, hostaddr = params.get("host", ""), params.get("hostaddr", "")
+    # A leading "@" names an abstract Unix socket; anywhere else it is
+    # what remains of a URI password with an unencoded "@".
+    if any("@" in name[1:] for name in host.split(",")):
+        yield "host: a host name cannot contain '@'"
+    for address in hostaddr.split(",") if hostaddr else ():
+        try:
+            if address.strip():
+                ipaddress.ip_address(address.strip())
+        except ValueError:
+            yield "hostaddr: each entry must be a numeric IP address"
+            break
+    hosts, addresses = _list_count(host), _list_count(hostaddr)
+    if hosts and addresses and hosts != addresses:
+        yield (
+            f"hostaddr: {addresses} addresses for {hosts} host names;"
+            " give one address per host name"
+        )
+    ports = params.get("port", "").split(",")
+    if not all(
+        not port.strip()
+        or (port.strip().isdigit() and 1 <= int(port.strip()) <= 65535)
+        for port in ports
+    ):
+        yield "port: each port must be a number from 1 to 65535"
+    targets = addresses or hosts or 1
+    if len(ports) > 1 and len(ports) != targets:
+        yield (
+            f"port: {len(ports)} ports for {targets} hosts;"
+            " give one port for all, or one per host"
+        )
+
+
+def _setting_problems(params: Mapping[str, str]) -> Iterator[str]:
+    # Never the value itself: in a URI whose password was split by an
+    # unencoded character, any value may hold a piece of the password.
+    for name, choices in _CONNINFO_CHOICES.items():
+        if name in params and params[name] not in choices:
+            yield f"{name}: must be one of {', '.join(choices)}"
+    for name in ("ssl_min_protocol_version", "ssl_max_protocol_version"):
+        value = params.get(name, "").lower()
+        if value and value not in {v.lower() for v in _TLS_VERSIONS}:
+            yield f"{name}: must be one of {', '.join(_TLS_VERSIONS)}"
+    for name in _CONNINFO_INTEGERS:
+        if name in params and not params[name].strip().isdigit():
+            yield f"{name}: must be a whole number of at least 0"
+    if "require_auth" in params:
+        methods = params["require_auth"].split(",")
+        negated = {method.startswith("!") for method in methods}
+        names = {method.removeprefix("!") for method in methods}
+        if len(negated) > 1 or not names <= set(_AUTH_METHODS):
+            yield (
+                "require_auth: must be a list of "
+                f"{', '.join(_AUTH_METHODS)}, all or none prefixed with '!'"
+            )
+    replication = params.get("replication", "").lower()
+    if replication not in ("", "0", "false", "off", "no"):
+        yield "replication: pdoflowd needs an ordinary session, not a walsender"
+
+
+def dsn_problems(dsn: str) -> list[str]:
+    """What is wrong with a libpq string or URI, never quoting its values.
+
+    libpq's own parser decides what is a setting; then each setting with
+    a fixed set of values, a number or a list of hosts and ports is
+    checked as libpq would check it when connecting, so that a string which
+    can never connect is refused before the daemon starts.
+    """
+    problems = list(_uri_userinfo_problems(dsn))
     try:
-        conninfo_to_dict(dsn)
+        params = conninfo_to_dict(dsn)
     except psycopg.Error as exc:
         detail = str(exc).strip()
         if detail.startswith(_SAFE_CONNINFO_ERRORS):
-            yield f"not a valid libpq connection string or URI: {detail}"
+            problems.append(
+                f"not a valid libpq connection string or URI: {detail}"
+            )
         else:
-            yield (
+            problems.append(
                 "not a valid libpq connection string or URI"
                 " (details withheld: the value may hold a password)"
             )
+        return problems
+    text = {name: str(value) for name, value in params.items()}
+    if not problems:
+        problems += _address_problems(text)
+    problems += _setting_problems(text)
+    return problems
+
+
+def _conninfo(dsn: str) -> Iterator[str]:
+    yield from dsn_problems(dsn)
 
 
 def _module_names(names: tuple[str, ...]) -> Iterator[str]:
@@ -235,6 +383,14 @@ def _log_level(level: str) -> Iterator[str]:
 
 
 # The sections. Each key's type is its annotation; its rule is its metadata.
+# Every duration has an upper bound: a value the loop, a timedelta added to
+# now, or PostgreSQL's interval arithmetic cannot carry is refused here,
+# not met later as an OverflowError in a worker.
+
+_HOUR_S = 3600
+_DAY_S = 86400
+_MONTH_S = 30 * _DAY_S
+_TEN_YEARS_S = 3650 * _DAY_S
 
 
 @dataclass(frozen=True)
@@ -248,6 +404,17 @@ class DatabaseConfig:
         default=5.0, metadata=_rule(above=0, at_most=300)
     )
     prepared_statements: bool = True
+    # Deadlines of the supervisor's own statements, and of every connection
+    # on a network path that drops packets instead of refusing them.
+    statement_timeout_s: float = field(
+        default=10.0, metadata=_rule(above=0, at_most=3600)
+    )
+    lock_timeout_s: float = field(
+        default=1.0, metadata=_rule(above=0, at_most=3600)
+    )
+    tcp_user_timeout_s: float = field(
+        default=15.0, metadata=_rule(at_least=0, at_most=3600)
+    )
 
 
 @dataclass(frozen=True)
@@ -287,11 +454,23 @@ class JobsConfig:
     allowed_modules: tuple[str, ...] = field(
         default=(), metadata=_rule(check=_module_names)
     )
+    # Run plain functions (not marked with @job) under allowed_modules too.
+    allow_unmarked: bool = False
     posting_error_threshold: int = field(default=10, metadata=_rule(at_least=1))
-    timeout_s: float = field(default=0.0, metadata=_rule(at_least=0))
-    timeout_grace_s: float = field(default=5.0, metadata=_rule(at_least=0))
-    retry_delay_s: float = field(default=0.0, metadata=_rule(at_least=0))
-    retry_delay_max_s: float = field(default=300.0, metadata=_rule(at_least=0))
+    timeout_s: float = field(
+        default=0.0, metadata=_rule(at_least=0, at_most=_TEN_YEARS_S)
+    )
+    timeout_grace_s: float = field(
+        default=5.0, metadata=_rule(at_least=0, at_most=_DAY_S)
+    )
+    # A retry's time is now + the delay, as a datetime: bounded so that the
+    # sum stays far inside what datetime and timestamptz can hold.
+    retry_delay_s: float = field(
+        default=0.0, metadata=_rule(at_least=0, at_most=_MONTH_S)
+    )
+    retry_delay_max_s: float = field(
+        default=300.0, metadata=_rule(at_least=0, at_most=_MONTH_S)
+    )
     result_max_bytes: int = field(
         default=1048576, metadata=_rule(at_least=1, at_most=268435455)
     )
@@ -336,15 +515,29 @@ class MetricsConfig:
 class DaemonConfig:
     """The supervisor: liveness, maintenance, logging, crash loops."""
 
-    heartbeat_interval_s: float = field(default=5.0, metadata=_rule(above=0))
-    host_lease_s: float = field(default=30.0, metadata=_rule(above=0))
-    maintenance_interval_s: float = field(default=1.0, metadata=_rule(above=0))
+    heartbeat_interval_s: float = field(
+        default=5.0, metadata=_rule(above=0, at_most=_HOUR_S)
+    )
+    host_lease_s: float = field(
+        default=30.0, metadata=_rule(above=0, at_most=_DAY_S)
+    )
+    maintenance_interval_s: float = field(
+        default=1.0, metadata=_rule(above=0, at_most=_HOUR_S)
+    )
     log_level: str = field(default="info", metadata=_rule(check=_log_level))
     crash_loop_max: int = field(default=10, metadata=_rule(at_least=1))
-    crash_loop_window_s: float = field(default=60.0, metadata=_rule(above=0))
-    respawn_delay_s: float = field(default=0.5, metadata=_rule(above=0))
-    respawn_delay_max_s: float = field(default=30.0, metadata=_rule(above=0))
-    healthy_uptime_s: float = field(default=30.0, metadata=_rule(above=0))
+    crash_loop_window_s: float = field(
+        default=60.0, metadata=_rule(above=0, at_most=_DAY_S)
+    )
+    respawn_delay_s: float = field(
+        default=0.5, metadata=_rule(above=0, at_most=_HOUR_S)
+    )
+    respawn_delay_max_s: float = field(
+        default=30.0, metadata=_rule(above=0, at_most=_DAY_S)
+    )
+    healthy_uptime_s: float = field(
+        default=30.0, metadata=_rule(above=0, at_most=_DAY_S)
+    )
 
 
 @dataclass(frozen=True)
@@ -585,9 +778,108 @@ def load(path: Path) -> Config:
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        problem = ConfigProblem("(toml)", f"invalid TOML in {path}: {exc}")
-        raise ConfigError([problem]) from exc
+        problem = _duplicate_problem(text, str(exc)) or ConfigProblem(
+            "(toml)", f"invalid TOML in {path}: {exc}"
+        )
+        raise ConfigError([problem]) from None
     return parse(data, source=path)
+
+
+# A key set twice: tomllib says where it noticed (after the value), not
+# which key, so the key is found again by parsing ever longer prefixes.
+_DUPLICATE_ERRORS = re.compile(
+    r"Cannot (?:overwrite a value|declare|mutate|redefine)"
+    r"|Duplicate inline table key (?P<inline>'[^']*'|\"[^\"]*\")"
+)
+_KEY_PART = r"""(?:[A-Za-z0-9_-]+|"(?:[^"\\\n]|\\.)*"|'[^'\n]*')"""
+_KEY = re.compile(rf"\[*[ \t]*({_KEY_PART}(?:[ \t]*\.[ \t]*{_KEY_PART})*)")
+_PROBE = "__pdoflowd_probe__"
+
+
+def _fails_with_duplicate(text: str) -> bool:
+    try:
+        tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        return _DUPLICATE_ERRORS.match(str(exc)) is not None
+    return False
+
+
+def _parses(text: str) -> bool:
+    try:
+        tomllib.loads(text)
+    except tomllib.TOMLDecodeError:
+        return False
+    return True
+
+
+def _key_parts(key_text: str) -> list[str]:
+    """The decoded parts of a TOML key such as ``a."b.c"``."""
+    parts: list[str] = []
+    node: object = tomllib.loads(f"{key_text} = 0")
+    while isinstance(node, dict):
+        (name, node), *_ = node.items()
+        parts.append(name)
+    return parts
+
+
+def _table_path(prefix: str) -> list[str]:
+    """The table a key/value line after ``prefix`` would land in."""
+
+    def find(node: object, path: list[str]) -> list[str] | None:
+        if isinstance(node, list) and node:
+            return find(node[-1], path)
+        if not isinstance(node, dict):
+            return None
+        if _PROBE in node:
+            return path
+        for name, value in node.items():
+            found = find(value, [*path, name])
+            if found is not None:
+                return found
+        return None
+
+    return find(tomllib.loads(f"{prefix}\n{_PROBE} = 0\n"), []) or []
+
+
+def _duplicate_problem(text: str, error: str) -> ConfigProblem | None:
+    """The key a duplicate definition sets, or None if not a duplicate."""
+    duplicate = _DUPLICATE_ERRORS.match(error)
+    if duplicate is None:
+        return None
+    lines = text.splitlines(keepends=True)
+    # Once a prefix holds the second definition, every longer one fails
+    # with it too: bisect for the line that ends it.
+    low, high = 1, len(lines)
+    while low < high:
+        middle = (low + high) // 2
+        if _fails_with_duplicate("".join(lines[:middle])):
+            high = middle
+        else:
+            low = middle + 1
+    start = low - 1
+    while start > 0 and not _parses("".join(lines[:start])):
+        start -= 1
+    for number in range(start, low):
+        statement = lines[number].strip()
+        if statement and not statement.startswith("#"):
+            break
+    else:
+        return None
+    key = _KEY.match(statement)
+    if key is None:
+        return None
+    try:
+        parts = _key_parts(key.group(1))
+        if not statement.startswith("["):
+            parts = _table_path("".join(lines[:start])) + parts
+    except (tomllib.TOMLDecodeError, ValueError):
+        return None
+    if duplicate.group("inline"):
+        parts.append(duplicate.group("inline")[1:-1])
+    return ConfigProblem(
+        ".".join(parts),
+        f"defined twice: again at line {number + 1}; keep one definition",
+    )
 
 
 def _read_password(path: Path, key: str, *, missing_ok: bool) -> str | None:

@@ -1,9 +1,11 @@
 """The configuration: schema, validation, password lookup, connection args."""
 
 import dataclasses
+import datetime as dt
 import ipaddress
 import re
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -299,13 +301,80 @@ def test_each_array_item_that_is_not_a_string_is_reported() -> None:
             "must be greater than 0 and at most 300, got 301",
         ),
         ("jobs.posting_error_threshold", 0, "must be at least 1, got 0"),
-        ("jobs.timeout_s", -0.5, "must be at least 0, got -0.5"),
-        ("jobs.timeout_grace_s", -1, "must be at least 0, got -1"),
-        ("jobs.retry_delay_s", -1, "must be at least 0, got -1"),
-        ("daemon.heartbeat_interval_s", 0, "must be greater than 0, got 0"),
-        ("daemon.maintenance_interval_s", -1, "must be greater than 0, got -1"),
+        (
+            "jobs.timeout_s",
+            -0.5,
+            "must be between 0 and 315360000, got -0.5",
+        ),
+        ("jobs.timeout_grace_s", -1, "must be between 0 and 86400, got -1"),
+        ("jobs.retry_delay_s", -1, "must be between 0 and 2592000, got -1"),
+        (
+            "daemon.heartbeat_interval_s",
+            0,
+            "must be greater than 0 and at most 3600, got 0",
+        ),
+        (
+            "daemon.maintenance_interval_s",
+            -1,
+            "must be greater than 0 and at most 3600, got -1",
+        ),
         ("daemon.crash_loop_max", 0, "must be at least 1, got 0"),
-        ("daemon.crash_loop_window_s", 0, "must be greater than 0, got 0"),
+        (
+            "daemon.crash_loop_window_s",
+            0,
+            "must be greater than 0 and at most 86400, got 0",
+        ),
+        # Every duration has a ceiling that date arithmetic survives.
+        (
+            "jobs.timeout_s",
+            315360001,
+            "must be between 0 and 315360000, got 315360001",
+        ),
+        (
+            "jobs.timeout_grace_s",
+            86400.5,
+            "must be between 0 and 86400, got 86400.5",
+        ),
+        (
+            "jobs.retry_delay_s",
+            1e12,
+            "must be between 0 and 2592000, got 1000000000000",
+        ),
+        (
+            "jobs.retry_delay_max_s",
+            2592001,
+            "must be between 0 and 2592000, got 2592001",
+        ),
+        (
+            "daemon.heartbeat_interval_s",
+            3601,
+            "must be greater than 0 and at most 3600, got 3601",
+        ),
+        (
+            "daemon.maintenance_interval_s",
+            1e300,
+            "must be greater than 0 and at most 3600, got 1e+300",
+        ),
+        (
+            "daemon.crash_loop_window_s",
+            86401,
+            "must be greater than 0 and at most 86400, got 86401",
+        ),
+        (
+            "daemon.respawn_delay_s",
+            3601,
+            "must be greater than 0 and at most 3600, got 3601",
+        ),
+        (
+            "daemon.respawn_delay_max_s",
+            86401,
+            "must be greater than 0 and at most 86400, got 86401",
+        ),
+        (
+            "daemon.healthy_uptime_s",
+            86401,
+            "must be greater than 0 and at most 86400, got 86401",
+        ),
     ],
 )
 def test_out_of_range_value_is_reported_with_the_range(
@@ -331,6 +400,12 @@ def test_out_of_range_value_is_reported_with_the_range(
         ("database.connect_timeout_s", 0.001),
         ("jobs.posting_error_threshold", 1),
         ("daemon.crash_loop_max", 1),
+        ("jobs.timeout_s", 315360000),
+        ("jobs.timeout_grace_s", 86400),
+        ("jobs.retry_delay_max_s", 2592000),
+        ("daemon.maintenance_interval_s", 3600),
+        ("daemon.respawn_delay_max_s", 86400),
+        ("daemon.healthy_uptime_s", 86400),
     ],
 )
 def test_range_bounds_are_inclusive(key: str, value: float) -> None:
@@ -339,6 +414,39 @@ def test_range_bounds_are_inclusive(key: str, value: float) -> None:
     config = parse({section: {name: value}})
 
     assert getattr(getattr(config, section), name) == value
+
+
+def duration_keys() -> list[str]:
+    return sorted(key for key in all_keys() if key.endswith(("_s", "_ms")))
+
+
+@pytest.mark.parametrize("key", duration_keys())
+def test_every_duration_has_a_ceiling_that_date_arithmetic_survives(
+    key: str,
+) -> None:
+    section, name = key.split(".")
+    spec = {f.name: f for f in dataclasses.fields(SECTIONS[section])}[name]
+    ceiling = spec.metadata["rule"].at_most
+    seconds = ceiling / 1000 if key.endswith("_ms") else ceiling
+
+    assert ceiling is not None, f"{key} has no upper bound"
+    # What a worker does with a retry delay, and the scoreboard with a
+    # deadline: the sum must exist, with centuries to spare.
+    later = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=seconds)
+    assert later.year < 2200
+    assert time.monotonic() + seconds < 2**53
+
+
+def test_a_retry_delay_too_large_for_a_timedelta_sum_is_refused() -> None:
+    # 1e12 s passed the check once; the worker then met an OverflowError
+    # adding it to the time a job failed.
+    problems = problems_of(
+        {"jobs": {"retry_delay_s": 1e12, "retry_delay_max_s": 1e12}}
+    )
+    assert [p.key for p in problems] == [
+        "jobs.retry_delay_max_s",
+        "jobs.retry_delay_s",
+    ]
 
 
 @given(count=st.integers())
@@ -468,6 +576,101 @@ def test_malformed_dsn_is_reported_without_echoing_it() -> None:
 
     assert problem.key == "database.listen_dsn"
     assert "s3cret" not in problem.message
+
+
+SECRET = "Correct-Horse"
+
+
+@pytest.mark.parametrize(
+    ("dsn", "named"),
+    [
+        # An unencoded "@" or "/" in a URI's password: libpq reads the
+        # rest of the password as the host (or the port and database).
+        (f"postgresql://u:p@{SECRET}@127.0.0.1/db", "percent-encoded"),
+        (f"postgresql://u:{SECRET}@x@db1:5432/jobs", "percent-encoded"),
+        (f"postgresql://u:pa/{SECRET}@db1/jobs", "percent-encoded"),
+        (f"postgresql://{SECRET}@corp@db1/jobs", "percent-encoded"),
+        (f"host={SECRET}@127.0.0.1 dbname=jobs", "host:"),
+        (f"host=db1,{SECRET}@db2 dbname=jobs", "host:"),
+        (f"host=db1 sslmode={SECRET}", "sslmode:"),
+        (f"host=db1 port={SECRET}", "port:"),
+        (f"host=db1 port=0 password={SECRET}", "port:"),
+        (f"host=db1 port=65536 password={SECRET}", "port:"),
+        (f"host=db1,db2 port=5432,x{SECRET}", "port:"),
+        (f"host=db1,db2 port=1,2,3 password={SECRET}", "port:"),
+        (f"host=db1 target_session_attrs={SECRET}", "target_session_attrs:"),
+        (f"host=db1 load_balance_hosts={SECRET}", "load_balance_hosts:"),
+        (f"host=db1 gssencmode={SECRET}", "gssencmode:"),
+        (f"host=db1 channel_binding={SECRET}", "channel_binding:"),
+        (f"host=db1 sslnegotiation={SECRET}", "sslnegotiation:"),
+        (f"host=db1 sslcertmode={SECRET}", "sslcertmode:"),
+        (
+            f"host=db1 ssl_min_protocol_version={SECRET}",
+            "ssl_min_protocol_version:",
+        ),
+        (f"host=db1 connect_timeout={SECRET}", "connect_timeout:"),
+        (f"host=db1 keepalives_idle=-1 password={SECRET}", "keepalives_idle:"),
+        (f"host=db1 tcp_user_timeout={SECRET}", "tcp_user_timeout:"),
+        (f"host=db1 require_auth={SECRET}", "require_auth:"),
+        (
+            f"host=db1 require_auth=!md5,scram-sha-256 password={SECRET}",
+            "require_auth:",
+        ),
+        (f"hostaddr={SECRET} dbname=jobs", "hostaddr:"),
+        (
+            f"host=db1,db2 hostaddr=10.0.0.1 password={SECRET}",
+            "hostaddr:",
+        ),
+        (f"host=db1 replication=database password={SECRET}", "replication:"),
+        (
+            f"postgresql://u:{SECRET}@db1/jobs?sslmode=bogus",
+            "sslmode:",
+        ),
+        (f"postgresql://u:{SECRET}@db1:notaport/jobs", "port:"),
+    ],
+)
+@pytest.mark.parametrize("key", ["dsn", "listen_dsn"])
+def test_a_dsn_that_cannot_connect_is_named_without_echoing_it(
+    dsn: str, named: str, key: str
+) -> None:
+    problems = problems_of({"database": {key: dsn}})
+
+    assert {p.key for p in problems} == {f"database.{key}"}
+    assert any(named in p.message for p in problems), problems
+    for problem in problems:
+        assert SECRET not in problem.message
+        assert SECRET.lower() not in problem.message.lower()
+
+
+@pytest.mark.parametrize(
+    "dsn",
+    [
+        "",
+        "host=db1 port=5432 dbname=jobs user=pdoflowd",
+        "postgresql://pdoflowd:p%40ss%2Fw%3Ard@db1:5432/jobs",
+        "postgresql://u:p:w@db1/jobs",
+        "postgresql://u@db1:5432,db2:5433/jobs?target_session_attrs=read-write",
+        "postgresql://u@[::1]:5432,db2/jobs?load_balance_hosts=random",
+        "host=db1,db2,db3 port=5432",
+        "host=db1,db2 port=5432,",
+        "host=db1,db2 hostaddr=10.0.0.1,::1 port=5432,5433",
+        "host=@pdoflowd-abstract dbname=jobs",
+        "postgresql:///jobs?host=@pdoflowd-abstract",
+        "host=/var/run/postgresql dbname=jobs",
+        "host=db1 password='it\\'s @ secret' sslmode=verify-full",
+        "host=db1 sslmode=disable gssencmode=prefer channel_binding=require",
+        "host=db1 ssl_min_protocol_version=tlsv1.2 sslsni=1",
+        "host=db1 connect_timeout=10 keepalives=1 keepalives_idle=30",
+        "host=db1 keepalives_interval=5 keepalives_count=3 "
+        "tcp_user_timeout=15000",
+        "host=db1 require_auth=scram-sha-256,md5",
+        "host=db1 require_auth=!password,!md5",
+        "host=db1 replication=false",
+        "host=db1 target_session_attrs=prefer-standby",
+    ],
+)
+def test_a_dsn_libpq_can_use_is_accepted(dsn: str) -> None:
+    assert parse({"database": {"dsn": dsn}}).database.dsn == dsn
 
 
 # The metrics listen address.
@@ -685,6 +888,67 @@ def test_load_of_invalid_toml_names_the_line(tmp_path: Path) -> None:
     (problem,) = caught.value.problems
     assert problem.key == "(toml)"
     assert "line 2" in problem.message
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "line"),
+    [
+        ('[database]\ndsn = "a"\ndsn = "b"\n', "database.dsn", 3),
+        ('[database]\ndsn = "a"\n  "dsn"  = "b"\n', "database.dsn", 3),
+        ('database.dsn = "a"\ndatabase.dsn = "b"\n', "database.dsn", 2),
+        (
+            '[database]\ndsn = "a"\n[workers]\ncount = 1\n[database]\n',
+            "database",
+            5,
+        ),
+        (
+            '[workers]\ncount = 1\n# a comment\n\ncount = """\n2\n"""\n',
+            "workers.count",
+            5,
+        ),
+        (
+            '[database]\ndsn = """\n[workers]\ncount = 1\n"""\ndsn = "x"\n',
+            "database.dsn",
+            6,
+        ),
+        (
+            "[workers]\nprovides = [\n  'a',\n]\nprovides = []\n",
+            "workers.provides",
+            5,
+        ),
+        ("[metrics]\nlisten = { a = 1, a = 2 }\n", "metrics.listen.a", 2),
+        ("[workers]\ncount = 1\n[workers.count]\n", "workers.count", 3),
+    ],
+)
+def test_load_names_a_key_defined_twice(
+    tmp_path: Path, text: str, key: str, line: int
+) -> None:
+    path = tmp_path / "pdoflowd.toml"
+    path.write_text(text)
+
+    with pytest.raises(ConfigError) as caught:
+        load(path)
+
+    (problem,) = caught.value.problems
+    assert problem.key == key
+    assert f"line {line}" in problem.message
+
+
+def test_a_key_defined_twice_is_named_without_either_value(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "pdoflowd.toml"
+    path.write_text(
+        '[database]\ndsn = "postgresql://u:first-secret@db1/jobs"\n'
+        "[workers]\ncount = 2\n"
+        '[database]\ndsn = "postgresql://u:second-secret@db1/jobs"\n'
+    )
+
+    with pytest.raises(ConfigError) as caught:
+        load(path)
+
+    assert "secret" not in str(caught.value)
+    assert [p.key for p in caught.value.problems] == ["database"]
 
 
 def test_load_of_a_file_that_is_not_utf8_is_a_toml_problem(
