@@ -4,19 +4,19 @@ Owns the verbs' arguments, reading JSON lines for ``submit``, and the output:
 tables and plain lines for people (a progress bar for ``wait`` on a
 terminal), ``--json`` with stable keys for scripts, one line on stderr and a
 non-zero exit for any error a user can make (never a traceback, never a
-password). The work itself is done by :class:`pdoflowd.client.Client`, and
+password: every error passes through :func:`pdoflowd.redaction.redact`, and
+a connection string libpq would misread is refused before it is used).
+The work itself is done by :class:`pdoflowd.client.Client`, and
 ``execute-job`` by :mod:`pdoflowd.foreground`.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as dt
 import json
 import math
 import os
-import re
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
 import psycopg
-from psycopg.conninfo import conninfo_to_dict
 
 from pdoflowd import __version__, display, foreground, queries
 from pdoflowd.arguments import ArgumentError, encode_job, encode_value
@@ -42,7 +41,14 @@ from pdoflowd.client import (
     WaitTimeout,
     as_uuid,
 )
-from pdoflowd.config import DEFAULT_CONFIG_PATH, EX_CONFIG, ConfigError, load
+from pdoflowd.config import (
+    DEFAULT_CONFIG_PATH,
+    EX_CONFIG,
+    ConfigError,
+    dsn_problems,
+    load,
+)
+from pdoflowd.redaction import dsn_secrets, redact, remember
 from pdoflowd.status import JobStatus, PostingStatus
 
 # 1 to 3 are what ``wait`` reports about the posting (and 1 what
@@ -825,35 +831,18 @@ VERBS: dict[str, Callable[[Client, argparse.Namespace], int]] = {
 
 # ---------------------------------------------------------------- errors
 
-_PASSWORD_SETTING = re.compile(
-    r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|[^\s']+)", re.IGNORECASE
-)
-_URI_PASSWORD = re.compile(r"(://[^:/@\s]*:)[^@\s]*@")
-
 
 def _secrets(target: ConnectionTarget | None) -> list[str]:
     """Passwords that must never be printed."""
     found = [os.environ.get("PGPASSWORD", "")]
     if target is not None:
         found.append(target.password or "")
-        with contextlib.suppress(psycopg.Error):
-            found.append(str(conninfo_to_dict(target.dsn).get("password", "")))
+        found.extend(dsn_secrets(target.dsn))
     return [s for s in found if s]
 
 
-def redact(text: str, secrets: Sequence[str] = ()) -> str:
-    """``text`` with any password in it replaced by ``***``."""
-    for secret in sorted(secrets, key=len, reverse=True):
-        text = text.replace(secret, "***")
-    text = _PASSWORD_SETTING.sub(r"\1***", text)
-    return _URI_PASSWORD.sub(r"\1***@", text)
-
-
-_known_secrets: list[str] = []
-
-
 def _fail(message: str, code: int) -> NoReturn:
-    line = " ".join(redact(message, _known_secrets).split("\n"))
+    line = " ".join(redact(message).split("\n"))
     print(f"pdoflow: {line}", file=sys.stderr)
     sys.exit(code)
 
@@ -865,10 +854,15 @@ def _first_line(exc: BaseException) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    _known_secrets[:] = _secrets(None)
+    remember(_secrets(None))
     try:
         client = Client(args.dsn)
-        _known_secrets[:] = _secrets(client.target)
+        # Checked before its pieces become secrets, which would otherwise
+        # mask parts of the message that says what is wrong with it.
+        problems = dsn_problems(client.dsn)
+        if problems:
+            raise UserError(f"{client.target.source}: {'; '.join(problems)}")
+        remember(_secrets(client.target))
         if args.verb == "submit":
             # Bytes, so that a line that is not UTF-8 is named like any
             # other malformed line; no stdin at all is no jobs.

@@ -3,9 +3,11 @@
 Owns the format only: when stderr is the journal (``JOURNAL_STREAM`` names
 it) every line starts with a syslog priority such as ``<3>`` and carries no
 timestamp; elsewhere lines carry a timestamp. Every line names its process
-(supervisor, or worker slot and pid), and a traceback stays inside its
-record instead of becoming lines of its own. It must not decide what is
-logged, nor send anything anywhere but stderr.
+(supervisor, or worker slot and pid), a traceback stays inside its record
+instead of becoming lines of its own, and every record, traceback included,
+passes through :func:`pdoflowd.redaction.redact` (a psycopg error may quote
+a host name, a connection string or a piece of a password). It must not
+decide what is logged, nor send anything anywhere but stderr.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import os
 import sys
 from collections.abc import Mapping
 from types import TracebackType
+
+from pdoflowd.redaction import redact
 
 _PRIORITY = {
     logging.CRITICAL: 2,
@@ -71,6 +75,7 @@ class LineFormatter(logging.Formatter):
             message += "\n" + self.formatException(record.exc_info)
         if record.stack_info:
             message += "\n" + self.formatStack(record.stack_info)
+        message = redact(message)
         head = f"[{_process_label}:{record.process}]"
         lines = message.splitlines() or [""]
         if self.journal:
