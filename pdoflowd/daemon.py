@@ -8,7 +8,7 @@ systemd), and the exit statuses. It must not hold queue logic.
 Exit statuses: 0 stopped cleanly, 1 failure (a crash loop of the workers, or
 a pidfile held by a running daemon), 4 the database schema is not the one
 this version needs, 69 the database cannot be reached by ``migrate``, 78 the
-configuration is invalid.
+configuration is invalid or names a metrics address this host cannot serve.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import errno
 import fcntl
 import logging
 import os
+import socket
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -26,12 +27,14 @@ from types import TracebackType
 
 import psycopg
 
-from pdoflowd import __version__, logs
+from pdoflowd import __version__, logs, redaction
 from pdoflowd.config import (
     DEFAULT_CONFIG_PATH,
     EX_CONFIG,
     Config,
     ConfigError,
+    ConfigProblem,
+    MetricsConfig,
     connection_kwargs,
     load,
     resolve_password,
@@ -96,13 +99,89 @@ def _report(error: ConfigError) -> int:
 
 
 def _load(path: Path) -> tuple[Config, str | None]:
+    """The config and the password, both remembered as secrets."""
     config = load(path)
-    return config, resolve_password(config.database, os.environ)
+    password = resolve_password(config.database, os.environ)
+    database = config.database
+    redaction.remember(
+        [
+            password,
+            *redaction.dsn_secrets(database.dsn),
+            *redaction.dsn_secrets(database.listen_dsn),
+        ]
+    )
+    return config, password
+
+
+# Resolver answers that no retry changes; any other failure may be a name
+# server that does not answer yet, which must not fail a start or reload.
+_UNKNOWN_NAME = {
+    getattr(socket, name)
+    for name in ("EAI_NONAME", "EAI_NODATA", "EAI_ADDRFAMILY")
+    if hasattr(socket, name)
+}
+# Bind errors that no restart fixes: the address is not this host's (or
+# not usable as given), or the port is privileged.
+_BIND_REFUSED = {
+    errno.EADDRNOTAVAIL,
+    errno.EAFNOSUPPORT,
+    errno.EINVAL,
+    errno.EACCES,
+}
+
+
+def listen_problems(metrics: MetricsConfig) -> list[ConfigProblem]:
+    """Whether this host can serve ``metrics.listen``; [] when it can.
+
+    This binds a socket, so it lives here beside the start-up rather than
+    in config.py, whose parse stays pure (no network, no side effects);
+    ``check-config``, ``run`` and a reload call it. The address is bound
+    with its port and closed at once, never listened on. An address this
+    host does not have (EADDRNOTAVAIL), a host name that does not exist or
+    a port this user may not bind (EACCES) is refused; a port in use is
+    not, since the running daemon holds it while a reload is checked, nor
+    is a name server that does not answer now.
+    """
+    if not metrics.enabled:
+        return []
+    host, port = metrics.host, metrics.port
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        infos = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except socket.gaierror as exc:
+        if exc.errno in _UNKNOWN_NAME:
+            message = f"cannot resolve {host!r}: {exc.strerror}"
+            return [ConfigProblem("metrics.listen", message)]
+        return []
+    family, kind, proto, _, address = infos[0]
+    try:
+        with socket.socket(family, kind, proto) as probe:
+            probe.bind(address)
+    except OSError as exc:
+        if exc.errno not in _BIND_REFUSED:
+            return []
+        reason = (exc.strerror or str(exc)).lower()
+        if exc.errno == errno.EADDRNOTAVAIL:
+            reason = f"not an address of this host ({reason})"
+        message = f"cannot listen on {where}: {reason}"
+        return [ConfigProblem("metrics.listen", message)]
+    return []
+
+
+def _load_for_running(path: Path) -> tuple[Config, str | None]:
+    """:func:`_load`, and refuse a metrics address this host cannot serve."""
+    config, password = _load(path)
+    problems = listen_problems(config.metrics)
+    if problems:
+        raise ConfigError(problems)
+    return config, password
 
 
 def check_config(path: Path) -> int:
     try:
-        _load(path)
+        _load_for_running(path)
     except ConfigError as exc:
         return _report(exc)
     print(f"{path}: valid")
@@ -219,7 +298,7 @@ def _detached(pidfile: PidFile | None) -> Iterator[None]:
 
 def run(path: Path, *, daemonize: bool, pidfile: Path | None) -> int:
     try:
-        config, password = _load(path)
+        config, password = _load_for_running(path)
     except ConfigError as exc:
         problems = "; ".join(f"{p.key}: {p.message}" for p in exc.problems)
         Notifier().status(f"invalid configuration: {problems}")
@@ -242,8 +321,11 @@ def run(path: Path, *, daemonize: bool, pidfile: Path | None) -> int:
             log.warning(
                 "jobs.allowed_modules is empty: every job will be refused"
             )
+        # A reload reads the password again (a rotated password_file):
+        # workers started after it, and the supervisor's next connection,
+        # log in with the new one.
         supervisor = Supervisor(
-            config, password, reload_config=lambda: load(path)
+            config, password, reload_config=lambda: _load_for_running(path)
         )
         return supervisor.run()
 

@@ -121,7 +121,7 @@ class Supervisor:
         password: str | None,
         *,
         notifier: Notifier | None = None,
-        reload_config: Callable[[], Config] | None = None,
+        reload_config: Callable[[], tuple[Config, str | None]] | None = None,
     ) -> None:
         self.config = config
         self.password = password
@@ -377,7 +377,7 @@ class Supervisor:
             return
         self.notifier.reloading()
         try:
-            new = self.reload_config()
+            new, password = self.reload_config()
         except ConfigError as exc:
             problems = "; ".join(f"{p.key}: {p.message}" for p in exc.problems)
             log.error(
@@ -400,6 +400,9 @@ class Supervisor:
         if self.http is not None:
             self.http.set_tls(context)
         self.metrics.set_function_labels(new.metrics.function_labels)
+        # Workers forked from now on, and the next connection of our own,
+        # log in with the password as it reads now (a rotated file).
+        self.password = password
         self.apply_config(new)
         self.metrics.config_reloaded(True)
         self.notifier.ready(self.status_text())
