@@ -5,7 +5,8 @@ against ``jobs.allowed_modules`` before claiming anything, registers this
 process as a short-lived daemon (with a heartbeat, so that a run which
 dies is rescued like a lost host's), claims the job with a fresh owner
 token, and then uses the worker's own code to run it and to record its
-outcome, fenced like any other. It must not run more than the one job.
+outcome, fenced like any other; it enforces the job's timeout as the
+supervisor does a worker's. It must not run more than the one job.
 """
 
 from __future__ import annotations
@@ -13,11 +14,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import signal
 import socket
+import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,9 +30,16 @@ from pdoflowd import __version__, queries
 from pdoflowd.config import Config, connection_kwargs
 from pdoflowd.scoreboard import Scoreboard
 from pdoflowd.status import JobStatus
-from pdoflowd.worker import Worker, WorkerSpec, entry_point_allowed
+from pdoflowd.worker import JobTimeout, Worker, WorkerSpec, entry_point_allowed
 
 Connect = Callable[[], psycopg.Connection[Any]]
+
+# The exit status of a run ended by its watchdog: the job was deaf to its
+# timeout (pdoflow's EXIT_ERRORED: the job did not get done).
+EXIT_ABANDONED = 1
+# How often the alarm looks again while the job is not (or no longer) in
+# its call: a job's deadline is set by the worker's code as it starts it.
+_ALARM_RECHECK_S = 0.01
 
 
 class JobRefused(Exception):
@@ -82,6 +92,108 @@ class _Heartbeat(threading.Thread):
                 conn = None
         if conn is not None:
             conn.close()
+
+
+class _TimeoutEnforcer:
+    """The job's timeout, enforced here as the supervisor does a worker's.
+
+    At the deadline SIGALRM raises :class:`JobTimeout` inside the job, as
+    SIGTERM does in a worker, and the run records a timeout. A job deaf to
+    it (stuck in a C call that does not return to Python) is abandoned
+    after ``jobs.timeout_grace_s`` more: a watchdog thread takes the job
+    back as the supervisor takes back a worker it killed for overrunning
+    (the try used, the reason recorded), marks this run's daemon stopped
+    and ends the process with EXIT_ABANDONED.
+    """
+
+    def __init__(
+        self, worker: Worker, job: queries.ClaimedJob, connect: Connect
+    ) -> None:
+        self.worker = worker
+        self.job = job
+        self.connect = connect
+        self.timeout = worker.timeout_for(job)
+        self.grace = worker.config.jobs.timeout_grace_s
+        self.lock = threading.Lock()
+        self.ended = False
+        self.watchdog = threading.Timer(self.timeout + self.grace, self.abandon)
+        self.watchdog.daemon = True
+
+    @contextlib.contextmanager
+    def enforced(self) -> Iterator[None]:
+        """Enforce the timeout (if any) around the job's run."""
+        if not self.timeout:
+            yield
+            return
+        alarm = threading.current_thread() is threading.main_thread()
+        if alarm:
+            previous = signal.signal(signal.SIGALRM, self.on_alarm)
+            signal.setitimer(signal.ITIMER_REAL, self.timeout)
+        self.watchdog.start()
+        try:
+            yield
+        finally:
+            with self.lock:  # an abandon under way ends the process
+                self.ended = True
+            self.watchdog.cancel()
+            if alarm:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+                signal.signal(signal.SIGALRM, previous)
+
+    def on_alarm(self, signum: int, frame: object) -> None:
+        deadline = self.worker.deadline
+        now = time.monotonic()
+        if not deadline or now < deadline:
+            left = deadline - now if deadline else _ALARM_RECHECK_S
+            signal.setitimer(signal.ITIMER_REAL, max(left, _ALARM_RECHECK_S))
+            return
+        self.worker.deadline = 0.0
+        raise JobTimeout
+
+    def abandon(self) -> None:
+        with self.lock:
+            if self.ended:
+                return
+            reason = f"timeout after {self.timeout:g} s"
+            spec = self.worker.spec
+            try:
+                with self.connect() as conn:
+                    requeued = queries.requeue_owner(
+                        conn,
+                        daemon_id=spec.daemon_id,
+                        owner=spec.owner,
+                        running_job_id=self.job.id,
+                        reason=reason,
+                    )
+                    errored = {
+                        j.posting_id
+                        for j in requeued
+                        if j.status is JobStatus.ERRORED_OUT
+                    }
+                    if errored:
+                        queries.settle_postings(
+                            conn,
+                            errored,
+                            error_threshold=(
+                                self.worker.config.jobs.posting_error_threshold
+                            ),
+                        )
+                    queries.mark_daemon_stopped(conn, spec.daemon_id)
+                recorded = "the timeout was recorded (a try used)"
+            except psycopg.Error as exc:
+                recorded = (
+                    f"the timeout could not be recorded ({exc}); the job "
+                    "is taken back once this run's heartbeat lapses"
+                )
+            print(
+                f"pdoflow: job {self.job.uuid} ran past its timeout of "
+                f"{self.timeout:g} s and did not stop within "
+                "jobs.timeout_grace_s "
+                f"({self.grace:g} s); ended: {recorded}",
+                file=sys.stderr,
+                flush=True,
+            )
+            os._exit(EXIT_ABANDONED)
 
 
 def execute_job(
@@ -153,7 +265,9 @@ def _run(
         if job is None:
             raise JobRefused(f"job {job_uuid} is executing already")
         begin = time.monotonic()
-        outcome = worker.run_job(job)
+        enforcer = _TimeoutEnforcer(worker, job, heartbeat.connect)
+        with enforcer.enforced():
+            outcome = worker.run_job(job)
         seconds = time.monotonic() - begin
         interrupted = (outcome.error or "").startswith("KeyboardInterrupt")
         if interrupted:

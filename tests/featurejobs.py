@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import time
 from typing import Any
 
@@ -89,3 +90,20 @@ def fail_until_flag(name: str) -> None:
 def query_past_timeout(seconds: float = 30.0) -> None:
     """Sleep inside a statement on the job's own connection."""
     current_job().connection().execute("SELECT pg_sleep(%s)", (seconds,))
+
+
+@job()
+def nap(seconds: float) -> None:
+    time.sleep(seconds)
+
+
+@job()
+def nap_deaf(seconds: float) -> None:
+    """Sleep deaf to the signals that end a job at its timeout, as code
+    stuck in a C call is."""
+    deaf = {signal.SIGTERM, signal.SIGALRM}
+    signal.pthread_sigmask(signal.SIG_BLOCK, deaf)
+    try:
+        time.sleep(seconds)
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, deaf)

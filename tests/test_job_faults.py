@@ -12,15 +12,20 @@ import contextlib
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 import urllib.request
 import uuid
+from pathlib import Path
 from typing import Any
 
 import psycopg
+import pytest
 
-from harness import Daemon, wait_until
+from harness import REPO_ROOT, TESTS_DIR, Daemon, wait_until, write_config
 from pdoflowd import current_job, queries
+from pdoflowd.cli import EXIT_ERRORED
 from pdoflowd.client import Client
 from pdoflowd.config import Config, DatabaseConfig, JobsConfig
 from pdoflowd.devcluster import free_port
@@ -32,7 +37,7 @@ from pdoflowd.metrics import (
     merge_reports,
 )
 from pdoflowd.scoreboard import Scoreboard
-from pdoflowd.status import JobStatus
+from pdoflowd.status import JobStatus, PostingStatus
 from pdoflowd.worker import Worker, WorkerSpec
 from scrape import parse_scrape, scrape_sum
 
@@ -291,3 +296,106 @@ def test_report_lines_stay_whole_and_metrics_exact_through_a_full_pipe() -> (
     reports = [line for line in lines if line["event"] == "metrics"]
     # No metrics report is ever dropped: every claim is counted.
     assert sum(report["claimed"] for report in reports) == sent
+
+
+# ------------------------------------------------ execute-job's timeout
+
+
+def execute_job(
+    dsn: str, config: Path, job_id: Any, limit_s: float = 25.0
+) -> tuple[subprocess.CompletedProcess[str], float]:
+    """``pdoflow execute-job`` as a subprocess: its result and duration."""
+    environ = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("PG") and k != "PDOFLOW_DSN"
+    }
+    environ["PYTHONPATH"] = os.pathsep.join([str(TESTS_DIR), str(REPO_ROOT)])
+    began = time.monotonic()
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pdoflowd.cli",
+            "--dsn",
+            dsn,
+            "execute-job",
+            str(job_id),
+            "--config",
+            str(config),
+        ],
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=limit_s,
+    )
+    return done, time.monotonic() - began
+
+
+def daemon_rows_stopped(dsn: str) -> list[bool]:
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute(
+            "SELECT stopped_at IS NOT NULL FROM pdoflowd.daemons"
+        ).fetchall()
+    return [bool(row[0]) for row in rows]
+
+
+@pytest.mark.parametrize(
+    ("posted_timeout_s", "config_timeout_s"), [(0.5, 0.0), (None, 0.5)]
+)
+def test_execute_job_ends_a_job_at_its_timeout_and_records_it(
+    dsn: str,
+    tmp_path: Path,
+    posted_timeout_s: float | None,
+    config_timeout_s: float,
+) -> None:
+    config = write_config(
+        tmp_path / "pdoflowd.toml",
+        {
+            "jobs": {
+                "allowed_modules": ["featurejobs"],
+                "timeout_s": config_timeout_s,
+            }
+        },
+    )
+    posting = Client(dsn).post(
+        "featurejobs.nap", [[30]], timeout_s=posted_timeout_s
+    )
+    done, seconds = execute_job(dsn, config, posting.job_ids[0])
+    assert done.returncode == EXIT_ERRORED, done.stderr
+    assert "timeout after 0.5 s" in done.stdout
+    assert seconds < 15
+    row = job_row(dsn, posting.job_ids[0])
+    assert (row["status"], row["attempt"], row["tries_remaining"]) == (
+        "waiting",
+        1,
+        2,
+    )
+    assert row["error"] == "timeout after 0.5 s"
+    assert daemon_rows_stopped(dsn) == [True]
+
+
+def test_execute_job_abandons_a_job_deaf_to_its_timeout_after_the_grace(
+    dsn: str, tmp_path: Path
+) -> None:
+    config = write_config(
+        tmp_path / "pdoflowd.toml",
+        {"jobs": {"allowed_modules": ["featurejobs"], "timeout_grace_s": 1.0}},
+    )
+    client = Client(dsn)
+    posting = client.post(
+        "featurejobs.nap_deaf", [[30]], tries=1, timeout_s=0.5
+    )
+    done, seconds = execute_job(dsn, config, posting.job_ids[0])
+    assert done.returncode == EXIT_ERRORED, done.stderr
+    assert "did not stop within jobs.timeout_grace_s" in done.stderr
+    assert 1.5 <= seconds < 15
+    row = job_row(dsn, posting.job_ids[0])
+    assert (row["status"], row["attempt"], row["tries_remaining"]) == (
+        "errored_out",
+        1,
+        0,
+    )
+    assert row["error"] == "timeout after 0.5 s"
+    assert client.status(posting.id).status is PostingStatus.FINISHED
+    assert daemon_rows_stopped(dsn) == [True]
