@@ -138,7 +138,7 @@ class _TimeoutEnforcer:
             self.watchdog.cancel()
             if alarm:
                 signal.setitimer(signal.ITIMER_REAL, 0)
-                signal.signal(signal.SIGALRM, previous)
+                signal.signal(signal.SIGALRM, previous or signal.SIG_DFL)
 
     def on_alarm(self, signum: int, frame: object) -> None:
         deadline = self.worker.deadline
