@@ -21,7 +21,6 @@ import inspect
 import itertools
 import math
 import os
-import re
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -42,6 +41,7 @@ from pdoflowd.arguments import (
     decode,
     encode_job,
 )
+from pdoflowd.entrypoints import EntryPointRefused, mark, split_entry_point
 from pdoflowd.ids import uuid7, uuid7_run
 from pdoflowd.sharedvars import SharedVariableError, SharedVariables
 from pdoflowd.status import JobStatus, PostingStatus
@@ -74,7 +74,6 @@ DEFAULT_TRIES = 3
 MIN_PRIORITY = -(2**31)
 MAX_PRIORITY = 2**31 - 1
 MAX_TRIES = 2**31 - 1
-_DOTTED = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+")
 # Any of these in the environment means libpq has been told where to go.
 LIBPQ_TARGET_VARIABLES = (
     "PGHOST",
@@ -218,11 +217,16 @@ def entry_point_of(function: Callable[..., Any]) -> str:
             f"{module}.{qualname} is not importable (nested or lambda); "
             "define job functions at module level"
         )
-    if inspect.ismethod(function) and not inspect.isclass(function.__self__):
-        # A worker would import the plain function and call it without self.
+    if inspect.ismethod(function):
+        # A worker runs a module-level function, never a class's attribute.
         raise PostingError(
-            f"{module}.{qualname} is bound to an instance; a worker cannot "
-            "import the instance, so make a module-level function the job"
+            f"{module}.{qualname} is a method; a worker runs only "
+            "module-level functions, so make one the job"
+        )
+    if not inspect.isfunction(function) or "." in qualname:
+        raise PostingError(
+            f"{module}.{qualname} is not a module-level function; a worker "
+            "runs only those, so make one the job"
         )
     return check_entry_point(f"{module}.{qualname}")
 
@@ -234,12 +238,15 @@ def _shown(value: Any) -> str:
 
 
 def check_entry_point(entry_point: str) -> str:
-    """Accept a "package.module.function" string as it is, or refuse it."""
-    if not isinstance(entry_point, str) or not _DOTTED.fullmatch(entry_point):
+    """Accept "package.module.function" or "package.module:function" as it
+    is, or refuse it (the daemon resolves it by the same rule)."""
+    try:
+        split_entry_point(entry_point)
+    except EntryPointRefused:
         raise PostingError(
             f"{_shown(entry_point)} is not a dotted path "
-            "(package.module.function)"
-        )
+            "(package.module.function or package.module:function)"
+        ) from None
     return entry_point
 
 
@@ -449,6 +456,7 @@ def job(
 
     def decorate(function: F) -> F:
         entry_point = entry_point_of(function)
+        mark(function)
         Registry.add(
             JobDefinition(
                 function=function,

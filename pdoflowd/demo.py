@@ -27,7 +27,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from pdoflowd.client import Client, PostingState, WaitTimeout
+from pdoflowd.client import Client, PostingState, WaitTimeout, job
 from pdoflowd.devcluster import LocalCluster, free_port
 from pdoflowd.status import JobStatus
 
@@ -67,6 +67,7 @@ def _step(text: str) -> None:
 # ---------------------------------------------------------------- the job
 
 
+@job()
 def render_frame(frame: int, sigma: float, marks_dir: str = "") -> None:
     """Render one frame of a moving pattern and blur it (a few ms of CPU).
 

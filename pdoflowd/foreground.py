@@ -1,7 +1,7 @@
 """One job run by hand, in this process, the way a worker runs it.
 
-Owns ``pdoflow execute-job``'s work: it checks the job's entry point
-against ``jobs.allowed_modules`` before claiming anything, registers this
+Owns ``pdoflow execute-job``'s work: it resolves the job's entry point
+as a worker would (see entrypoints) before claiming anything, registers this
 process as a short-lived daemon (with a heartbeat, so that a run which
 dies is rescued like a lost host's), claims the job with a fresh owner
 token, and then uses the worker's own code to run it and to record its
@@ -28,9 +28,10 @@ import psycopg
 
 from pdoflowd import __version__, queries
 from pdoflowd.config import Config, connection_kwargs
+from pdoflowd.entrypoints import EntryPointRefused
 from pdoflowd.scoreboard import Scoreboard
 from pdoflowd.status import JobStatus
-from pdoflowd.worker import JobTimeout, Worker, WorkerSpec, entry_point_allowed
+from pdoflowd.worker import JobTimeout, Worker, WorkerSpec
 
 Connect = Callable[[], psycopg.Connection[Any]]
 
@@ -235,6 +236,19 @@ def execute_job(
         os.close(wake_w)
 
 
+def _check_runnable(worker: Worker, entry_point: str) -> None:
+    """Refuse, before claiming, what the worker would refuse to run.
+
+    An import that fails is left to the run, which records it as a failure.
+    """
+    try:
+        worker.resolve(entry_point)
+    except EntryPointRefused as refusal:
+        raise JobRefused(f"refused: {refusal}; nothing was run") from None
+    except Exception:
+        return
+
+
 def _run(
     worker: Worker, spec: WorkerSpec, job_uuid: uuid.UUID
 ) -> ForegroundRun:
@@ -243,11 +257,7 @@ def _run(
     target = queries.job_target(conn, job_uuid)
     if target is None:
         raise KeyError(f"no job {job_uuid}")
-    if not entry_point_allowed(target.entry_point, config.jobs.allowed_modules):
-        raise JobRefused(
-            f"refused: {target.entry_point} is not under "
-            "jobs.allowed_modules; nothing was run"
-        )
+    _check_runnable(worker, target.entry_point)
     if target.status is JobStatus.EXECUTING:
         raise JobRefused(f"job {job_uuid} is executing already")
     kwargs = connection_kwargs(config.database, spec.password)

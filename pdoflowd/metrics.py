@@ -70,13 +70,15 @@ OUTCOMES = (
     "timeout",
     "worker_died",
     "released",
+    "refused",
 )
 """What became of one claimed job's attempt; every attempt has exactly one.
 
 done: the function returned. failed: it raised and the job will be retried.
-errored_out: it raised (or was refused) and no try is left. timeout: it ran
-past its timeout, retried or not. worker_died: its worker (or host) died
-under it. released: it was given back without being started.
+errored_out: it raised and no try is left. timeout: it ran past its
+timeout, retried or not. worker_died: its worker (or host) died under it.
+released: it was given back without being started. refused: its entry point
+names nothing a job may run (see entrypoints); it errored out unrun.
 """
 
 OTHER_FUNCTION = "other"
@@ -163,7 +165,7 @@ def outcome_of(kind: str, status: str, *, timed_out: bool = False) -> str:
         raise ValueError(f"unknown outcome kind {kind!r}")
     if timed_out or kind == "timeout":
         return "timeout"
-    if kind in ("done", "released"):
+    if kind in ("done", "released", "refused"):
         return kind
     return "failed" if status == "waiting" else "errored_out"
 

@@ -20,7 +20,6 @@ import importlib
 import json
 import logging
 import os
-import pkgutil
 import random
 import select
 import signal
@@ -34,8 +33,9 @@ from typing import Any, NoReturn
 
 import psycopg
 
-from pdoflowd import jobcontext, logs, metrics, policy, queries
+from pdoflowd import entrypoints, jobcontext, logs, metrics, policy, queries
 from pdoflowd.config import Config, connection_kwargs
+from pdoflowd.redaction import redact
 from pdoflowd.scoreboard import Scoreboard, WorkerState
 from pdoflowd.status import JobStatus
 
@@ -77,14 +77,6 @@ class _Stop(Exception):
     """The worker was asked to stop or lost its parent."""
 
 
-def entry_point_allowed(entry_point: str, allowed: tuple[str, ...]) -> bool:
-    """True when the entry point lies under one of the allowed prefixes."""
-    return any(
-        entry_point == prefix or entry_point.startswith(prefix + ".")
-        for prefix in allowed
-    )
-
-
 def _utcnow() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
@@ -105,9 +97,10 @@ class Worker:
         self.pending_since = 0.0
         # Postings with jobs this worker ended, not yet settled.
         self.unsettled: set[int] = set()
-        self.functions: dict[str, Callable[..., Any]] = {}
-        # Whether jobs.allowed_modules admits an entry point, as seen.
-        self.verdicts: dict[str, bool] = {}
+        # Each entry point's function, or why it may not run (both final).
+        self.functions: dict[
+            str, Callable[..., Any] | entrypoints.EntryPointRefused
+        ] = {}
         self.rng = random.Random()
         self.tally = metrics.WorkerTally()
         # Report lines the pipe has not taken yet (the first may be begun),
@@ -441,17 +434,6 @@ class Worker:
     def run_job(self, job: queries.ClaimedJob) -> queries.Outcome:
         """Run one claimed job and say what became of it."""
         started_at = _utcnow()
-        if not self.allowed(job.entry_point):
-            self.tally.note_run(job.id, job.entry_point)
-            return queries.Outcome(
-                job.id,
-                job.attempt,
-                "refused",
-                started_at=started_at,
-                completed_at=started_at,
-                error=f"refused: {job.entry_point} is not under "
-                "jobs.allowed_modules",
-            )
         timeout = self.timeout_for(job)
         begin = time.monotonic()
         error = tb = None
@@ -471,6 +453,9 @@ class Worker:
         except JobTimeout:
             error = f"timeout after {timeout:g} s"
             kind = "timeout"
+        except entrypoints.EntryPointRefused as exc:
+            error = f"refused: {exc}"
+            kind = "refused"
         except BaseException as exc:
             error = f"{type(exc).__name__}: {exc}"
             tb = traceback.format_exc()
@@ -521,23 +506,26 @@ class Worker:
         if error is not None:
             log.info("job %s (%s) failed: %s", job.uuid, job.entry_point, error)
 
-    def allowed(self, entry_point: str) -> bool:
-        verdict = self.verdicts.get(entry_point)
-        if verdict is None:
-            verdict = entry_point_allowed(
-                entry_point, self.config.jobs.allowed_modules
-            )
-            self.verdicts[entry_point] = verdict
-        return verdict
-
     def resolve(self, entry_point: str) -> Callable[..., Any]:
-        function = self.functions.get(entry_point)
-        if function is None:
-            function = pkgutil.resolve_name(entry_point)
-            if not callable(function):
-                raise TypeError(f"{entry_point} is not callable")
-            self.functions[entry_point] = function
-        return function
+        """The function to call, or raise :class:`EntryPointRefused`.
+
+        Both answers are kept for the worker's life; an import that failed
+        is tried again by the next job (the module may yet be deployed).
+        """
+        found = self.functions.get(entry_point)
+        if found is None:
+            try:
+                found = entrypoints.resolve(
+                    entry_point,
+                    self.config.jobs.allowed_modules,
+                    allow_unmarked=self.config.jobs.allow_unmarked,
+                )
+            except entrypoints.EntryPointRefused as refusal:
+                found = refusal
+            self.functions[entry_point] = found
+        if isinstance(found, entrypoints.EntryPointRefused):
+            raise entrypoints.EntryPointRefused(*found.args)
+        return found
 
     def close(self) -> None:
         self.mark(WorkerState.EXITING)
@@ -569,7 +557,7 @@ def main(spec: WorkerSpec) -> NoReturn:
             raise
         except Exception as exc:
             log.error("worker could not start: %s", exc)
-            worker.report("boot_failed", reason=str(exc))
+            worker.report("boot_failed", reason=redact(str(exc)))
             code = EXIT_BOOT_FAILED
         else:
             try:

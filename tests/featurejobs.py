@@ -31,6 +31,7 @@ def describe(*args: Any, **kwargs: Any) -> dict[str, Any]:
     }
 
 
+@job()
 def count_up(times: int = 1) -> int:
     """Add one to the posting's shared counter ``times`` times."""
     shared = current_job().shared
@@ -40,6 +41,7 @@ def count_up(times: int = 1) -> int:
     return value
 
 
+@job()
 def report_progress(steps: int) -> str:
     """Report progress at each step; return the last note."""
     context = current_job()
@@ -50,6 +52,7 @@ def report_progress(steps: int) -> str:
     return note
 
 
+@job()
 def wait_for_flag(name: str, seconds: float = 30.0) -> None:
     """Report progress, then wait until the shared flag ``name`` is set."""
     context = current_job()
@@ -59,18 +62,22 @@ def wait_for_flag(name: str, seconds: float = 30.0) -> None:
         time.sleep(0.05)
 
 
+@job()
 def non_finite() -> list[float]:
     return [math.nan, math.inf, -math.inf, 1.5]
 
 
+@job()
 def big_result(size: int) -> str:
     return "x" * size
 
 
+@job()
 def unstorable_result() -> Any:
     return {1, 2}
 
 
+@job()
 def busy(n: int) -> int:
     """A little CPU work for the profiler to see."""
     return sum(_square(i) for i in range(n))
@@ -80,6 +87,7 @@ def _square(i: int) -> int:
     return i * i
 
 
+@job()
 def fail_until_flag(name: str) -> None:
     """Fail until the shared flag ``name`` is set."""
     if not current_job().shared.get(name):

@@ -12,6 +12,8 @@ import time
 
 import psycopg
 
+from pdoflowd import job
+
 _conn: psycopg.Connection[object] | None = None
 
 
@@ -24,6 +26,7 @@ def _effects() -> psycopg.Connection[object]:
     return _conn
 
 
+@job()
 def record(key: str, note: str = "") -> None:
     """Write one row per run: (key, pid, note)."""
     _effects().execute(
@@ -32,19 +35,23 @@ def record(key: str, note: str = "") -> None:
     )
 
 
+@job()
 def noop(*args: object, **kwargs: object) -> None:
     """Do nothing."""
 
 
+@job()
 def fail(message: str = "boom") -> None:
     raise RuntimeError(message)
 
 
+@job()
 def record_then_fail(key: str) -> None:
     record(key)
     raise ValueError(f"failing {key}")
 
 
+@job()
 def fail_times(key: str, times: int) -> None:
     """Fail on the first ``times`` runs of ``key``, then succeed."""
     record(key)
@@ -58,6 +65,7 @@ def fail_times(key: str, times: int) -> None:
         raise RuntimeError(f"run {row[0]} of {key} fails")
 
 
+@job()
 def sleep(seconds: float, key: str = "") -> None:
     if key:
         record(key, "start")
@@ -66,6 +74,7 @@ def sleep(seconds: float, key: str = "") -> None:
         record(key, "end")
 
 
+@job()
 def spin(seconds: float) -> None:
     """Busy CPU without returning to the interpreter's signal checks long."""
     end = time.monotonic() + seconds
@@ -73,6 +82,7 @@ def spin(seconds: float) -> None:
         pass
 
 
+@job()
 def kill_self_once(key: str) -> None:
     """SIGKILL the worker on the first run of ``key``; succeed afterwards."""
     record(key)
@@ -86,16 +96,19 @@ def kill_self_once(key: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+@job()
 def exit_hard(code: int) -> None:
     os._exit(code)
 
 
+@job()
 def pid_of_worker(key: str) -> None:
     """Record the worker's pid, then wait long enough to be killed."""
     record(key, "start")
     time.sleep(30)
 
 
+@job()
 def stubborn(seconds: float) -> None:
     """Sleep with SIGTERM blocked, as code stuck in a C call would."""
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
@@ -108,6 +121,7 @@ def stubborn(seconds: float) -> None:
 _hoard: list[bytes] = []
 
 
+@job()
 def hog_memory(megabytes: int, key: str = "") -> None:
     """Keep ``megabytes`` of memory alive in the worker after returning."""
     if key:
@@ -115,6 +129,7 @@ def hog_memory(megabytes: int, key: str = "") -> None:
     _hoard.append(b"\x01" * (megabytes * 1024 * 1024))
 
 
+@job()
 def chaos(key: str) -> None:
     """A short job with one visible side effect per run."""
     record(key)

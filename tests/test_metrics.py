@@ -85,7 +85,7 @@ def report_line(report: dict[str, Any] | None) -> dict[str, Any]:
         ("done", "done", False, "done"),
         ("failed", "waiting", False, "failed"),
         ("failed", "errored_out", False, "errored_out"),
-        ("refused", "errored_out", False, "errored_out"),
+        ("refused", "errored_out", False, "refused"),
         ("released", "waiting", False, "released"),
         ("failed", "waiting", True, "timeout"),
         ("failed", "errored_out", True, "timeout"),

@@ -14,6 +14,8 @@ import time
 
 import psycopg
 
+from pdoflowd import job
+
 log = logging.getLogger("systest_jobs")
 
 CREATE_EFFECTS = (
@@ -23,6 +25,7 @@ CREATE_EFFECTS = (
 )
 
 
+@job()
 def record(key: str, note: str = "") -> None:
     """Write one row: (key, note, pid, uid)."""
     with psycopg.connect(os.environ["SYSTEST_EFFECTS_DSN"]) as conn:
@@ -32,6 +35,7 @@ def record(key: str, note: str = "") -> None:
         )
 
 
+@job()
 def sleep(seconds: float, key: str) -> None:
     """Record the start, sleep, record the end."""
     record(key, "start")
@@ -39,6 +43,7 @@ def sleep(seconds: float, key: str) -> None:
     record(key, "end")
 
 
+@job()
 def log_failure(message: str) -> None:
     """Log an error with its traceback from inside a job, then succeed."""
     try:
