@@ -1,11 +1,17 @@
 """The scoreboard: each worker's live state in memory shared with the parent.
 
 Owns a fixed array of slots in an anonymous shared mapping made before the
-workers are forked. A worker writes only its own slot (which job it runs,
-since when, until when it may run); the supervisor reads any slot without a
-system call, to know which job a dead worker was running and whom to time
-out. Writes are guarded by a sequence number so a reader never sees half of
-one. It must not know about the database or about processes' lifecycles.
+workers are forked, and the supervisor's pulse ahead of them. A worker
+writes only its own slot (the owner token of its current claim, which job
+it runs, since when, until when it may run); the supervisor and the
+database session read any slot without a system call, to know which job a
+dead worker was running, whom to time out, and which owner tokens are alive.
+The supervisor writes its pulse on every pass of its loop, so the database
+session can tell a live supervisor from a frozen one. Writes are guarded by
+a sequence number so a reader never sees half of one; a reader gives up
+after a bounded number of tries (a writer killed inside a write leaves the
+sequence odd) and says so. It must not know about the database or about
+processes' lifecycles.
 """
 
 from __future__ import annotations
@@ -13,10 +19,22 @@ from __future__ import annotations
 import enum
 import mmap
 import struct
+import time
+import uuid
 from dataclasses import dataclass
+from typing import Any
 
-_SLOT = struct.Struct("=QqqddQ")  # seq, pid, job_id, started, deadline, state
+# seq, pid, job_id, started, deadline, state, owner token
+_SLOT = struct.Struct("=QqqddQ16s")
+_SEQ = struct.Struct("=Q")
+_PULSE = struct.Struct("=d")
+# The pulse sits in a header as long as a slot, so slots stay aligned.
+_HEADER = _SLOT.size
 _NO_JOB = -1
+_NO_OWNER = bytes(16)
+# A write takes well under a microsecond; a sequence still odd after this
+# many looks was left so by a writer that died inside its write.
+_READ_TRIES = 10_000
 
 
 class WorkerState(enum.IntEnum):
@@ -33,13 +51,15 @@ class WorkerState(enum.IntEnum):
 
 @dataclass(frozen=True)
 class SlotView:
-    """A consistent copy of one slot."""
+    """A copy of one slot; ``consistent`` is False for a torn one."""
 
     pid: int
     job_id: int | None
     started: float
     deadline: float
     state: WorkerState
+    owner: uuid.UUID | None = None
+    consistent: bool = True
 
 
 class Scoreboard:
@@ -47,7 +67,7 @@ class Scoreboard:
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self._map = mmap.mmap(-1, _SLOT.size * capacity)
+        self._map = mmap.mmap(-1, _HEADER + _SLOT.size * capacity)
 
     def write(
         self,
@@ -58,44 +78,77 @@ class Scoreboard:
         job_id: int | None = None,
         started: float = 0.0,
         deadline: float = 0.0,
+        owner: uuid.UUID | None = None,
     ) -> None:
-        """Replace a slot's contents (only its own worker calls this)."""
-        offset = slot * _SLOT.size
-        seq = _SLOT.unpack_from(self._map, offset)[0]
-        # An odd sequence number marks a write in progress.
-        struct.pack_into("=Q", self._map, offset, seq + 1)
+        """Replace a slot's contents (only its own worker calls this, or the
+        supervisor while no worker lives in the slot)."""
+        offset = _HEADER + slot * _SLOT.size
+        # An odd sequence number marks a write in progress. One left odd by
+        # a writer that died is taken as it is, and made even by this write.
+        begin = _SEQ.unpack_from(self._map, offset)[0] | 1
+        _SEQ.pack_into(self._map, offset, begin)
         _SLOT.pack_into(
             self._map,
             offset,
-            seq + 1,
+            begin,
             pid,
             _NO_JOB if job_id is None else job_id,
             started,
             deadline,
             int(state),
+            _NO_OWNER if owner is None else owner.bytes,
         )
-        struct.pack_into("=Q", self._map, offset, seq + 2)
+        _SEQ.pack_into(self._map, offset, begin + 1)
 
     def read(self, slot: int) -> SlotView:
-        """A consistent copy of a slot, retried while a write is under way."""
-        offset = slot * _SLOT.size
-        while True:
-            seq, pid, job_id, started, deadline, state = _SLOT.unpack_from(
-                self._map, offset
-            )
-            if seq % 2 == 0 and self._seq(offset) == seq:
-                return SlotView(
-                    pid,
-                    None if job_id == _NO_JOB else job_id,
-                    started,
-                    deadline,
-                    WorkerState(state),
-                )
+        """A consistent copy of a slot, retried while a write is under way;
+        after a bounded number of tries, the copy as it is, marked torn."""
+        offset = _HEADER + slot * _SLOT.size
+        for _ in range(_READ_TRIES):
+            fields = _SLOT.unpack_from(self._map, offset)
+            if fields[0] % 2 == 0 and self._seq(offset) == fields[0]:
+                return _view(fields, consistent=True)
+        return _view(_SLOT.unpack_from(self._map, offset), consistent=False)
 
     def clear(self, slot: int) -> None:
         """Mark a slot empty (the supervisor, after reaping its worker)."""
         self.write(slot, pid=0, state=WorkerState.EMPTY)
 
+    def live_owners(self) -> list[uuid.UUID]:
+        """The owner tokens in every slot that is not empty."""
+        owners = []
+        for slot in range(self.capacity):
+            view = self.read(slot)
+            if view.state is not WorkerState.EMPTY and view.owner is not None:
+                owners.append(view.owner)
+        return owners
+
+    def beat(self) -> None:
+        """The supervisor's pulse: its loop is turning (monotonic clock)."""
+        _PULSE.pack_into(self._map, 0, time.monotonic())
+
+    def pulse_age(self) -> float:
+        """Seconds since the supervisor's last pulse (inf: never)."""
+        last: float = _PULSE.unpack_from(self._map, 0)[0]
+        return time.monotonic() - last if last else float("inf")
+
     def _seq(self, offset: int) -> int:
-        value: int = struct.unpack_from("=Q", self._map, offset)[0]
+        value: int = _SEQ.unpack_from(self._map, offset)[0]
         return value
+
+
+def _view(fields: tuple[Any, ...], *, consistent: bool) -> SlotView:
+    _, pid, job_id, started, deadline, state, owner = fields
+    try:
+        worker_state = WorkerState(state)
+    except ValueError:  # torn: a state no write ever stored
+        worker_state = WorkerState.BOOTING
+    return SlotView(
+        pid,
+        None if job_id == _NO_JOB else job_id,
+        started,
+        deadline,
+        worker_state,
+        None if owner == _NO_OWNER else uuid.UUID(bytes=owner),
+        consistent,
+    )

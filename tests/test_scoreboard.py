@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
+import struct
+import time
+import uuid
 
 from pdoflowd.scoreboard import Scoreboard, WorkerState
 
@@ -43,3 +47,72 @@ def test_clear_empties_a_slot() -> None:
     board.clear(0)
     view = board.read(0)
     assert (view.state, view.job_id, view.pid) == (WorkerState.EMPTY, None, 0)
+
+
+def test_a_writer_killed_inside_its_write_stalls_no_reader() -> None:
+    board = Scoreboard(2)
+    owner = uuid.uuid4()
+    board.write(0, pid=10, state=WorkerState.RUNNING, job_id=3, owner=owner)
+    pid = os.fork()
+    if pid == 0:
+        # Begin a write the way Scoreboard.write does, and die inside it.
+        offset = _slot_offset(0)
+        seq = struct.unpack_from("=Q", board._map, offset)[0]
+        struct.pack_into("=Q", board._map, offset, seq + 1)
+        os.kill(os.getpid(), signal.SIGKILL)
+    os.waitpid(pid, 0)
+    began = time.monotonic()
+    view = board.read(0)
+    assert time.monotonic() - began < 5
+    assert not view.consistent
+    # What was there stays readable, for the take-back to try.
+    assert (view.owner, view.job_id) == (owner, 3)
+    # The next write (the supervisor resetting the slot) heals it.
+    board.write(0, pid=0, state=WorkerState.BOOTING)
+    healed = board.read(0)
+    assert healed.consistent
+    assert (healed.state, healed.owner) == (WorkerState.BOOTING, None)
+    board.clear(0)
+    assert board.read(0).consistent
+
+
+def test_writers_killed_at_random_leave_every_slot_readable() -> None:
+    board = Scoreboard(1)
+    for round_ in range(30):
+        pid = os.fork()
+        if pid == 0:
+            token = uuid.uuid4()
+            while True:
+                board.write(0, pid=1, state=WorkerState.RUNNING, owner=token)
+        time.sleep(0.001 * (round_ % 7))
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        board.read(0)  # bounded, torn or not
+        board.write(0, pid=0, state=WorkerState.BOOTING)
+        assert board.read(0).consistent
+
+
+def test_live_owners_are_the_tokens_of_slots_in_use() -> None:
+    board = Scoreboard(3)
+    first, second = uuid.uuid4(), uuid.uuid4()
+    board.write(0, pid=1, state=WorkerState.IDLE, owner=first)
+    board.write(1, pid=2, state=WorkerState.RUNNING, job_id=4, owner=second)
+    board.write(2, pid=3, state=WorkerState.BOOTING)
+    assert sorted(board.live_owners()) == sorted([first, second])
+    board.clear(0)
+    assert board.live_owners() == [second]
+
+
+def test_the_pulse_ages_until_the_next_beat() -> None:
+    board = Scoreboard(1)
+    assert board.pulse_age() == float("inf")
+    board.beat()
+    assert 0 <= board.pulse_age() < 1
+    time.sleep(0.05)
+    assert board.pulse_age() >= 0.05
+
+
+def _slot_offset(slot: int) -> int:
+    from pdoflowd import scoreboard
+
+    return scoreboard._HEADER + slot * scoreboard._SLOT.size
