@@ -815,21 +815,23 @@ def test_an_endless_request_is_refused_before_it_ends(
         assert read_all(sock).startswith(b"HTTP/1.1 431 ")
 
 
-def test_open_connections_are_bounded_and_later_clients_wait_their_turn(
+def test_open_connections_are_bounded_and_a_new_client_displaces_an_idle_one(
     serve: Callable[..., ServedLoop],
 ) -> None:
-    loop = serve(limits=Limits(max_connections=2, deadline_s=1.0))
+    loop = serve(limits=Limits(max_connections=2, deadline_s=5.0))
     stuck = [connect(loop), connect(loop)]
     try:
         wait_until(lambda: len(loop.server.connections) == 2)
         began = time.monotonic()
         answer = fetch(loop.url("/livez"))
         waited = time.monotonic() - began
+        closed = read_all_until_reset(stuck[0])
     finally:
         for sock in stuck:
             sock.close()
     assert answer.status == 200
-    assert 0.5 <= waited < 3.0, "served once a stuck client expired"
+    assert waited < 0.5, "served at once, not after a stuck client expired"
+    assert closed == b"", "the oldest idle connection made room"
     assert loop.most_connections == 2
     assert loop.longest_iteration_s < 0.2
 
