@@ -598,27 +598,11 @@ def requeue_owner(
 # ---------------------------------------------------------------- postings
 
 
+# The decision is made under the postings' row locks, with the jobs counted
+# after they were taken (see pdoflowd.settle_postings in the schema).
 _SETTLE_POSTINGS = """
-WITH candidate AS (
-    SELECT p.id,
-           EXISTS (
-               SELECT FROM pdoflowd.jobs AS j
-               WHERE j.posting_id = p.id
-                 AND j.status IN ('waiting', 'executing')) AS active,
-           (SELECT count(*) FROM pdoflowd.jobs AS j
-            WHERE j.posting_id = p.id AND j.status = 'errored_out') AS errored
-    FROM pdoflowd.postings AS p
-    WHERE p.id = ANY(%(ids)s) AND p.status = 'executing'
-)
-UPDATE pdoflowd.postings AS p
-SET status = CASE WHEN c.errored >= %(threshold)s THEN 'errored_out'
-                  ELSE 'finished' END,
-    finished_at = now()
-FROM candidate AS c
-WHERE p.id = c.id
-  AND p.status = 'executing'
-  AND (c.errored >= %(threshold)s OR NOT c.active)
-RETURNING p.id, p.status
+SELECT posting, new_status
+FROM pdoflowd.settle_postings(%(ids)s::bigint[], %(threshold)s)
 """
 
 
@@ -629,7 +613,8 @@ def settle_postings(
 
     Must run after the outcomes that prompted it have committed: the last
     writer then sees every other writer's work, so no posting is left
-    executing with nothing left to run.
+    executing with nothing left to run. A posting is decided under its row
+    lock, so one a retry makes runnable again meanwhile is never finished.
     """
     ids = sorted(set(posting_ids))
     if not ids:
