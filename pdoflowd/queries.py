@@ -392,7 +392,8 @@ class Outcome:
     while tries remain), ``refused`` (errored out at once, no retry) or
     ``released`` (never started: back to waiting, no try used). ``result``
     is the JSON text of a done job's return value, when its posting keeps
-    results.
+    results. A job that waits again may run ``retry_delay_s`` seconds after
+    the database's time when the outcome is written, not the worker's.
     """
 
     job_id: int
@@ -402,7 +403,7 @@ class Outcome:
     completed_at: dt.datetime | None = None
     error: str | None = None
     traceback: str | None = None
-    retry_at: dt.datetime | None = None
+    retry_delay_s: float | None = None
     result: str | None = None
 
 
@@ -416,44 +417,62 @@ class RecordedOutcome:
     status: JobStatus
 
 
+def _claim_ends(
+    kind: str, error: str, *, posting_status: str = "p.status"
+) -> str:
+    """SET clauses of status, tries and error for claims that end as
+    ``kind`` with ``error`` (SQL expressions), by the one retry rule,
+    pdoflowd.end_job.
+    """
+    call = (
+        f"pdoflowd.end_job({kind}, j.tries_remaining, {posting_status},"
+        f" {error})"
+    )
+    return ",\n    ".join(
+        f"{column} = ({call}).{column}"
+        for column in ("status", "tries_remaining", "error")
+    )
+
+
 # The outcomes arrive as one JSON array of objects (times in seconds since
 # the epoch; absent keys are NULL): one parameter to send and to parse,
 # where an array per column cost both sides several times as much.
-_RECORD_OUTCOMES = """
+# The posting's status is not read (a join per outcome on the hot path): a
+# job executing under a live claim never belongs to a cancelled posting, as
+# a cancel ends every claim of its posting in its own transaction.
+_RECORD_OUTCOMES = (
+    """
 UPDATE pdoflowd.jobs AS j
-SET status = CASE
-        WHEN o.kind = 'done' THEN 'done'
-        WHEN o.kind = 'released' THEN 'waiting'
-        WHEN o.kind IN ('failed', 'timeout') AND j.tries_remaining > 1
-            THEN 'waiting'
-        ELSE 'errored_out' END,
-    tries_remaining = CASE
-        WHEN o.kind IN ('done', 'released') THEN j.tries_remaining
-        WHEN o.kind = 'refused' THEN 0
-        ELSE greatest(j.tries_remaining - 1, 0) END,
+SET """
+    + _claim_ends(
+        "o.kind",
+        "CASE WHEN o.kind = 'released' THEN j.error ELSE o.error END",
+        posting_status="NULL",
+    )
+    + """,
     owner = CASE WHEN o.kind = 'done' THEN j.owner END,
     run_after = CASE WHEN o.kind IN ('failed', 'timeout')
-                     THEN to_timestamp(o.retry_at)
+                     THEN now() + make_interval(secs => o.retry_delay)
                      ELSE j.run_after END,
     work_started_at = coalesce(to_timestamp(o.started), j.work_started_at),
     completed_at = CASE WHEN o.kind = 'released' THEN j.completed_at
                         ELSE to_timestamp(o.completed) END,
     exited_ok = CASE WHEN o.kind = 'released' THEN j.exited_ok
                      ELSE o.kind = 'done' END,
-    error = CASE WHEN o.kind = 'released' THEN j.error ELSE o.error END,
     traceback = CASE WHEN o.kind = 'released' THEN j.traceback
                      ELSE o.traceback END,
     result = CASE WHEN o.kind = 'released' THEN j.result
                   ELSE o.result::jsonb END
 FROM json_to_recordset(%(outcomes)s::json) AS o(
     id bigint, attempt integer, kind text, started float8, completed float8,
-    error text, traceback text, retry_at float8, result text)
+    error text, traceback text, retry_delay float8, result text)
 WHERE j.id = o.id
   AND j.attempt = o.attempt
   AND j.owner = %(owner)s
   AND j.status = 'executing'
 RETURNING j.id, j.posting_id, o.kind, j.status
 """
+)
 
 _JSON_ENCODER = json.JSONEncoder(
     ensure_ascii=False, allow_nan=False, separators=(",", ":")
@@ -478,8 +497,8 @@ def _outcome_json(o: Outcome) -> dict[str, Any]:
         row["error"] = storable_text(o.error)
     if o.traceback is not None:
         row["traceback"] = storable_text(o.traceback)
-    if o.retry_at is not None:
-        row["retry_at"] = o.retry_at.timestamp()
+    if o.retry_delay_s is not None:
+        row["retry_delay"] = o.retry_delay_s
     if o.result is not None:
         row["result"] = o.result
     return row
@@ -510,18 +529,15 @@ def record_outcomes(
 
 
 # A job of a cancelled posting is never requeued: it ends as cancelled.
-_REQUEUE_OWNER = """
+_REQUEUE_OWNER = (
+    """
 UPDATE pdoflowd.jobs AS j
-SET status = CASE
-        WHEN p.status = 'cancelled' THEN 'errored_out'
-        WHEN j.id = %(running)s AND j.tries_remaining <= 1 THEN 'errored_out'
-        ELSE 'waiting' END,
-    tries_remaining = CASE
-        WHEN j.id = %(running)s THEN greatest(j.tries_remaining - 1, 0)
-        ELSE j.tries_remaining END,
-    error = CASE WHEN p.status = 'cancelled' THEN 'cancelled'
-                 WHEN j.id = %(running)s THEN %(reason)s
-                 ELSE j.error END,
+SET """
+    + _claim_ends(
+        "CASE WHEN j.id = %(running)s THEN 'failed' ELSE 'released' END",
+        "CASE WHEN j.id = %(running)s THEN %(reason)s ELSE j.error END",
+    )
+    + """,
     traceback = CASE WHEN j.id = %(running)s OR p.status = 'cancelled'
                      THEN NULL ELSE j.traceback END,
     exited_ok = CASE WHEN j.id = %(running)s OR p.status = 'cancelled'
@@ -536,6 +552,7 @@ WHERE p.id = j.posting_id
   AND j.status = 'executing'
 RETURNING j.id, j.posting_id, j.id = %(running)s, j.status
 """
+)
 
 
 # Executing jobs of this daemon under none of the owners it knows: a worker
@@ -736,7 +753,8 @@ def mark_daemon_stopped(conn: Connection, daemon_id: UUID) -> None:
         )
 
 
-_RESCUE_LOST_DAEMONS = """
+_RESCUE_LOST_DAEMONS = (
+    """
 WITH lost AS (
     UPDATE pdoflowd.daemons AS d
     SET stopped_at = now()
@@ -745,12 +763,13 @@ WITH lost AS (
     RETURNING d.id, d.hostname
 )
 UPDATE pdoflowd.jobs AS j
-SET status = CASE WHEN j.tries_remaining <= 1 OR p.status = 'cancelled'
-                  THEN 'errored_out' ELSE 'waiting' END,
-    tries_remaining = greatest(j.tries_remaining - 1, 0),
-    error = CASE WHEN p.status = 'cancelled' THEN 'cancelled'
-                 ELSE format('host lost: daemon %%s on %%s missed its '
-                             'heartbeat', lost.id, lost.hostname) END,
+SET """
+    + _claim_ends(
+        "'failed'",
+        "format('host lost: daemon %%s on %%s missed its heartbeat',"
+        " lost.id, lost.hostname)",
+    )
+    + """,
     traceback = NULL,
     exited_ok = false,
     completed_at = now(),
@@ -760,6 +779,7 @@ WHERE j.status = 'executing' AND j.daemon_id = lost.id
   AND p.id = j.posting_id
 RETURNING j.id, j.posting_id, j.status
 """
+)
 
 
 def rescue_lost_daemons(

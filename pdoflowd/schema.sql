@@ -252,6 +252,42 @@ CREATE INDEX jobs_waiting_since
     ON pdoflowd.jobs ((coalesce(run_after, created_at)))
     WHERE status = 'waiting';
 
+-- How a claim ends, by how its run ended: the retry rule, written once for
+-- every statement that ends claims (recording outcomes, taking back a dead
+-- worker's or a lost host's jobs, giving claims up). kind: done; released
+-- (never started: no try used, waits again); failed or timeout (uses a try:
+-- waits again while tries remain, else errors out); refused (errors out at
+-- once, its tries used up). A job of a cancelled posting that did not
+-- succeed ends errored out as cancelled, whatever tries it has left.
+-- A plain SQL expression, inlined into each statement: it costs no call.
+CREATE TYPE pdoflowd.job_end AS (
+    status text,
+    tries_remaining integer,
+    error text
+);
+
+CREATE FUNCTION pdoflowd.end_job(
+    kind text, tries_remaining integer, posting_status text, error text)
+RETURNS pdoflowd.job_end
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$
+SELECT ROW(
+    CASE WHEN kind = 'done' THEN 'done'
+         WHEN posting_status = 'cancelled' THEN 'errored_out'
+         WHEN kind = 'released' THEN 'waiting'
+         WHEN kind IN ('failed', 'timeout') AND tries_remaining > 1
+             THEN 'waiting'
+         ELSE 'errored_out' END,
+    CASE WHEN kind IN ('failed', 'timeout')
+             THEN greatest(tries_remaining - 1, 0)
+         WHEN kind = 'refused' THEN 0
+         ELSE tries_remaining END,
+    CASE WHEN kind <> 'done' AND posting_status = 'cancelled'
+             THEN 'cancelled'
+         ELSE error END
+)::pdoflowd.job_end
+$$;
+
 -- Finish or error out the executing postings among posting_ids whose jobs
 -- allow it. The postings are locked first and their jobs counted after:
 -- whoever made a job of one runnable again (a retry, under the same lock)

@@ -497,7 +497,7 @@ class Worker:
             completed_at,
             error=error,
             traceback=tb,
-            retry_at=completed_at + dt.timedelta(seconds=delay),
+            retry_delay_s=delay,
         )
 
     def report_done(

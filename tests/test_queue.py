@@ -57,6 +57,13 @@ def finish(
     return queries.record_outcomes(conn, owner=owner, outcomes=outcomes)
 
 
+def db_now(conn: Any) -> dt.datetime:
+    """The database's clock (not the transaction's start)."""
+    row = conn.execute("SELECT clock_timestamp()").fetchone()
+    assert row is not None
+    return row[0]  # type: ignore[no-any-return]
+
+
 def job_row(conn: Any, job_id: int) -> dict[str, Any]:
     cur = conn.cursor(row_factory=psycopg.rows.dict_row)
     row = cur.execute(
@@ -189,10 +196,11 @@ def test_outcome_times_and_texts_are_stored_exactly(
     post(dsn, 2, tries=3)
     owner = uuid.uuid4()
     done, failed = claim(conn, 2, owner)
+    before = db_now(conn)
     base = dt.datetime(2026, 11, 26, 14, 7, 3, tzinfo=dt.timezone.utc)
     started = base + dt.timedelta(microseconds=999_999)
     completed = base + dt.timedelta(seconds=1, microseconds=1)
-    retry_at = base + dt.timedelta(days=400, microseconds=123_457)
+    delay = dt.timedelta(days=400, microseconds=123_457)
     error = 'ValueError: "quoted" \\ back\\slash, tab\t, newline\n, é, 💥'
     tb = "Traceback (most recent call last):\n  …\n" + error
     queries.record_outcomes(
@@ -215,16 +223,17 @@ def test_outcome_times_and_texts_are_stored_exactly(
                 completed,
                 error=error,
                 traceback=tb,
-                retry_at=retry_at,
+                retry_delay_s=delay.total_seconds(),
             ),
         ],
     )
+    after = db_now(conn)
     row = job_row(conn, done.id)
     assert (row["work_started_at"], row["completed_at"]) == (started, completed)
     assert row["result"] == {"x": [1.5, "two"]}
     row = job_row(conn, failed.id)
     assert (row["error"], row["traceback"]) == (error, tb)
-    assert row["run_after"] == retry_at
+    assert before + delay <= row["run_after"] <= after + delay
 
 
 def test_error_texts_postgresql_refuses_are_spelt_out(
