@@ -27,6 +27,9 @@ from psycopg.pq import TransactionStatus
 from pdoflowd.status import JobStatus, PostingStatus
 
 NOTIFY_CHANNEL = "pdoflowd_jobs"
+# Sent when a posting is cancelled (the posting's internal id as payload):
+# its claimed jobs must not start, and their runs must stop.
+CANCEL_CHANNEL = "pdoflowd_cancel"
 
 Connection = psycopg.Connection[Any]
 
@@ -418,20 +421,28 @@ class RecordedOutcome:
 
 
 def _claim_ends(
-    kind: str, error: str, *, posting_status: str = "p.status"
+    kind: str,
+    error: str,
+    *,
+    live: str | None = None,
+    posting_status: str = "p.status",
 ) -> str:
     """SET clauses of status, tries and error for claims that end as
     ``kind`` with ``error`` (SQL expressions), by the one retry rule,
-    pdoflowd.end_job.
+    pdoflowd.end_job. Where the SQL condition ``live`` is false, a cancel
+    had ended the claim already: they stay as the cancel left them.
     """
     call = (
         f"pdoflowd.end_job({kind}, j.tries_remaining, {posting_status},"
         f" {error})"
     )
-    return ",\n    ".join(
-        f"{column} = ({call}).{column}"
-        for column in ("status", "tries_remaining", "error")
-    )
+    clauses = []
+    for column in ("status", "tries_remaining", "error"):
+        value = f"({call}).{column}"
+        if live is not None:
+            value = f"CASE WHEN {live} THEN {value} ELSE j.{column} END"
+        clauses.append(f"{column} = {value}")
+    return ",\n    ".join(clauses)
 
 
 # The outcomes arrive as one JSON array of objects (times in seconds since
@@ -439,7 +450,9 @@ def _claim_ends(
 # where an array per column cost both sides several times as much.
 # The posting's status is not read (a join per outcome on the hot path): a
 # job executing under a live claim never belongs to a cancelled posting, as
-# a cancel ends every claim of its posting in its own transaction.
+# a cancel ends every claim of its posting in its own transaction, and a
+# claim it ended is no longer executing, so fenced off here (see
+# give_up_claims).
 _RECORD_OUTCOMES = (
     """
 UPDATE pdoflowd.jobs AS j
@@ -510,8 +523,9 @@ def record_outcomes(
     """Write outcomes in one fenced statement; commits at once.
 
     An outcome whose job is no longer ``executing`` under this owner and
-    attempt (it was rescued after its owner was declared dead) changes
-    nothing and is absent from the result. Error texts are stored as
+    attempt (it was rescued after its owner was declared dead, or its
+    posting was cancelled) changes nothing and is absent from the result;
+    give its claim up (:func:`give_up_claims`). Error texts are stored as
     :func:`storable_text` makes them.
     """
     if not outcomes:
@@ -528,39 +542,137 @@ def record_outcomes(
     ]
 
 
-# A job of a cancelled posting is never requeued: it ends as cancelled.
-_REQUEUE_OWNER = (
+_HELD_CLAIMS = """
+SELECT j.id
+FROM unnest(%(ids)s::bigint[], %(attempts)s::integer[]) AS c(id, attempt)
+JOIN pdoflowd.jobs AS j ON j.id = c.id AND j.attempt = c.attempt
+WHERE j.owner = %(owner)s AND j.status = 'executing'
+"""
+
+
+def held_claims(
+    conn: Connection, *, owner: UUID, jobs: Iterable[ClaimedJob]
+) -> set[int]:
+    """Which of these claimed jobs are still this owner's to run.
+
+    The others were cancelled or taken back since they were claimed: they
+    must not start. Give their claims up (:func:`give_up_claims`).
+    """
+    claimed = list(jobs)
+    if not claimed:
+        return set()
+    with _one_statement(conn):
+        rows = conn.execute(
+            _HELD_CLAIMS,
+            {
+                "owner": owner,
+                "ids": [j.id for j in claimed],
+                "attempts": [j.attempt for j in claimed],
+            },
+        ).fetchall()
+    return {r[0] for r in rows}
+
+
+# A claim still live goes back as released (its outcome, if there was one,
+# was not recorded: a retry gave the job back to this claim after the
+# outcome was fenced off); a claim a cancel ended only loses its owner.
+_GIVE_UP_CLAIMS = (
     """
 UPDATE pdoflowd.jobs AS j
 SET """
-    + _claim_ends(
-        "CASE WHEN j.id = %(running)s THEN 'failed' ELSE 'released' END",
-        "CASE WHEN j.id = %(running)s THEN %(reason)s ELSE j.error END",
-    )
+    + _claim_ends("'released'", "j.error", live="j.status = 'executing'")
     + """,
-    traceback = CASE WHEN j.id = %(running)s OR p.status = 'cancelled'
-                     THEN NULL ELSE j.traceback END,
-    exited_ok = CASE WHEN j.id = %(running)s OR p.status = 'cancelled'
-                     THEN false ELSE j.exited_ok END,
-    completed_at = CASE WHEN j.id = %(running)s OR p.status = 'cancelled'
-                        THEN now() ELSE j.completed_at END,
     owner = NULL
-FROM pdoflowd.postings AS p
-WHERE p.id = j.posting_id
-  AND j.daemon_id = %(daemon_id)s
+FROM unnest(%(ids)s::bigint[], %(attempts)s::integer[]) AS c(id, attempt),
+     pdoflowd.postings AS p
+WHERE j.id = c.id
+  AND j.attempt = c.attempt
   AND j.owner = %(owner)s
-  AND j.status = 'executing'
-RETURNING j.id, j.posting_id, j.id = %(running)s, j.status
+  AND (j.status = 'executing'
+       OR (j.status = 'errored_out' AND j.owner IS NOT NULL))
+  AND p.id = j.posting_id
 """
 )
 
 
-# Executing jobs of this daemon under none of the owners it knows: a worker
+def give_up_claims(
+    conn: Connection, *, owner: UUID, claims: Iterable[tuple[int, int]]
+) -> int:
+    """End claims (job id, attempt) whose run this owner has ended or will
+    not start; commits at once. Returns how many were still this owner's.
+
+    Called for outcomes that were fenced off and for claimed jobs found no
+    longer held: a cancel keeps the owner of the jobs it ends, as their run
+    may still be going, until this says it is over; a retry before that
+    gives such a job back to its claim rather than to the queue.
+    """
+    pairs = sorted(set(claims))
+    if not pairs:
+        return 0
+    with _one_statement(conn):
+        cursor = conn.execute(
+            _GIVE_UP_CLAIMS,
+            {
+                "owner": owner,
+                "ids": [job_id for job_id, _ in pairs],
+                "attempts": [attempt for _, attempt in pairs],
+            },
+        )
+    return cursor.rowcount
+
+
+# The owner's claims are locked first, and whether each was still live is
+# read under the lock: a claim a cancel ended only loses its owner (its run
+# is over), and is not counted as taken back. A job of a cancelled posting
+# is never requeued: it ends as cancelled.
+_REQUEUE_OWNER = (
+    """
+WITH claim AS (
+    SELECT j.id, j.status = 'executing' AS live
+    FROM pdoflowd.jobs AS j
+    WHERE j.daemon_id = %(daemon_id)s
+      AND j.owner = %(owner)s
+      AND (j.status = 'executing'
+           OR (j.status = 'errored_out' AND j.owner IS NOT NULL))
+    FOR NO KEY UPDATE
+), taken AS (
+    UPDATE pdoflowd.jobs AS j
+    SET """
+    + _claim_ends(
+        "CASE WHEN j.id = %(running)s THEN 'failed' ELSE 'released' END",
+        "CASE WHEN j.id = %(running)s THEN %(reason)s ELSE j.error END",
+        live="c.live",
+    )
+    + """,
+    traceback = CASE WHEN c.live AND (j.id = %(running)s
+                                      OR p.status = 'cancelled')
+                     THEN NULL ELSE j.traceback END,
+    exited_ok = CASE WHEN c.live AND (j.id = %(running)s
+                                      OR p.status = 'cancelled')
+                     THEN false ELSE j.exited_ok END,
+    completed_at = CASE WHEN c.live AND (j.id = %(running)s
+                                         OR p.status = 'cancelled')
+                        THEN now() ELSE j.completed_at END,
+    owner = NULL
+    FROM claim AS c, pdoflowd.postings AS p
+    WHERE j.id = c.id AND p.id = j.posting_id
+    RETURNING j.id, j.posting_id, j.id = %(running)s AS was_running,
+              j.status, c.live
+)
+SELECT id, posting_id, was_running, status FROM taken WHERE live
+"""
+)
+
+
+# Claims of this daemon under none of the owners it knows: a worker
 # killed while its claim was in flight can have that claim commit after
-# its jobs were taken back, leaving them to a dead owner of a live daemon.
+# its jobs were taken back, leaving them to a dead owner of a live daemon
+# (and a cancel can end such a claim before anyone takes it back).
 _STRAY_OWNERS = """
 SELECT DISTINCT j.owner FROM pdoflowd.jobs AS j
-WHERE j.daemon_id = %(daemon_id)s AND j.status = 'executing'
+WHERE j.daemon_id = %(daemon_id)s
+  AND (j.status = 'executing'
+       OR (j.status = 'errored_out' AND j.owner IS NOT NULL))
   AND NOT j.owner = ANY(%(known)s::uuid[])
 """
 
@@ -597,7 +709,9 @@ def requeue_owner(
 
     The job it was running uses a try and records ``reason``; jobs it had
     claimed but not started go back to waiting as they were. Jobs of a
-    cancelled posting end errored out as ``cancelled`` instead.
+    cancelled posting end errored out as ``cancelled`` instead. Claims of
+    its that a cancel had ended are over with it (they lose their owner)
+    and are not among the jobs returned.
     """
     with _one_statement(conn):
         rows = conn.execute(
@@ -753,6 +867,7 @@ def mark_daemon_stopped(conn: Connection, daemon_id: UUID) -> None:
         )
 
 
+# As _REQUEUE_OWNER, for every claim of the daemons found lost.
 _RESCUE_LOST_DAEMONS = (
     """
 WITH lost AS (
@@ -761,23 +876,29 @@ WITH lost AS (
     WHERE d.stopped_at IS NULL
       AND d.heartbeat_at < now() - make_interval(secs => %(lease_s)s)
     RETURNING d.id, d.hostname
-)
-UPDATE pdoflowd.jobs AS j
-SET """
-    + _claim_ends(
-        "'failed'",
-        "format('host lost: daemon %%s on %%s missed its heartbeat',"
-        " lost.id, lost.hostname)",
-    )
+), claim AS (
+    SELECT j.id, j.status = 'executing' AS live,
+           format('host lost: daemon %%s on %%s missed its heartbeat',
+                  lost.id, lost.hostname) AS reason
+    FROM pdoflowd.jobs AS j
+    JOIN lost ON j.daemon_id = lost.id
+    WHERE j.status = 'executing'
+       OR (j.status = 'errored_out' AND j.owner IS NOT NULL)
+    FOR NO KEY UPDATE OF j
+), rescued AS (
+    UPDATE pdoflowd.jobs AS j
+    SET """
+    + _claim_ends("'failed'", "c.reason", live="c.live")
     + """,
-    traceback = NULL,
-    exited_ok = false,
-    completed_at = now(),
+    traceback = CASE WHEN c.live THEN NULL ELSE j.traceback END,
+    exited_ok = CASE WHEN c.live THEN false ELSE j.exited_ok END,
+    completed_at = CASE WHEN c.live THEN now() ELSE j.completed_at END,
     owner = NULL
-FROM lost, pdoflowd.postings AS p
-WHERE j.status = 'executing' AND j.daemon_id = lost.id
-  AND p.id = j.posting_id
-RETURNING j.id, j.posting_id, j.status
+    FROM claim AS c, pdoflowd.postings AS p
+    WHERE j.id = c.id AND p.id = j.posting_id
+    RETURNING j.id, j.posting_id, j.status, c.live
+)
+SELECT id, posting_id, status FROM rescued WHERE live
 """
 )
 
@@ -848,6 +969,24 @@ def cancelled_among(conn: Connection, job_ids: Iterable[int]) -> set[int]:
         return set()
     with _one_statement(conn):
         rows = conn.execute(_CANCELLED_AMONG, {"ids": ids}).fetchall()
+    return {r[0] for r in rows}
+
+
+_CANCELLED_CLAIM_OWNERS = """
+SELECT DISTINCT j.owner FROM pdoflowd.jobs AS j
+WHERE j.daemon_id = %(daemon_id)s
+  AND j.status = 'errored_out' AND j.owner IS NOT NULL
+"""
+
+
+def cancelled_claim_owners(conn: Connection, *, daemon_id: UUID) -> set[UUID]:
+    """Owners of this daemon's claims that a cancel ended while their run
+    may still be going or be about to start (until the owner gives them up
+    or its jobs are taken back)."""
+    with _one_statement(conn):
+        rows = conn.execute(
+            _CANCELLED_CLAIM_OWNERS, {"daemon_id": daemon_id}
+        ).fetchall()
     return {r[0] for r in rows}
 
 

@@ -204,20 +204,26 @@ BEGIN
         END IF;
         UPDATE pdoflowd.postings SET status = 'cancelled', finished_at = now()
         WHERE id = target.id;
-        -- Running jobs lose their owner here, so a late outcome of theirs
-        -- is fenced off; their daemon ends their worker processes.
+        -- Claimed jobs end here, so no outcome of their claim is recorded,
+        -- but keep their owner: their run may still be going, or be about
+        -- to start. The daemons hear of it at once, to stop both.
         UPDATE pdoflowd.jobs
         SET status = 'errored_out', error = 'cancelled', traceback = NULL,
-            exited_ok = false, completed_at = now(), owner = NULL
+            exited_ok = false, completed_at = now()
         WHERE posting_id = target.id AND status IN ('waiting', 'executing');
         GET DIAGNOSTICS changed = ROW_COUNT;
+        PERFORM pg_notify('pdoflowd_cancel', target.id::text);
     ELSIF action = 'retry' THEN
         IF fresh_tries IS NOT NULL AND fresh_tries < 1 THEN
             RAISE EXCEPTION 'tries must be at least 1, got %', fresh_tries
                 USING ERRCODE = 'invalid_parameter_value';
         END IF;
+        -- A job cancelled while claimed, whose run may still be going, goes
+        -- back to that claim: its outcome counts, and if its owner is gone
+        -- it is taken back like any other job of that owner.
         UPDATE pdoflowd.jobs
-        SET status = 'waiting',
+        SET status = CASE WHEN owner IS NULL THEN 'waiting'
+                          ELSE 'executing' END,
             tries_remaining = coalesce(fresh_tries, target.tries),
             run_after = NULL, completed_at = NULL, exited_ok = NULL
         WHERE posting_id = target.id AND status = 'errored_out';
@@ -287,6 +293,12 @@ SELECT ROW(
          ELSE error END
 )::pdoflowd.job_end
 $$;
+
+-- A job cancelled while claimed keeps its owner (and daemon) until that
+-- claim's run is known to be over: its owner's outcome write, or the taking
+-- back of the owner's jobs, ends it. Such claims are found here.
+CREATE INDEX jobs_cancelled_claims ON pdoflowd.jobs (daemon_id, owner)
+    WHERE status = 'errored_out' AND owner IS NOT NULL;
 
 -- Finish or error out the executing postings among posting_ids whose jobs
 -- allow it. The postings are locked first and their jobs counted after:

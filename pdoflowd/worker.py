@@ -44,6 +44,13 @@ log = logging.getLogger("pdoflowd.worker")
 EXIT_OK = 0
 EXIT_BOOT_FAILED = 3
 
+# The supervisor sends this when some claim of the worker may have been
+# cancelled: before its next job starts, the worker checks the claims of
+# the jobs it has not started. It checks them anyway before starting a job
+# when the last check (or the claim) is older than CLAIM_RECHECK_S.
+CLAIMS_SIGNAL = signal.SIGUSR1
+CLAIM_RECHECK_S = 1.0
+
 _PR_SET_PDEATHSIG = 1
 # Lines other than metrics reports that may wait for a supervisor that
 # does not read (a few hundred); beyond that they are dropped.
@@ -103,6 +110,8 @@ class Worker:
         ] = {}
         self.rng = random.Random()
         self.tally = metrics.WorkerTally()
+        # Whether a claim not yet started may have been cancelled.
+        self.claims_in_doubt = False
         # Report lines the pipe has not taken yet (the first may be begun),
         # and a metrics report not yet begun, to merge later ones into.
         self.outbox = bytearray()
@@ -121,6 +130,7 @@ class Worker:
         for name in _SYSTEMD_VARIABLES:
             os.environ.pop(name, None)
         signal.signal(signal.SIGTERM, self._on_term)
+        signal.signal(CLAIMS_SIGNAL, self._on_claims_changed)
         for signum in (signal.SIGINT, signal.SIGQUIT, signal.SIGHUP):
             signal.signal(signum, signal.SIG_IGN)
         for signum in (signal.SIGTTIN, signal.SIGTTOU, signal.SIGCHLD):
@@ -133,6 +143,9 @@ class Worker:
         # A busy or stopped supervisor must not stop the jobs (see report).
         os.set_blocking(self.spec.report_fd, False)
         logs.set_process_label(f"worker {self.spec.slot}")
+
+    def _on_claims_changed(self, signum: int, frame: FrameType | None) -> None:
+        self.claims_in_doubt = True
 
     def _on_term(self, signum: int, frame: FrameType | None) -> None:
         if self.deadline and time.monotonic() >= self.deadline:
@@ -354,15 +367,59 @@ class Worker:
         return False
 
     def run_batch(self, batch: list[queries.ClaimedJob]) -> None:
+        """Run a claimed batch, never starting a job whose claim was lost.
+
+        The claims are checked again before a job starts when the supervisor
+        said one may have been cancelled (CLAIMS_SIGNAL) or the last check
+        is older than CLAIM_RECHECK_S: a flag and a clock read per job, and
+        a query only then.
+        """
+        checked_at = time.monotonic()
+        lost: set[int] = set()
         for index, job in enumerate(batch):
+            if job.id in lost:
+                continue
             if self.stop_requested or (index and self.retirement_due()):
-                self.release(batch[index:])
+                self.release([j for j in batch[index:] if j.id not in lost])
                 return
+            if self.claims_in_doubt or (
+                index and time.monotonic() - checked_at >= CLAIM_RECHECK_S
+            ):
+                unstarted = [j for j in batch[index:] if j.id not in lost]
+                lost |= self.drop_lost_claims(unstarted)
+                checked_at = time.monotonic()
+                if job.id in lost:
+                    continue
             self.pending.append(self.run_job(job))
             if not self.pending_since:
                 self.pending_since = time.monotonic()
             if self.flush_due():
                 self.flush()
+
+    def drop_lost_claims(self, jobs: list[queries.ClaimedJob]) -> set[int]:
+        """Give up the claims among ``jobs`` (none started) that are no
+        longer this worker's, cancelled or taken back since; return their
+        job ids: they must not start."""
+        self.claims_in_doubt = False
+        held: set[int] = self.with_database(
+            "claim",
+            lambda: queries.held_claims(
+                self.connect(), owner=self.spec.owner, jobs=jobs
+            ),
+        )
+        lost = [(j.id, j.attempt) for j in jobs if j.id not in held]
+        if lost:
+            log.info(
+                "%d claimed job(s) not started: cancelled or taken back",
+                len(lost),
+            )
+            self.with_database(
+                "record outcomes",
+                lambda: queries.give_up_claims(
+                    self.connect(), owner=self.spec.owner, claims=lost
+                ),
+            )
+        return {job_id for job_id, _ in lost}
 
     def release(self, jobs: list[queries.ClaimedJob]) -> None:
         """Give back claimed jobs that were never started (no try used)."""
@@ -396,10 +453,22 @@ class Worker:
             ),
         )
         self.send_metrics(recorded)
-        if len(recorded) < len(outcomes):
+        written = {r.job_id for r in recorded}
+        fenced = [
+            (o.job_id, o.attempt) for o in outcomes if o.job_id not in written
+        ]
+        if fenced:
             log.warning(
-                "%d outcome(s) fenced off: their jobs were taken back",
-                len(outcomes) - len(recorded),
+                "%d outcome(s) fenced off: their jobs were cancelled or "
+                "taken back",
+                len(fenced),
+            )
+            # A cancel leaves these claims to their runs, which are over.
+            self.with_database(
+                "record outcomes",
+                lambda: queries.give_up_claims(
+                    self.connect(), owner=self.spec.owner, claims=fenced
+                ),
             )
         finals = [
             r

@@ -90,8 +90,9 @@ def test_cancel_ends_waiting_and_running_jobs_as_cancelled(
     assert {(r["status"], r["error"]) for r in rows} == {
         ("errored_out", "cancelled")
     }
-    assert all(r["owner"] is None for r in rows)
-    # The running job's late outcome is fenced off.
+    # The running job keeps its owner: its run may still be going.
+    assert [r["owner"] for r in rows] == [owner, None, None]
+    # Its late outcome is fenced off.
     assert (
         queries.record_outcomes(
             conn,
