@@ -409,6 +409,39 @@ class Outcome:
     retry_delay_s: float | None = None
     result: str | None = None
 
+    def as_refused(self, problem: str) -> Outcome:
+        """This outcome as it can still be written after the database
+        refused it as it was (``problem`` says why): without its result or
+        traceback, with an error that says so. A done job ends errored out
+        (its return value is lost); any other keeps its kind, so a run still
+        uses its try and a job never started still uses none.
+        """
+        if self.kind == "done":
+            kind = "refused"
+            what = "the return value" if self.result is not None else "it"
+            error = f"done, but {what} could not be stored: {problem}"
+        else:
+            kind = self.kind
+            original = (self.error or self.kind)[:_REFUSED_ERROR_CHARS]
+            error = (
+                f"{original} (stored without its details, which the"
+                f" database refused: {problem})"
+            )
+        return Outcome(
+            self.job_id,
+            self.attempt,
+            kind,
+            self.started_at,
+            self.completed_at,
+            # Spelt in ASCII, which a database in any encoding stores.
+            error=error.encode("ascii", "backslashreplace").decode("ascii"),
+            retry_delay_s=self.retry_delay_s,
+        )
+
+
+# How much of the original error an outcome the database refused keeps.
+_REFUSED_ERROR_CHARS = 2000
+
 
 @dataclass(frozen=True)
 class RecordedOutcome:
@@ -526,7 +559,9 @@ def record_outcomes(
     attempt (it was rescued after its owner was declared dead, or its
     posting was cancelled) changes nothing and is absent from the result;
     give its claim up (:func:`give_up_claims`). Error texts are stored as
-    :func:`storable_text` makes them.
+    :func:`storable_text` makes them. A value the database refuses (a
+    result jsonb cannot hold) fails the whole statement; write the outcomes
+    one by one then, each refused one :meth:`Outcome.as_refused`.
     """
     if not outcomes:
         return []

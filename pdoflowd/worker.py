@@ -50,6 +50,8 @@ EXIT_BOOT_FAILED = 3
 # when the last check (or the claim) is older than CLAIM_RECHECK_S.
 CLAIMS_SIGNAL = signal.SIGUSR1
 CLAIM_RECHECK_S = 1.0
+# How much of the reason an outcome was refused is kept in its error.
+_REFUSAL_TEXT_CHARS = 500
 
 _PR_SET_PDEATHSIG = 1
 # Lines other than metrics reports that may wait for a supervisor that
@@ -447,10 +449,7 @@ class Worker:
         self.mark(WorkerState.FLUSHING)
         outcomes, self.pending, self.pending_since = self.pending, [], 0.0
         recorded: list[queries.RecordedOutcome] = self.with_database(
-            "record outcomes",
-            lambda: queries.record_outcomes(
-                self.connect(), owner=self.spec.owner, outcomes=outcomes
-            ),
+            "record outcomes", lambda: self.record(outcomes)
         )
         self.send_metrics(recorded)
         written = {r.job_id for r in recorded}
@@ -478,6 +477,53 @@ class Worker:
         self.unsettled.update(r.posting_id for r in finals)
         if any(r.status is JobStatus.ERRORED_OUT for r in finals):
             self.settle()
+
+    def record(
+        self, outcomes: list[queries.Outcome]
+    ) -> list[queries.RecordedOutcome]:
+        """Write outcomes in one statement; should the database refuse it
+        for what some outcome holds (a result jsonb cannot store, say), one
+        by one, each refused one as :meth:`queries.Outcome.as_refused`
+        makes it. One bad value so neither holds up the others nor sends
+        its job back to run again without using a try.
+        """
+        conn = self.connect()
+        try:
+            return queries.record_outcomes(
+                conn, owner=self.spec.owner, outcomes=outcomes
+            )
+        except psycopg.OperationalError:
+            raise
+        except Exception as exc:
+            if len(outcomes) == 1:
+                return self.record_refused(outcomes[0], exc)
+        # Some outcome cannot be stored as it is: find which.
+        recorded = []
+        for outcome in outcomes:
+            try:
+                recorded += queries.record_outcomes(
+                    conn, owner=self.spec.owner, outcomes=[outcome]
+                )
+            except psycopg.OperationalError:
+                raise
+            except Exception as exc:
+                recorded += self.record_refused(outcome, exc)
+        return recorded
+
+    def record_refused(
+        self, outcome: queries.Outcome, exc: Exception
+    ) -> list[queries.RecordedOutcome]:
+        problem = _problem(exc)
+        log.error(
+            "the outcome of job %d could not be stored as it was: %s",
+            outcome.job_id,
+            problem,
+        )
+        return queries.record_outcomes(
+            self.connect(),
+            owner=self.spec.owner,
+            outcomes=[outcome.as_refused(problem)],
+        )
 
     def settle(self) -> None:
         """Finish or error out the postings this worker's outcomes ended.
@@ -603,6 +649,15 @@ class Worker:
             self.settle()
         finally:
             self.drop_connection()
+
+
+def _problem(exc: Exception) -> str:
+    """What the database (or the driver) said was wrong, in one line."""
+    text = str(exc)
+    if isinstance(exc, psycopg.Error) and exc.diag.message_primary:
+        text = exc.diag.message_primary
+    first_line = text.splitlines()[0] if text else ""
+    return f"{type(exc).__name__}: {first_line}"[:_REFUSAL_TEXT_CHARS]
 
 
 def _rss_mb() -> float:

@@ -1,17 +1,22 @@
-"""How a claim ends, against a real PostgreSQL: the one retry rule, and
-retry times on the database's clock."""
+"""How a claim ends, against a real PostgreSQL: the one retry rule, retry
+times on the database's clock, and outcomes the database refuses."""
 
 from __future__ import annotations
 
 import datetime as dt
 import uuid
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
+from psycopg import sql
 
-from pdoflowd import queries
+from harness import Daemon, daemon_config, wait_until
+from pdoflowd import migrate, queries
 from pdoflowd.client import Client
+from pdoflowd.status import JobStatus
 
 DAEMON = uuid.uuid4()
 
@@ -147,3 +152,105 @@ def test_a_retry_is_due_by_the_databases_clock_not_the_workers(
     delay = dt.timedelta(seconds=60)
     assert before + delay <= row["run_after"] <= after + delay
     assert row["completed_at"] == skewed
+
+
+# ---------------------------------------------------------------- refusals
+
+
+@pytest.fixture
+def latin1_dsn(pg_server: Any) -> Iterator[str]:
+    """A database in the LATIN1 encoding, with the schema current: jsonb
+    there refuses a character LATIN1 does not have."""
+    name = "t_latin1_" + uuid.uuid4().hex[:10]
+    with psycopg.connect(pg_server.dsn(), autocommit=True) as admin:
+        admin.execute(
+            sql.SQL(
+                "CREATE DATABASE {} ENCODING 'LATIN1' LC_COLLATE 'C'"
+                " LC_CTYPE 'C' TEMPLATE template0"
+            ).format(sql.Identifier(name))
+        )
+    try:
+        target = pg_server.dsn(name)
+        migrate.upgrade(target)
+        yield target
+    finally:
+        pg_server.drop_database(name)
+
+
+def test_a_result_the_database_refuses_ends_that_job_alone(
+    tmp_path: Path, latin1_dsn: str
+) -> None:
+    client = Client(latin1_dsn)
+    posting = client.post(
+        "outcomejobs.price",
+        [["12", True], ["12", False]],
+        tries=3,
+        store_result=True,
+    )
+    daemon = Daemon(
+        tmp_path,
+        daemon_config(
+            latin1_dsn,
+            workers={"count": 1},
+            jobs={"allowed_modules": ["outcomejobs"]},
+        ),
+    )
+    try:
+        daemon.start().wait_ready()
+        wait_until(lambda: client.status(posting.id).finished, timeout=20)
+        workers = daemon.workers()
+    finally:
+        daemon.close()
+    with psycopg.connect(latin1_dsn) as conn:
+        refused, stored = job_rows(conn)
+    assert (refused["status"], refused["attempt"]) == ("errored_out", 1)
+    assert refused["tries_remaining"] == 0
+    assert refused["error"].startswith(
+        "done, but the return value could not be stored: "
+    )
+    assert refused["result"] is None
+    assert (stored["status"], stored["result"]) == ("done", "12")
+    assert len(workers) == 1
+    assert "worker failed" not in daemon.log()
+
+
+def test_an_outcome_refused_unexpectedly_still_uses_its_try(
+    effects_dsn: str, daemons: Any
+) -> None:
+    with psycopg.connect(effects_dsn, autocommit=True) as conn:
+        conn.execute(
+            """
+            CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN RAISE EXCEPTION 'refused by a test trigger'; END $$;
+            CREATE TRIGGER refuse BEFORE UPDATE ON pdoflowd.jobs
+                FOR EACH ROW WHEN (NEW.traceback LIKE '%failing poison%')
+                EXECUTE FUNCTION refuse();
+            """
+        )
+    client = Client(effects_dsn)
+    poisoned = client.post("jobfns.record_then_fail", [["poison"]], tries=2)
+    fine = client.post("jobfns.record", [["fine"]])
+    daemon = daemons(
+        workers={"count": 1},
+        jobs={"retry_delay_s": 0.0, "retry_delay_max_s": 0.0},
+    )
+    wait_until(lambda: client.status(poisoned.id).finished, timeout=20)
+    wait_until(lambda: client.status(fine.id).finished, timeout=20)
+    with psycopg.connect(effects_dsn) as conn:
+        runs = conn.execute(
+            "SELECT count(*) FROM effects WHERE key = 'poison'"
+        ).fetchone()
+        job = conn.execute(
+            "SELECT j.status, j.error, j.traceback FROM pdoflowd.jobs j"
+            " JOIN pdoflowd.postings p ON p.id = j.posting_id"
+            " WHERE p.uuid = %s",
+            (poisoned.id,),
+        ).fetchone()
+    assert runs == (2,)
+    assert job is not None
+    status, error, traceback = job
+    assert (status, traceback) == (JobStatus.ERRORED_OUT.value, None)
+    assert error.startswith("ValueError: failing poison (stored without its")
+    assert "refused by a test trigger" in error
+    assert client.status(fine.id).jobs[JobStatus.DONE] == 1
+    assert "worker failed" not in daemon.log()
