@@ -926,6 +926,26 @@ def resolve_password(
     )
 
 
+def _network_deadlines(
+    dsn: str, tcp_user_timeout_s: float
+) -> dict[str, object]:
+    """libpq settings that end a connection on a path that drops packets:
+    unacknowledged data after ``tcp_user_timeout_s``, and keepalives that
+    notice a silent peer in about that time. The DSN's own values win."""
+    if not tcp_user_timeout_s:
+        return {}
+    given = conninfo_to_dict(dsn) if dsn else {}
+    probe_s = max(1, math.ceil(tcp_user_timeout_s / 3))
+    settings: dict[str, object] = {
+        "tcp_user_timeout": max(1, round(tcp_user_timeout_s * 1000)),
+        "keepalives": 1,
+        "keepalives_idle": probe_s,
+        "keepalives_interval": max(1, math.ceil(probe_s / 3)),
+        "keepalives_count": 3,
+    }
+    return {k: v for k, v in settings.items() if k not in given}
+
+
 def connection_kwargs(
     database: DatabaseConfig, password: str | None, *, listen: bool = False
 ) -> dict[str, object]:
@@ -945,6 +965,7 @@ def connection_kwargs(
     }
     if password is not None:
         kwargs["password"] = password
+    kwargs.update(_network_deadlines(dsn, database.tcp_user_timeout_s))
     if not listen and not database.prepared_statements:
         kwargs["prepare_threshold"] = None
     return kwargs

@@ -27,7 +27,7 @@ from typing import Any
 import psycopg
 
 from pdoflowd import __version__, queries
-from pdoflowd.config import Config, connection_kwargs
+from pdoflowd.config import Config, DaemonConfig, connection_kwargs
 from pdoflowd.entrypoints import EntryPointRefused
 from pdoflowd.scoreboard import Scoreboard
 from pdoflowd.status import JobStatus
@@ -60,13 +60,21 @@ class ForegroundRun:
     interrupted: bool
 
 
-def _register(conn: psycopg.Connection[Any], daemon_id: uuid.UUID) -> None:
+def _register(
+    conn: psycopg.Connection[Any],
+    daemon_id: uuid.UUID,
+    owner: uuid.UUID,
+    lease_s: float,
+) -> None:
+    """Register or renew this run's daemon row, its one owner token live."""
     queries.heartbeat(
         conn,
         daemon_id=daemon_id,
         hostname=socket.gethostname(),
         pid=os.getpid(),
         version=f"{__version__} (pdoflow execute-job)",
+        lease_s=lease_s,
+        live_owners=(owner,),
     )
 
 
@@ -74,12 +82,18 @@ class _Heartbeat(threading.Thread):
     """Renews this process's daemon row while the job runs."""
 
     def __init__(
-        self, connect: Connect, daemon_id: uuid.UUID, every: float
+        self,
+        connect: Connect,
+        daemon_id: uuid.UUID,
+        owner: uuid.UUID,
+        daemon: DaemonConfig,
     ) -> None:
         super().__init__(name="pdoflow-heartbeat", daemon=True)
         self.connect = connect
         self.daemon_id = daemon_id
-        self.every = every
+        self.owner = owner
+        self.lease_s = daemon.host_lease_s
+        self.every = daemon.heartbeat_interval_s
         self.stopped = threading.Event()
 
     def run(self) -> None:
@@ -88,7 +102,7 @@ class _Heartbeat(threading.Thread):
             try:
                 if conn is None or conn.closed:
                     conn = self.connect()
-                _register(conn, self.daemon_id)
+                _register(conn, self.daemon_id, self.owner, self.lease_s)
             except psycopg.Error:
                 conn = None
         if conn is not None:
@@ -162,7 +176,7 @@ class _TimeoutEnforcer:
                     requeued = queries.requeue_owner(
                         conn,
                         daemon_id=spec.daemon_id,
-                        owner=spec.owner,
+                        owner=self.worker.claim_token(),
                         running_job_id=self.job.id,
                         reason=reason,
                     )
@@ -217,7 +231,6 @@ def execute_job(
     wake_r, wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
     spec = WorkerSpec(
         slot=0,
-        owner=uuid.uuid4(),
         daemon_id=uuid.uuid4(),
         config=config,
         password=password,
@@ -228,6 +241,8 @@ def execute_job(
         inherited_fds=(),
     )
     worker = Worker(spec)
+    # The one claim of this run, under one owner token.
+    worker.token = uuid.uuid4()
     try:
         return _run(worker, spec, job_uuid)
     finally:
@@ -261,16 +276,18 @@ def _run(
     if target.status is JobStatus.EXECUTING:
         raise JobRefused(f"job {job_uuid} is executing already")
     kwargs = connection_kwargs(config.database, spec.password)
+    owner = worker.claim_token()
     heartbeat = _Heartbeat(
         lambda: psycopg.connect(autocommit=True, **kwargs),  # type: ignore[arg-type]
         spec.daemon_id,
-        config.daemon.heartbeat_interval_s,
+        owner,
+        config.daemon,
     )
-    _register(conn, spec.daemon_id)
+    _register(conn, spec.daemon_id, owner, config.daemon.host_lease_s)
     heartbeat.start()
     try:
         job = queries.claim_job(
-            conn, job_uuid=job_uuid, owner=spec.owner, daemon_id=spec.daemon_id
+            conn, job_uuid=job_uuid, owner=owner, daemon_id=spec.daemon_id
         )
         if job is None:
             raise JobRefused(f"job {job_uuid} is executing already")
@@ -297,7 +314,7 @@ def _run(
             queries.requeue_owner(
                 worker.connect(),
                 daemon_id=spec.daemon_id,
-                owner=spec.owner,
+                owner=owner,
                 running_job_id=None,
                 reason="pdoflow execute-job ended",
             )

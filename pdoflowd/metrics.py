@@ -571,6 +571,13 @@ class PoolMetrics:
             buckets=CLAIM_BUCKETS,
             registry=registry,
         )
+        self.loop_tick = Histogram(
+            "pdoflowd_loop_tick_seconds",
+            "How long one pass of the supervisor's loop took (its wait for "
+            "something to happen not included).",
+            buckets=CLAIM_BUCKETS,
+            registry=registry,
+        )
         self.workers = Gauge(
             "pdoflowd_workers",
             "Live worker processes, by what they are doing.",
@@ -711,6 +718,10 @@ class PoolMetrics:
     def count_worker_restart(self, reason: str) -> None:
         """A worker was replaced; ``reason`` is one of RESTART_REASONS."""
         self.worker_restarts.labels(reason).inc()
+
+    def observe_loop_tick(self, seconds: float) -> None:
+        """One pass of the supervisor's loop took ``seconds``."""
+        self.loop_tick.observe(seconds)
 
     def count_db_error(self, operation: str) -> None:
         """A database operation failed (the worker's or the supervisor's)."""

@@ -334,6 +334,9 @@ WITH candidate AS (
     FROM pdoflowd.jobs AS j
     WHERE j.status = 'waiting'
       AND (j.run_after IS NULL OR j.run_after <= now())
+      AND NOT EXISTS (
+          SELECT FROM pdoflowd.daemons AS d
+          WHERE d.id = %(daemon_id)s AND d.stopped_at IS NOT NULL)
       AND EXISTS (
           SELECT FROM pdoflowd.postings AS p
           WHERE p.id = j.posting_id AND p.status = 'executing'
@@ -369,6 +372,8 @@ def claim(
 
     Only jobs of postings whose requirements are among ``provides`` are
     taken, and with ``posters`` given, only postings of these posters.
+    Nothing is taken for a daemon that stopped or was declared lost: its
+    workers, cut off from it, claim nothing they could not be rescued from.
     """
     params = {
         "owner": owner,
@@ -699,29 +704,6 @@ SELECT id, posting_id, was_running, status FROM taken WHERE live
 )
 
 
-# Claims of this daemon under none of the owners it knows: a worker
-# killed while its claim was in flight can have that claim commit after
-# its jobs were taken back, leaving them to a dead owner of a live daemon
-# (and a cancel can end such a claim before anyone takes it back).
-_STRAY_OWNERS = """
-SELECT DISTINCT j.owner FROM pdoflowd.jobs AS j
-WHERE j.daemon_id = %(daemon_id)s
-  AND (j.status = 'executing'
-       OR (j.status = 'errored_out' AND j.owner IS NOT NULL))
-  AND NOT j.owner = ANY(%(known)s::uuid[])
-"""
-
-
-def stray_owners(
-    conn: Connection, *, daemon_id: UUID, known_owners: Sequence[UUID]
-) -> list[UUID]:
-    """Owners of this daemon's executing jobs that are not ``known_owners``."""
-    rows = conn.execute(
-        _STRAY_OWNERS, {"daemon_id": daemon_id, "known": list(known_owners)}
-    ).fetchall()
-    return [r[0] for r in rows]
-
-
 @dataclass(frozen=True)
 class RequeuedJob:
     """A job taken back from a worker that is gone."""
@@ -852,11 +834,14 @@ WITH previous AS (
     -- Read in the statement's snapshot: the row as it was before the upsert.
     SELECT stopped_at FROM pdoflowd.daemons WHERE id = %(id)s
 )
-INSERT INTO pdoflowd.daemons (id, hostname, pid, version, provides, posters)
+INSERT INTO pdoflowd.daemons (id, hostname, pid, version, provides, posters,
+                              lease_s, live_owners)
 VALUES (%(id)s, %(hostname)s, %(pid)s, %(version)s, %(provides)s::text[],
-        %(posters)s::text[])
+        %(posters)s::text[], %(lease_s)s, %(live_owners)s::uuid[])
 ON CONFLICT (id) DO UPDATE SET heartbeat_at = now(), stopped_at = NULL,
-    provides = EXCLUDED.provides, posters = EXCLUDED.posters
+    previous_heartbeat_at = pdoflowd.daemons.heartbeat_at,
+    provides = EXCLUDED.provides, posters = EXCLUDED.posters,
+    lease_s = EXCLUDED.lease_s, live_owners = EXCLUDED.live_owners
 RETURNING (SELECT stopped_at FROM previous)
 """
 
@@ -868,15 +853,21 @@ def heartbeat(
     hostname: str,
     pid: int,
     version: str,
+    lease_s: float,
+    live_owners: Sequence[UUID] = (),
     provides: Sequence[str] = (),
     posters: Sequence[str] = (),
 ) -> dt.datetime | None:
     """Register a daemon or renew its heartbeat.
 
-    ``provides`` and ``posters`` record what it claims, so that a posting
-    no running daemon would claim can be shown as such. Returns when it had
-    been declared lost (its jobs were then rescued by another daemon), else
-    None.
+    ``lease_s`` is how long others wait for its next heartbeat before they
+    declare it lost. ``live_owners`` are the owner tokens its live workers
+    hold, read before this statement is sent: a job claimed under another
+    token of this daemon before its previous heartbeat has no live owner
+    (see :func:`take_back_ownerless_jobs`). ``provides`` and ``posters``
+    record what it claims, so that a posting no running daemon would claim
+    can be shown as such. Returns when it had been declared lost (its jobs
+    were then rescued by another daemon), else None.
     """
     with _one_statement(conn):
         row = conn.execute(
@@ -886,11 +877,27 @@ def heartbeat(
                 "hostname": hostname,
                 "pid": pid,
                 "version": version,
+                "lease_s": lease_s,
+                "live_owners": list(live_owners),
                 "provides": list(provides),
                 "posters": list(posters),
             },
         ).fetchone()
     return None if row is None else row[0]
+
+
+def set_session_deadlines(
+    conn: Connection, *, statement_timeout_s: float, lock_timeout_s: float
+) -> None:
+    """Bound every later statement of this session, and its lock waits."""
+    conn.execute(
+        "SELECT set_config('statement_timeout', %(statement)s, false),"
+        " set_config('lock_timeout', %(lock)s, false)",
+        {
+            "statement": f"{max(1, round(statement_timeout_s * 1000))}ms",
+            "lock": f"{max(1, round(lock_timeout_s * 1000))}ms",
+        },
+    )
 
 
 def mark_daemon_stopped(conn: Connection, daemon_id: UUID) -> None:
@@ -902,56 +909,91 @@ def mark_daemon_stopped(conn: Connection, daemon_id: UUID) -> None:
         )
 
 
-# As _REQUEUE_OWNER, for every claim of the daemons found lost.
-_RESCUE_LOST_DAEMONS = (
+# Every executing job has a live owner: a worker that some live daemon
+# knows it runs. Taken back here, as _REQUEUE_OWNER takes back a dead
+# worker's, in one statement: the claims of daemons whose heartbeat is
+# older than the lease they declared (declared lost now, when the caller
+# may judge that), of daemons stopped or gone, and of owner tokens a live
+# daemon's heartbeat no longer lists although the job was claimed before
+# its previous heartbeat (so the token was in its scoreboard before that
+# heartbeat read it): a claim whose reply was lost, one that committed
+# after its worker was taken back, one a failover restored. Rows another
+# session holds are left for a later sweep.
+_TAKE_BACK_OWNERLESS = (
     """
 WITH lost AS (
     UPDATE pdoflowd.daemons AS d
     SET stopped_at = now()
-    WHERE d.stopped_at IS NULL
-      AND d.heartbeat_at < now() - make_interval(secs => %(lease_s)s)
+    WHERE %(may_declare_lost)s
+      AND d.stopped_at IS NULL
+      AND d.heartbeat_at < now() - make_interval(secs => d.lease_s)
     RETURNING d.id, d.hostname
 ), claim AS (
     SELECT j.id, j.status = 'executing' AS live,
-           format('host lost: daemon %%s on %%s missed its heartbeat',
-                  lost.id, lost.hostname) AS reason
+           CASE WHEN lost.id IS NULL THEN 'released' ELSE 'failed' END
+               AS kind,
+           CASE WHEN lost.id IS NOT NULL
+                THEN format('host lost: daemon %%s on %%s missed its '
+                            'heartbeat', lost.id, lost.hostname)
+                WHEN d.id IS NULL OR d.stopped_at IS NOT NULL
+                THEN format('owner lost: daemon %%s had stopped',
+                            j.daemon_id)
+                ELSE format('owner lost: no worker of daemon %%s holds '
+                            'its claim', j.daemon_id) END AS reason
     FROM pdoflowd.jobs AS j
-    JOIN lost ON j.daemon_id = lost.id
-    WHERE j.status = 'executing'
-       OR (j.status = 'errored_out' AND j.owner IS NOT NULL)
-    FOR NO KEY UPDATE OF j
+    LEFT JOIN pdoflowd.daemons AS d ON d.id = j.daemon_id
+    LEFT JOIN lost ON lost.id = j.daemon_id
+    WHERE (j.status = 'executing'
+           OR (j.status = 'errored_out' AND j.owner IS NOT NULL))
+      AND (lost.id IS NOT NULL
+           OR d.id IS NULL
+           OR d.stopped_at IS NOT NULL
+           OR (j.claimed_at < d.previous_heartbeat_at
+               AND NOT j.owner = ANY(d.live_owners)))
+    FOR NO KEY UPDATE OF j SKIP LOCKED
 ), rescued AS (
     UPDATE pdoflowd.jobs AS j
     SET """
-    + _claim_ends("'failed'", "c.reason", live="c.live")
+    + _claim_ends("c.kind", "c.reason", live="c.live")
     + """,
-    traceback = CASE WHEN c.live THEN NULL ELSE j.traceback END,
-    exited_ok = CASE WHEN c.live THEN false ELSE j.exited_ok END,
-    completed_at = CASE WHEN c.live THEN now() ELSE j.completed_at END,
+    traceback = CASE WHEN c.live AND c.kind = 'failed' THEN NULL
+                     ELSE j.traceback END,
+    exited_ok = CASE WHEN c.live AND c.kind = 'failed' THEN false
+                     ELSE j.exited_ok END,
+    completed_at = CASE WHEN c.live AND c.kind = 'failed' THEN now()
+                        ELSE j.completed_at END,
     owner = NULL
     FROM claim AS c, pdoflowd.postings AS p
     WHERE j.id = c.id AND p.id = j.posting_id
-    RETURNING j.id, j.posting_id, j.status, c.live
+    RETURNING j.id, j.posting_id, j.status, c.live, c.kind
 )
-SELECT id, posting_id, status FROM rescued WHERE live
+SELECT id, posting_id, kind = 'failed', status FROM rescued WHERE live
 """
 )
 
 
-def rescue_lost_daemons(
-    conn: Connection, *, lease_s: float
+def take_back_ownerless_jobs(
+    conn: Connection, *, may_declare_lost: bool
 ) -> list[RequeuedJob]:
-    """Declare daemons without a heartbeat for ``lease_s`` lost; requeue.
+    """Take back every claim without a live owner; one statement.
 
-    Every job such a daemon held uses a try (which of them were running is
-    not known). A daemon that was only cut off finds its row stopped at its
-    next heartbeat, and its late outcome writes are fenced off.
+    With ``may_declare_lost``, daemons whose heartbeat is older than their
+    own lease are declared lost first (pass it only once the caller has
+    itself been connected for a lease, see policy.may_rescue). A lost
+    daemon's jobs use a try each (whether they ran is not known; those
+    come back with ``was_running``). The other claims without a live owner
+    were never started by anyone (a claim whose reply was lost, one that
+    committed after its worker or its daemon had been stopped) or were
+    restored by a failover; they go back as released, without a try. A
+    daemon that was only cut off finds its row stopped at its next
+    heartbeat and its late outcome writes fenced off; its workers claim
+    nothing meanwhile.
     """
     with _one_statement(conn):
         rows = conn.execute(
-            _RESCUE_LOST_DAEMONS, {"lease_s": lease_s}
+            _TAKE_BACK_OWNERLESS, {"may_declare_lost": may_declare_lost}
         ).fetchall()
-    return [RequeuedJob(r[0], r[1], True, JobStatus(r[2])) for r in rows]
+    return [RequeuedJob(r[0], r[1], bool(r[2]), JobStatus(r[3])) for r in rows]
 
 
 # ---------------------------------------------------------------- controls
@@ -1057,6 +1099,9 @@ UPDATE pdoflowd.jobs AS j
     + """
 FROM pdoflowd.postings AS p
 WHERE j.uuid = %(uuid)s AND p.id = j.posting_id AND j.status <> 'executing'
+  AND NOT EXISTS (
+      SELECT FROM pdoflowd.daemons AS d
+      WHERE d.id = %(daemon_id)s AND d.stopped_at IS NOT NULL)
 """
     + _CLAIMED_COLUMNS
 )

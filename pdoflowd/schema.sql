@@ -71,7 +71,13 @@ CREATE TABLE pdoflowd.daemons (
     stopped_at timestamptz,
     -- What the daemon claims, so that a job nobody can run can be told apart.
     provides text[] NOT NULL DEFAULT '{}',
-    posters text[] NOT NULL DEFAULT '{}'
+    posters text[] NOT NULL DEFAULT '{}',
+    -- Owner liveness (see queries.take_back_ownerless_jobs): the lease
+    -- others wait for its next heartbeat, the owner tokens its live workers
+    -- hold, and when its previous heartbeat was.
+    lease_s double precision NOT NULL DEFAULT 30,
+    live_owners uuid[] NOT NULL DEFAULT '{}',
+    previous_heartbeat_at timestamptz
 );
 
 -- Shared variables: small JSON values the jobs of one posting share.
@@ -304,17 +310,24 @@ CREATE INDEX jobs_cancelled_claims ON pdoflowd.jobs (daemon_id, owner)
 -- allow it. The postings are locked first and their jobs counted after:
 -- whoever made a job of one runnable again (a retry, under the same lock)
 -- has committed by then, so a posting is never finished with a job left to
--- run. Locked in id order, so that concurrent settles cannot deadlock.
+-- run. Locked in id order, so that concurrent settles cannot deadlock; a
+-- posting another session holds is skipped, not waited for (a later settle,
+-- or the daemons' maintenance sweep, comes back to it).
 CREATE FUNCTION pdoflowd.settle_postings(
     posting_ids bigint[], error_threshold integer)
 RETURNS TABLE (posting bigint, new_status text)
 LANGUAGE plpgsql
 AS $$
+DECLARE
+    locked bigint[];
 BEGIN
-    PERFORM FROM pdoflowd.postings AS p
-    WHERE p.id = ANY(posting_ids) AND p.status = 'executing'
-    ORDER BY p.id
-    FOR NO KEY UPDATE OF p;
+    SELECT coalesce(array_agg(l.id), '{}') INTO locked
+    FROM (
+        SELECT p.id FROM pdoflowd.postings AS p
+        WHERE p.id = ANY(posting_ids) AND p.status = 'executing'
+        ORDER BY p.id
+        FOR NO KEY UPDATE OF p SKIP LOCKED
+    ) AS l;
     RETURN QUERY
     UPDATE pdoflowd.postings AS p
     SET status = CASE WHEN c.errored >= error_threshold THEN 'errored_out'
@@ -330,7 +343,7 @@ BEGIN
                 WHERE j.posting_id = q.id
                   AND j.status = 'errored_out') AS errored
         FROM pdoflowd.postings AS q
-        WHERE q.id = ANY(posting_ids) AND q.status = 'executing'
+        WHERE q.id = ANY(locked) AND q.status = 'executing'
     ) AS c
     WHERE p.id = c.id
       AND (c.errored >= error_threshold OR NOT c.active)

@@ -3,11 +3,15 @@
 Owns the worker pool's life: forking workers (holding no database connection
 and no thread while it forks), reaping them the moment they exit, taking
 back exactly the jobs a dead worker held, refilling slots with backoff,
-enforcing job timeouts, draining on SIGTERM, and its own database chores
-(LISTEN for new jobs, heartbeat, rescue of lost hosts, settling postings).
-Signal handlers only write to a wake-up pipe; a single ``selectors`` loop
-waits on that pipe, the workers' report pipes and the LISTEN socket, and
-dispatches a ``handle_<signal>`` method per signal. It must not run jobs.
+enforcing job timeouts and draining on SIGTERM. Its database work (LISTEN,
+heartbeat, rescue, settling, taking jobs back) lives in the database
+session, a process of its own (see dbsession): the supervisor holds no
+database connection, so nothing PostgreSQL or the network does can stall
+its loop. Signal handlers only write to a wake-up pipe; a single
+``selectors`` loop waits on that pipe, the workers' report pipes, the
+session's pipe and the HTTP sockets, and dispatches a ``handle_<signal>``
+method per signal. It writes its pulse on every pass, and measures each
+pass. It must not run jobs or touch the database.
 """
 
 from __future__ import annotations
@@ -29,21 +33,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import psycopg
-
-from pdoflowd import __version__, metrics, policy, queries, worker
+from pdoflowd import __version__, metrics, policy, worker
 from pdoflowd.config import (
     EX_CONFIG,
     Config,
     ConfigError,
     MetricsConfig,
-    connection_kwargs,
 )
+from pdoflowd.dbsession import Event, SessionEvent, SessionHandle
 from pdoflowd.httpserver import EndpointError, HttpServer, tls_context
-from pdoflowd.migrate import SchemaNotCurrent, check_current
 from pdoflowd.notify import Notifier
 from pdoflowd.scoreboard import Scoreboard, WorkerState
-from pdoflowd.status import JobStatus
 
 log = logging.getLogger("pdoflowd.supervisor")
 
@@ -76,7 +76,6 @@ class WorkerHandle:
 
     slot: int
     pid: int
-    owner: uuid.UUID
     wake_fd: int
     report_fd: int
     generation: int
@@ -93,11 +92,8 @@ class WorkerHandle:
 
 @dataclass(frozen=True)
 class Takeback:
-    """Jobs to take back from a worker that ended, until it is done."""
+    """How to count the jobs taken back from a worker that ended."""
 
-    owner: uuid.UUID
-    running: int | None
-    reason: str
     outcome: str = "worker_died"
     running_s: float | None = None
 
@@ -134,19 +130,18 @@ class Supervisor:
         self.workers: dict[int, WorkerHandle] = {}
         self.slots = [Slot(i) for i in range(config.workers.count)]
         self.generation = 0
-        self.conn: psycopg.Connection[Any] | None = None
-        self.listen_fd = -1
-        self.db_retry_at = 0.0
-        self.db_delay = 0.5
-        self.connected_since = 0.0
-        self.pending_requeues: list[Takeback] = []
+        self.session = SessionHandle()
+        self.session_crashes = 0
+        self.session_start_at = 0.0
+        self.session_restart = False
+        self.schema_problem: str | None = None
+        # How to count each take-back asked of the session, by its number.
+        self.takebacks: dict[int, Takeback] = {}
         self.stop_mode: StopMode | None = None
         self.stop_deadline = 0.0
         self.exit_code = EXIT_OK
         self.announced_ready = False
         self.crash_times: list[float] = []
-        self.next_heartbeat = 0.0
-        self.next_maintenance = 0.0
         self.next_watchdog = 0.0
         self.next_status = 0.0
         self.last_status = ""
@@ -155,7 +150,6 @@ class Supervisor:
             function_labels=config.metrics.function_labels,
         )
         self.http: HttpServer | None = None
-        self.next_queue_stats = 0.0
         self.rng = random.Random()
         self._signal_r, self._signal_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
@@ -172,7 +166,7 @@ class Supervisor:
                 return self.exit_code
             self.loop()
         finally:
-            self.shutdown_database()
+            self.stop_session()
             if self.http is not None:
                 self.http.close()
             self.selector.close()
@@ -213,7 +207,7 @@ class Supervisor:
             started=self.announced_ready,
             draining=self.stop_mode is not None,
             live_workers=sum(1 for h in self.workers.values() if h.ready),
-            database_reachable=self.conn is not None,
+            database_reachable=self.session.connected,
         )
 
     def refresh_worker_gauges(self) -> None:
@@ -223,125 +217,163 @@ class Supervisor:
         )
 
     def start_database(self) -> bool:
-        """Wait for the database and check the schema before any fork."""
-        delay = 0.5
+        """Start the database session; wait until it has connected and
+        found the schema current, before any worker is forked."""
+        self.notifier.status("waiting for the database")
+        self.start_session()
         while self.stop_mode is None:
-            self.notifier.status("waiting for the database")
-            try:
-                self.open_connection()
-            except SchemaNotCurrent as exc:
-                log.error("%s", exc)
-                self.notifier.status(str(exc))
+            if self.session.connected:
+                self.notifier.status(f"starting {len(self.slots)} workers")
+                return True
+            if self.schema_problem is not None:
+                self.notifier.status(self.schema_problem)
                 self.exit_code = EXIT_SCHEMA
                 return False
-            except psycopg.Error as exc:
-                log.warning(
-                    "database unreachable, retrying in %.1f s: %s", delay, exc
-                )
-                self.notifier.extend_timeout(delay + 5)
-                self.wait_for_signals(delay)
-                delay = min(delay * 2, 10.0)
-                continue
-            self.notifier.status(f"starting {len(self.slots)} workers")
-            return True
+            self.notifier.extend_timeout(5)
+            self.wait_for_signals(0.5)
         return False
 
     def wait_for_signals(self, seconds: float) -> None:
+        """Serve signals, the endpoint and the session for a while."""
         deadline = time.monotonic() + seconds
         while (left := deadline - time.monotonic()) > 0:
+            self.scoreboard.beat()
             for key, events in self.selector.select(min(left, _TICK_S)):
-                if key.data == "signal":
-                    self.dispatch_signals()
-                elif self.http is not None:
-                    self.http.handle(key, events)
+                self.dispatch(key, events)
             if self.http is not None:
                 self.http.expire()
+            self.reap()
+            self.keep_session()
             if self.stop_mode is not None:
                 return
 
-    def open_connection(self) -> None:
-        """Connect the supervisor's own session: LISTEN and chores."""
-        kwargs = connection_kwargs(
-            self.config.database, self.password, listen=True
+    def start_session(self) -> None:
+        """Fork the database session (no connection lives here to share)."""
+        self.scoreboard.beat()
+        pid = self.session.start(
+            daemon_id=self.daemon_id,
+            hostname=self.hostname,
+            config=self.config,
+            password=self.password,
+            scoreboard=self.scoreboard,
+            inherited_fds=self.parent_fds(),
         )
-        conn: psycopg.Connection[Any] = psycopg.connect(
-            autocommit=True,
-            **kwargs,  # type: ignore[arg-type]
+        self.selector.register(
+            self.session.event_fd, selectors.EVENT_READ, "session"
         )
-        try:
-            check_current(conn)
-            conn.execute(f"LISTEN {queries.NOTIFY_CHANNEL}")
-            lost_at = queries.heartbeat(
-                conn,
-                daemon_id=self.daemon_id,
-                hostname=self.hostname,
-                pid=os.getpid(),
-                version=__version__,
-                provides=self.config.workers.provides,
-                posters=self.config.workers.posters,
-            )
-        except BaseException:
-            conn.close()
-            raise
-        if lost_at is not None:
-            log.error(
-                "this daemon had been declared lost at %s; its jobs were "
-                "taken back by another daemon",
-                lost_at,
-            )
-        self.conn = conn
-        self.db_delay = 0.5
-        if self.db_retry_at > 0 or not self.connected_since:
-            # A real outage: others' heartbeats went unseen meanwhile.
-            self.connected_since = time.monotonic()
-        self.next_heartbeat = time.monotonic() + (
-            self.config.daemon.heartbeat_interval_s
-        )
-        self.listen_fd = conn.fileno()
-        self.selector.register(self.listen_fd, selectors.EVENT_READ, "listen")
-        self.wake_idle_workers()
+        log.debug("database session %d started", pid)
 
-    def close_connection(self) -> None:
-        if self.conn is None:
+    def keep_session(self) -> None:
+        """Restart the session if it ended and the daemon goes on."""
+        if self.session.pid is not None or self.stop_mode is not None:
             return
-        # Unregister by the number kept at registration: a lost connection
-        # no longer knows its socket.
-        with contextlib.suppress(KeyError, ValueError, OSError):
-            self.selector.unregister(self.listen_fd)
-        self.listen_fd = -1
-        with contextlib.suppress(Exception):
-            self.conn.close()
-        self.conn = None
+        if time.monotonic() >= self.session_start_at:
+            self.start_session()
 
-    def database_failed(self, what: str, exc: Exception) -> None:
-        log.warning("%s failed: %s", what, exc)
-        self.metrics.count_db_error(what)
-        self.close_connection()
-        self.db_retry_at = time.monotonic() + self.db_delay
-        self.db_delay = min(self.db_delay * 2, 10.0)
+    def restart_session(self) -> None:
+        """End the session, so that a new one starts on the current config
+        and password (what it was asked and did not finish is asked of the
+        new one)."""
+        if self.session.pid is not None:
+            self.session_restart = True
+            self.signal_worker(self.session.pid, signal.SIGTERM)
 
-    def ensure_connection(self) -> bool:
-        if self.conn is not None:
-            return True
-        if time.monotonic() < self.db_retry_at:
-            return False
-        was_down = self.db_retry_at > 0
-        try:
-            self.open_connection()
-        except (psycopg.Error, SchemaNotCurrent) as exc:
-            self.database_failed("reconnecting", exc)
-            return False
-        if was_down:
-            log.info("database connection restored")
-        self.db_retry_at = 0.0
-        return True
+    def session_exited(self, status: int) -> None:
+        # Unregistered by the number kept: the pipe is closed next, and a
+        # new one may get the same number.
+        with contextlib.suppress(KeyError, ValueError):
+            self.selector.unregister(self.session.event_fd)
+        self.on_session_events(self.session.ended())
+        if self.stop_mode is not None:
+            return
+        if self.session_restart:
+            self.session_restart = False
+            self.session_start_at = time.monotonic()
+            return
+        self.session_crashes += 1
+        delay = policy.respawn_delay(
+            self.session_crashes,
+            self.config.daemon.respawn_delay_s,
+            self.config.daemon.respawn_delay_max_s,
+            self.rng.random(),
+        )
+        log.warning(
+            "database session ended (wait status %d); starting another in "
+            "%.1f s",
+            status,
+            delay,
+        )
+        self.session_start_at = time.monotonic() + delay
 
-    def shutdown_database(self) -> None:
-        if self.ensure_connection() and self.conn is not None:
-            self.retry_pending_requeues()
-            with contextlib.suppress(psycopg.Error):
-                queries.mark_daemon_stopped(self.conn, self.daemon_id)
-        self.close_connection()
+    def stop_session(self) -> None:
+        """Let the session write what it was asked and mark this daemon
+        stopped, within the drain budget (at least a few seconds)."""
+        if self.session.pid is None:
+            return
+        self.session.stop()
+        budget = max(5.0, self.stop_deadline - time.monotonic())
+        deadline = time.monotonic() + budget
+        while self.session.pid is not None and time.monotonic() < deadline:
+            for key, events in self.selector.select(_TICK_S):
+                self.dispatch(key, events)
+            if self.http is not None:
+                self.http.expire()
+            self.session.flush()
+            self.reap()
+        if self.session.pid is not None:
+            log.warning(
+                "database session did not finish within %.0f s; ending it",
+                budget,
+            )
+            self.signal_worker(self.session.pid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(self.session.pid, 0)
+            with contextlib.suppress(KeyError, ValueError):
+                self.selector.unregister(self.session.event_fd)
+            self.on_session_events(self.session.ended())
+
+    def on_session_events(self, events: list[SessionEvent]) -> None:
+        for event in events:
+            fields = event.fields
+            if event.kind is Event.CONNECTED:
+                self.session_crashes = 0
+                self.schema_problem = None
+                self.wake_idle_workers()
+            elif event.kind is Event.SCHEMA_NOT_CURRENT:
+                self.schema_problem = str(fields.get("message"))
+            elif event.kind is Event.NOTIFIED:
+                self.wake_idle_workers()
+            elif event.kind is Event.DB_ERROR:
+                self.metrics.count_db_error(str(fields.get("operation")))
+            elif event.kind is Event.TAKEN_BACK:
+                self.taken_back(fields)
+            elif event.kind is Event.RESCUED:
+                self.metrics.count_taken_back(
+                    running=int(fields.get("running", 0)),
+                    released=int(fields.get("released", 0)),
+                )
+                if fields.get("waiting"):
+                    self.wake_idle_workers()
+            elif event.kind is Event.QUEUE:
+                self.metrics.set_queue(
+                    dict(fields.get("counts") or {}), fields.get("oldest")
+                )
+            elif event.kind is Event.CANCELLED:
+                self.end_cancelled_jobs(set(fields.get("jobs") or ()))
+            elif event.kind is Event.CLAIMS_CANCELLED:
+                self.check_claims(set(fields.get("owners") or ()))
+
+    def taken_back(self, fields: dict[str, Any]) -> None:
+        takeback = self.takebacks.pop(int(fields.get("seq", -1)), Takeback())
+        running = int(fields.get("running", 0))
+        self.metrics.count_taken_back(
+            running=running,
+            released=int(fields.get("released", 0)),
+            outcome=takeback.outcome,
+            duration_s=takeback.running_s if running else None,
+        )
+        if fields.get("waiting"):
+            self.wake_idle_workers()
 
     # ------------------------------------------------------------ signals
 
@@ -404,6 +436,7 @@ class Supervisor:
         # log in with the password as it reads now (a rotated file).
         self.password = password
         self.apply_config(new)
+        self.restart_session()
         self.metrics.config_reloaded(True)
         self.notifier.ready(self.status_text())
 
@@ -494,23 +527,33 @@ class Supervisor:
             self.spawn_due_workers()
             if self.stop_mode is not None and not self.workers:
                 return
-            for key, events in self.selector.select(_TICK_S):
-                if key.data == "signal":
-                    self.dispatch_signals()
-                elif key.data == "listen":
-                    self.read_notifications()
-                elif isinstance(key.data, int):
-                    self.read_report(key.data)
-                elif self.http is not None:
-                    self.http.handle(key, events)
+            ready = self.selector.select(_TICK_S)
+            began = time.monotonic()
+            self.scoreboard.beat()
+            for key, events in ready:
+                self.dispatch(key, events)
             if self.http is not None:
                 self.http.expire()
             self.reap()
             self.enforce_timeouts()
             self.enforce_stop_deadline()
             self.roll_workers()
+            self.keep_session()
+            self.session.flush()
             self.periodic_chores()
             self.update_readiness()
+            self.metrics.observe_loop_tick(time.monotonic() - began)
+
+    def dispatch(self, key: selectors.SelectorKey, events: int) -> None:
+        """Hand one ready file to its owner."""
+        if key.data == "signal":
+            self.dispatch_signals()
+        elif key.data == "session":
+            self.on_session_events(self.session.read())
+        elif isinstance(key.data, int):
+            self.read_report(key.data)
+        elif self.http is not None:
+            self.http.handle(key, events)
 
     def periodic_chores(self) -> None:
         now = time.monotonic()
@@ -530,71 +573,6 @@ class Supervisor:
             if text != self.last_status:
                 self.last_status = text
                 self.notifier.status(text)
-        if not self.ensure_connection():
-            return
-        if now >= self.next_heartbeat:
-            self.next_heartbeat = now + self.config.daemon.heartbeat_interval_s
-            self.db_chore("heartbeat", self.heartbeat)
-        if now >= self.next_maintenance:
-            interval = self.config.daemon.maintenance_interval_s
-            self.next_maintenance = now + interval
-            self.db_chore("maintenance", self.maintenance)
-        if self.http is not None and now >= self.next_queue_stats:
-            interval = self.config.metrics.queue_stats_interval_s
-            self.next_queue_stats = now + interval
-            self.db_chore("queue_stats", self.refresh_queue_gauges)
-
-    def db_chore(self, what: str, chore: Callable[[], None]) -> None:
-        if self.conn is None:
-            # An earlier chore of this round lost the connection.
-            return
-        try:
-            chore()
-        except psycopg.Error as exc:
-            self.database_failed(what, exc)
-
-    def heartbeat(self) -> None:
-        assert self.conn is not None
-        lost_at = queries.heartbeat(
-            self.conn,
-            daemon_id=self.daemon_id,
-            hostname=self.hostname,
-            pid=os.getpid(),
-            version=__version__,
-            provides=self.config.workers.provides,
-            posters=self.config.workers.posters,
-        )
-        if lost_at is not None:
-            log.error(
-                "this daemon had been declared lost at %s (no heartbeat "
-                "within daemon.host_lease_s); its jobs then were taken back",
-                lost_at,
-            )
-
-    def maintenance(self) -> None:
-        assert self.conn is not None
-        self.retry_pending_requeues()
-        self.take_back_strays()
-        lease = self.config.daemon.host_lease_s
-        rescued = []
-        if policy.may_rescue(time.monotonic() - self.connected_since, lease):
-            rescued = queries.rescue_lost_daemons(self.conn, lease_s=lease)
-        if rescued:
-            log.warning("took back %d job(s) of lost daemons", len(rescued))
-            self.metrics.count_taken_back(running=len(rescued), released=0)
-            self.after_requeue(rescued)
-        self.end_cancelled_jobs()
-        unsettled = queries.unsettled_postings(self.conn)
-        if unsettled:
-            queries.settle_postings(
-                self.conn,
-                unsettled,
-                error_threshold=self.config.jobs.posting_error_threshold,
-            )
-
-    def refresh_queue_gauges(self) -> None:
-        assert self.conn is not None
-        self.metrics.set_queue(*queries.queue_stats(self.conn))
 
     def healthy(self) -> bool:
         return self.stop_mode is None or bool(self.workers)
@@ -617,7 +595,7 @@ class Supervisor:
         if self.announced_ready or self.stop_mode is not None:
             return
         ready = [h for h in self.workers.values() if h.ready]
-        if self.conn is not None and len(ready) >= len(self.slots):
+        if self.session.connected and len(ready) >= len(self.slots):
             self.announced_ready = True
             log.info(
                 "ready: %d workers (daemon %s)", len(ready), self.daemon_id
@@ -627,7 +605,7 @@ class Supervisor:
     # ------------------------------------------------------------ workers
 
     def spawn_due_workers(self) -> None:
-        if self.stop_mode is not None:
+        if self.stop_mode is not None or self.schema_problem is not None:
             return
         now = time.monotonic()
         due = [
@@ -635,15 +613,9 @@ class Supervisor:
             for s in self.slots
             if s.worker_pid is None and s.next_spawn_at <= now
         ]
-        if not due:
-            return
-        # Fork safety: no database connection lives across a fork.
-        had_connection = self.conn is not None
-        self.close_connection()
+        # Fork safety: the supervisor holds no database connection at all.
         for slot in due:
             self.spawn(slot)
-        if had_connection:
-            self.ensure_connection()
 
     def spawn(self, slot: Slot) -> None:
         wake_r, wake_w = os.pipe2(os.O_CLOEXEC)
@@ -651,21 +623,8 @@ class Supervisor:
         os.set_blocking(wake_r, False)
         os.set_blocking(wake_w, False)
         os.set_blocking(report_r, False)
-        owner = uuid.uuid4()
-        inherited = [
-            self._signal_r,
-            self._signal_w,
-            self.selector_fd(),
-            wake_w,
-            report_r,
-        ]
-        for other in self.workers.values():
-            inherited += [other.wake_fd, other.report_fd]
-        if self.http is not None:
-            inherited += self.http.fds()
         spec = worker.WorkerSpec(
             slot=slot.index,
-            owner=owner,
             daemon_id=self.daemon_id,
             config=self.config,
             password=self.password,
@@ -673,8 +632,9 @@ class Supervisor:
             wake_fd=wake_r,
             report_fd=report_w,
             parent_pid=os.getpid(),
-            inherited_fds=tuple(fd for fd in inherited if fd >= 0),
+            inherited_fds=(*self.parent_fds(), wake_w, report_r),
         )
+        # Resets the slot whatever its last worker left there.
         self.scoreboard.write(slot.index, pid=0, state=WorkerState.BOOTING)
         pid = os.fork()
         if pid == 0:
@@ -684,7 +644,6 @@ class Supervisor:
         handle = WorkerHandle(
             slot=slot.index,
             pid=pid,
-            owner=owner,
             wake_fd=wake_w,
             report_fd=report_r,
             generation=self.generation,
@@ -694,6 +653,16 @@ class Supervisor:
         slot.worker_pid = pid
         self.selector.register(report_r, selectors.EVENT_READ, pid)
         log.debug("worker %d started in slot %d", pid, slot.index)
+
+    def parent_fds(self) -> tuple[int, ...]:
+        """The supervisor's own files, which a forked child must close."""
+        fds = [self._signal_r, self._signal_w, self.selector_fd()]
+        for other in self.workers.values():
+            fds += [other.wake_fd, other.report_fd]
+        fds += self.session.fds()
+        if self.http is not None:
+            fds += self.http.fds()
+        return tuple(fd for fd in fds if fd >= 0)
 
     def selector_fd(self) -> int:
         fileno = getattr(self.selector, "fileno", None)
@@ -709,22 +678,6 @@ class Supervisor:
             if state is WorkerState.IDLE:
                 with contextlib.suppress(BlockingIOError, BrokenPipeError):
                     os.write(handle.wake_fd, b"\0")
-
-    def read_notifications(self) -> None:
-        conn = self.conn
-        if conn is None:
-            return
-        try:
-            conn.pgconn.consume_input()
-            while conn.pgconn.notifies() is not None:
-                pass
-        except psycopg.Error as exc:
-            self.database_failed("listening", exc)
-            return
-        if conn.pgconn.status != psycopg.pq.ConnStatus.OK:
-            self.database_failed("listening", psycopg.OperationalError("lost"))
-            return
-        self.wake_idle_workers()
 
     def read_report(self, pid: int) -> bool:
         """Read what a worker sent; False when nothing more is there."""
@@ -769,7 +722,7 @@ class Supervisor:
                 log.warning("bad report from worker %d: %s", handle.pid, exc)
 
     def reap(self) -> None:
-        while self.workers:
+        while True:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
@@ -779,6 +732,8 @@ class Supervisor:
             handle = self.workers.get(pid)
             if handle is not None:
                 self.worker_exited(handle, status)
+            elif pid == self.session.pid:
+                self.session_exited(status)
 
     def worker_exited(self, handle: WorkerHandle, status: int) -> None:
         # Its last lines (counts of outcomes it wrote) must not be lost.
@@ -791,7 +746,11 @@ class Supervisor:
         del self.workers[handle.pid]
         view = self.scoreboard.read(handle.slot)
         running = view.job_id if view.state is WorkerState.RUNNING else None
-        self.scoreboard.clear(handle.slot)
+        if not view.consistent:
+            # Killed inside a write of its slot: what was read may be torn.
+            # The owner token is still worth a try; a wrong one changes
+            # nothing, and the sweep of ownerless jobs does the rest.
+            log.warning("worker %d left its slot half written", handle.pid)
         slot = next((s for s in self.slots if s.worker_pid == handle.pid), None)
         if slot is not None:
             slot.worker_pid = None
@@ -816,17 +775,16 @@ class Supervisor:
                 f" while running job {running}" if running else "",
             )
         timed_out = handle.timed_out_job is not None
-        self.requeue(
-            Takeback(
-                handle.owner,
-                running,
-                reason,
+        if view.owner is not None:
+            request = self.session.take_back(view.owner, running, reason)
+            self.takebacks[request.seq] = Takeback(
                 outcome="timeout" if timed_out else "worker_died",
                 running_s=None
                 if running is None
                 else time.monotonic() - view.started,
             )
-        )
+        # Cleared after the owner token was read and sent for taking back.
+        self.scoreboard.clear(handle.slot)
         if slot is not None:
             self.plan_respawn(slot, handle, clean)
 
@@ -875,71 +833,6 @@ class Supervisor:
     def count_restart(self, reason: str) -> None:
         self.metrics.count_worker_restart(reason)
 
-    def requeue(self, takeback: Takeback) -> None:
-        self.pending_requeues.append(takeback)
-        if self.ensure_connection():
-            self.db_chore("taking back jobs", self.retry_pending_requeues)
-
-    def retry_pending_requeues(self) -> None:
-        while self.pending_requeues and self.conn is not None:
-            takeback = self.pending_requeues[0]
-            requeued = queries.requeue_owner(
-                self.conn,
-                daemon_id=self.daemon_id,
-                owner=takeback.owner,
-                running_job_id=takeback.running,
-                reason=takeback.reason,
-            )
-            self.pending_requeues.pop(0)
-            running = sum(1 for j in requeued if j.was_running)
-            self.metrics.count_taken_back(
-                running=running,
-                released=len(requeued) - running,
-                outcome=takeback.outcome,
-                duration_s=takeback.running_s,
-            )
-            if requeued:
-                log.info(
-                    "took back %d job(s) of a worker that ended (%s)",
-                    len(requeued),
-                    takeback.reason,
-                )
-                self.after_requeue(requeued)
-
-    def take_back_strays(self) -> None:
-        """Take back jobs claimed under an owner that is no worker of ours.
-
-        A worker killed while its claim statement was in flight leaves a
-        claim that may commit after the worker's jobs were taken back; its
-        jobs were never started, so they go back as released.
-        """
-        assert self.conn is not None
-        known = [h.owner for h in self.workers.values()]
-        known += [t.owner for t in self.pending_requeues]
-        strays = queries.stray_owners(
-            self.conn, daemon_id=self.daemon_id, known_owners=known
-        )
-        if strays:
-            self.pending_requeues += [
-                Takeback(owner, None, "its worker ended while claiming")
-                for owner in strays
-            ]
-            self.retry_pending_requeues()
-
-    def after_requeue(self, jobs: list[queries.RequeuedJob]) -> None:
-        assert self.conn is not None
-        errored = {
-            j.posting_id for j in jobs if j.status is JobStatus.ERRORED_OUT
-        }
-        if errored:
-            queries.settle_postings(
-                self.conn,
-                errored,
-                error_threshold=self.config.jobs.posting_error_threshold,
-            )
-        if any(j.status is JobStatus.WAITING for j in jobs):
-            self.wake_idle_workers()
-
     def enforce_timeouts(self) -> None:
         """TERM a worker whose job overran; KILL it if it is still in it.
 
@@ -972,33 +865,34 @@ class Supervisor:
                 handle.kill_at = now + grace
                 self.signal_worker(handle.pid, signal.SIGTERM)
 
-    def end_cancelled_jobs(self) -> None:
+    def check_claims(self, owners: set[str]) -> None:
+        """Ask the workers holding claims a cancel ended to check them before
+        their next job starts (worker.CLAIMS_SIGNAL)."""
+        for handle in self.workers.values():
+            owner = self.scoreboard.read(handle.slot).owner
+            if owner is not None and str(owner) in owners:
+                self.signal_worker(handle.pid, worker.CLAIMS_SIGNAL)
+
+    def end_cancelled_jobs(self, cancelled: set[int]) -> None:
         """KILL the workers running a job whose posting was cancelled.
 
         The cancel has ended the job in the database already (a late outcome
         of it is fenced off); ending the process stops the work itself.
         """
-        assert self.conn is not None
-        running: dict[int, WorkerHandle] = {}
         for handle in self.workers.values():
             view = self.scoreboard.read(handle.slot)
             if (
-                view.state is WorkerState.RUNNING
-                and view.job_id is not None
-                and handle.kill_reason is None
+                view.state is not WorkerState.RUNNING
+                or view.job_id not in cancelled
+                or handle.kill_reason is not None
             ):
-                running[view.job_id] = handle
-        if not running:
-            return
-        for job_id in queries.cancelled_among(self.conn, running):
-            handle = running[job_id]
-            view = self.scoreboard.read(handle.slot)
-            if view.state is not WorkerState.RUNNING or view.job_id != job_id:
-                continue  # it has moved on meanwhile
-            handle.cancelled_job = job_id
+                continue  # not running it (any more), or ending already
+            handle.cancelled_job = view.job_id
             handle.kill_reason = "cancelled"
             log.info(
-                "ending worker %d: its job %d was cancelled", handle.pid, job_id
+                "ending worker %d: its job %d was cancelled",
+                handle.pid,
+                view.job_id,
             )
             self.signal_worker(handle.pid, signal.SIGKILL)
 

@@ -4,7 +4,10 @@ Owns the life of a forked worker: it drops what belongs to the supervisor
 (systemd's sockets, signal wake-up fd, other workers' pipes), connects to
 PostgreSQL after the fork, claims batches of jobs, imports and calls their
 entry points, buffers outcomes for at most the flush window and writes them
-fenced by its owner token. It tells the supervisor what it runs through the
+fenced by the owner token of their claim (a fresh one per claim sent,
+written to the scoreboard first, so a claim whose reply is lost belongs to
+no live worker and is taken back). It tells the supervisor what it runs
+through the
 scoreboard and sends it a line on its report pipe when something changes.
 It must not import the supervisor, speak to systemd, or outlive its parent
 by more than its current job.
@@ -67,7 +70,6 @@ class WorkerSpec:
     """Everything a worker is given by the supervisor at fork."""
 
     slot: int
-    owner: uuid.UUID
     daemon_id: uuid.UUID
     config: Config
     password: str | None = field(repr=False)
@@ -102,6 +104,8 @@ class Worker:
         self.jobs_run = 0
         self.mean_job_s: float | None = None
         self.conn: psycopg.Connection[Any] | None = None
+        # The owner token of the current claim (None before the first).
+        self.token: uuid.UUID | None = None
         self.pending: list[queries.Outcome] = []
         self.pending_since = 0.0
         # Postings with jobs this worker ended, not yet settled.
@@ -240,6 +244,7 @@ class Worker:
             job_id=job_id,
             started=started,
             deadline=self.deadline,
+            owner=self.token,
         )
 
     def boot(self) -> None:
@@ -317,7 +322,6 @@ class Worker:
         while not self.stop_requested:
             if self.retirement_due():
                 return
-            self.mark(WorkerState.CLAIMING)
             limit = policy.claim_size(
                 self.config.workers.batch_size, self.mean_job_s
             )
@@ -344,10 +348,17 @@ class Worker:
 
     def claim(self, limit: int) -> list[queries.ClaimedJob]:
         conn = self.connect()
+        # Every claim sent gets a fresh owner token, in the scoreboard before
+        # the statement leaves: one whose reply is lost owns jobs under a
+        # token no live worker holds, which the sweep takes back. Outcomes
+        # are written under their claim's token, all before the next claim.
+        assert not self.pending
+        self.token = uuid.uuid4()
+        self.mark(WorkerState.CLAIMING)
         began = time.monotonic()
         jobs = queries.claim(
             conn,
-            owner=self.spec.owner,
+            owner=self.token,
             daemon_id=self.spec.daemon_id,
             limit=limit,
             provides=self.config.workers.provides,
@@ -355,6 +366,11 @@ class Worker:
         )
         self.tally.note_claim(time.monotonic() - began, len(jobs))
         return jobs
+
+    def claim_token(self) -> uuid.UUID:
+        """The owner token of the claim whose jobs this worker holds."""
+        assert self.token is not None, "no claim yet"
+        return self.token
 
     def retirement_due(self) -> bool:
         workers = self.config.workers
@@ -406,7 +422,7 @@ class Worker:
         held: set[int] = self.with_database(
             "claim",
             lambda: queries.held_claims(
-                self.connect(), owner=self.spec.owner, jobs=jobs
+                self.connect(), owner=self.claim_token(), jobs=jobs
             ),
         )
         lost = [(j.id, j.attempt) for j in jobs if j.id not in held]
@@ -418,7 +434,7 @@ class Worker:
             self.with_database(
                 "record outcomes",
                 lambda: queries.give_up_claims(
-                    self.connect(), owner=self.spec.owner, claims=lost
+                    self.connect(), owner=self.claim_token(), claims=lost
                 ),
             )
         return {job_id for job_id, _ in lost}
@@ -466,7 +482,7 @@ class Worker:
             self.with_database(
                 "record outcomes",
                 lambda: queries.give_up_claims(
-                    self.connect(), owner=self.spec.owner, claims=fenced
+                    self.connect(), owner=self.claim_token(), claims=fenced
                 ),
             )
         finals = [
@@ -490,7 +506,7 @@ class Worker:
         conn = self.connect()
         try:
             return queries.record_outcomes(
-                conn, owner=self.spec.owner, outcomes=outcomes
+                conn, owner=self.claim_token(), outcomes=outcomes
             )
         except psycopg.OperationalError:
             raise
@@ -502,7 +518,7 @@ class Worker:
         for outcome in outcomes:
             try:
                 recorded += queries.record_outcomes(
-                    conn, owner=self.spec.owner, outcomes=[outcome]
+                    conn, owner=self.claim_token(), outcomes=[outcome]
                 )
             except psycopg.OperationalError:
                 raise
@@ -521,7 +537,7 @@ class Worker:
         )
         return queries.record_outcomes(
             self.connect(),
-            owner=self.spec.owner,
+            owner=self.claim_token(),
             outcomes=[outcome.as_refused(problem)],
         )
 
@@ -555,7 +571,7 @@ class Worker:
         kind = "failed"
         call = jobcontext.JobCall(
             job,
-            owner=self.spec.owner,
+            owner=self.claim_token(),
             config=self.config,
             password=self.spec.password,
             draw=self.rng.random(),

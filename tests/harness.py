@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -71,6 +72,9 @@ def daemon_config(
     return sections
 
 
+SESSION_NAME = "pdoflowd-db"
+
+
 def children_of(pid: int) -> list[int]:
     """Live child processes of ``pid`` (from /proc)."""
     found = []
@@ -85,6 +89,14 @@ def children_of(pid: int) -> list[int]:
         if int(fields[1]) == pid and fields[0] != "Z":
             found.append(int(entry.name))
     return sorted(found)
+
+
+def _is_session(pid: int) -> bool:
+    """Whether ``pid`` is a daemon's database session (by its name)."""
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip() == SESSION_NAME
+    except OSError:
+        return False
 
 
 class Daemon:
@@ -185,7 +197,14 @@ class Daemon:
         return self
 
     def workers(self) -> list[int]:
-        return children_of(self.pid)
+        """The worker processes (children other than the database
+        session)."""
+        return [pid for pid in children_of(self.pid) if not _is_session(pid)]
+
+    def session_pid(self) -> int | None:
+        """The database session process, if one is running."""
+        sessions = [pid for pid in children_of(self.pid) if _is_session(pid)]
+        return sessions[0] if sessions else None
 
     def send(self, signum: int) -> None:
         assert self.proc is not None
@@ -203,7 +222,7 @@ class Daemon:
 
     def kill_host(self) -> None:
         """SIGKILL the supervisor and every worker at once: a dead host."""
-        victims = [self.pid, *self.workers()]
+        victims = [self.pid, *children_of(self.pid)]
         for pid in victims:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
@@ -219,7 +238,7 @@ class Daemon:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
-        for pid in self.workers() if self.proc else []:
+        for pid in children_of(self.pid) if self.proc else []:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         self.notify.close()
@@ -253,3 +272,66 @@ def create_effects_table(dsn: str) -> None:
             "CREATE TABLE effects (id bigserial PRIMARY KEY, key text, "
             "pid int, note text, at timestamptz DEFAULT clock_timestamp())"
         )
+
+
+class TcpRelay:
+    """A TCP relay to ``target``, listening on ``host`` (a free port): the
+    path a test can cut, with nftables, or by overriding :meth:`relay`."""
+
+    def __init__(
+        self, target: tuple[str, int], host: str = "127.0.0.1"
+    ) -> None:
+        self.target = target
+        self.listener = socket.create_server((host, 0))
+        self.host = host
+        self.port: int = self.listener.getsockname()[1]
+        self.closing = False
+        self.sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self.closing:
+            try:
+                client, _ = self.listener.accept()
+                server = socket.create_connection(self.target, timeout=10)
+            except OSError:
+                if self.closing:
+                    return
+                continue
+            server.settimeout(None)
+            self.sockets += [client, server]
+            for source, sink, reply in (
+                (client, server, False),
+                (server, client, True),
+            ):
+                threading.Thread(
+                    target=self._pump, args=(source, sink, reply), daemon=True
+                ).start()
+
+    def _pump(
+        self, source: socket.socket, sink: socket.socket, reply: bool
+    ) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                if not self.relay(data, source, sink, reply):
+                    return
+        with contextlib.suppress(OSError):
+            sink.shutdown(socket.SHUT_WR)
+
+    def relay(
+        self,
+        data: bytes,
+        source: socket.socket,
+        sink: socket.socket,
+        reply: bool,
+    ) -> bool:
+        """Pass ``data`` on (``reply``: from the server); False ends it."""
+        sink.sendall(data)
+        return True
+
+    def close(self) -> None:
+        self.closing = True
+        self.listener.close()
+        for sock in self.sockets:
+            with contextlib.suppress(OSError):
+                sock.close()

@@ -19,10 +19,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import clientjobs
 import psycopg
 import pytest
-
-import clientjobs
 from test_security import Roles, grant
 
 from harness import (

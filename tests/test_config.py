@@ -1191,13 +1191,40 @@ def test_unreadable_credential_is_reported(tmp_path: Path) -> None:
 
 
 def test_connection_kwargs_without_password() -> None:
-    kwargs = connection_kwargs(DatabaseConfig(dsn="host=db1"), None)
+    kwargs = connection_kwargs(
+        DatabaseConfig(dsn="host=db1", tcp_user_timeout_s=0), None
+    )
 
     assert kwargs == {
         "conninfo": "host=db1",
         "connect_timeout": 5,
         "fallback_application_name": "pdoflowd",
     }
+
+
+def test_every_connection_gives_up_on_a_path_that_drops_packets() -> None:
+    kwargs = connection_kwargs(DatabaseConfig(tcp_user_timeout_s=15), None)
+
+    assert kwargs["tcp_user_timeout"] == 15000
+    assert kwargs["keepalives"] == 1
+    idle, interval, count = (
+        kwargs["keepalives_idle"],
+        kwargs["keepalives_interval"],
+        kwargs["keepalives_count"],
+    )
+    # A silent peer is noticed in about the TCP user timeout.
+    assert isinstance(idle, int) and isinstance(interval, int)
+    assert isinstance(count, int)
+    assert idle + interval * count <= 15
+
+
+def test_network_deadlines_in_the_dsn_are_kept() -> None:
+    database = DatabaseConfig(dsn="host=db1 keepalives_idle=60")
+
+    kwargs = connection_kwargs(database, None)
+
+    assert "keepalives_idle" not in kwargs
+    assert kwargs["tcp_user_timeout"] == 15000
 
 
 def test_connection_kwargs_with_password() -> None:

@@ -164,13 +164,15 @@ def test_rescue_of_a_lost_daemon_ends_jobs_of_cancelled_postings(
     client = Client(dsn)
     posting = client.post("jobfns.noop", [[1]])
     lost = uuid.uuid4()
-    queries.heartbeat(conn, daemon_id=lost, hostname="gone", pid=1, version="0")
+    queries.heartbeat(
+        conn, daemon_id=lost, hostname="gone", pid=1, version="0", lease_s=60
+    )
     queries.claim(conn, owner=uuid.uuid4(), daemon_id=lost, limit=1)
     conn.execute("UPDATE pdoflowd.postings SET status = 'cancelled'")
     conn.execute(
         "UPDATE pdoflowd.daemons SET heartbeat_at = now() - interval '2 min'"
     )
-    [rescued] = queries.rescue_lost_daemons(conn, lease_s=60)
+    [rescued] = queries.take_back_ownerless_jobs(conn, may_declare_lost=True)
     assert rescued.status is JobStatus.ERRORED_OUT
     assert jobs_of(conn, posting.id)[0]["error"] == "cancelled"
 

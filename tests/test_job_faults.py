@@ -253,7 +253,6 @@ def test_report_lines_stay_whole_and_metrics_exact_through_a_full_pipe() -> (
     worker = Worker(
         WorkerSpec(
             slot=0,
-            owner=uuid.uuid4(),
             daemon_id=uuid.uuid4(),
             config=Config(),
             password=None,

@@ -8,9 +8,9 @@ every line it wrote.
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
-import runpy
 import signal
 import subprocess
 import sys
@@ -205,10 +205,14 @@ def test_syslog_priority_of_each_level(level: int, priority: int) -> None:
 
 
 @pytest.fixture
-def journaled_daemon(tmp_path: Path, dsn: str) -> Iterator[tuple[Daemon, Any]]:
-    jobs = runpy.run_path(str(SYSTEST_DIR / "systest_jobs.py"))
+def journaled_daemon(
+    tmp_path: Path, dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[tuple[Daemon, Any]]:
+    # Imported by its module name, as @job requires of a job's module.
+    monkeypatch.syspath_prepend(str(SYSTEST_DIR))
+    jobs = importlib.import_module("systest_jobs")
     with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute(jobs["CREATE_EFFECTS"])
+        conn.execute(jobs.CREATE_EFFECTS)
     log_path = tmp_path / "daemon.log"
     log_path.touch()
     daemon = Daemon(

@@ -106,12 +106,14 @@ def test_every_statement_that_ends_claims_follows_the_one_rule(
         reason="worker died",
     )
     lost = uuid.uuid4()
-    queries.heartbeat(conn, daemon_id=lost, hostname="gone", pid=1, version="0")
+    queries.heartbeat(
+        conn, daemon_id=lost, hostname="gone", pid=1, version="0", lease_s=60
+    )
     [rescued] = queries.claim(conn, owner=owner, daemon_id=lost, limit=1)
     conn.execute(
         "UPDATE pdoflowd.daemons SET heartbeat_at = now() - interval '2 min'"
     )
-    queries.rescue_lost_daemons(conn, lease_s=60)
+    queries.take_back_ownerless_jobs(conn, may_declare_lost=True)
     ends = [(r["id"], r["status"], r["error"]) for r in job_rows(conn)]
     assert ends == [
         (failed.id, "errored_out", "by the new rule"),

@@ -388,13 +388,15 @@ def test_lost_daemon_jobs_are_rescued_with_a_try_used(
 ) -> None:
     post(dsn, 2)
     lost = uuid.uuid4()
-    queries.heartbeat(conn, daemon_id=lost, hostname="gone", pid=1, version="0")
+    queries.heartbeat(
+        conn, daemon_id=lost, hostname="gone", pid=1, version="0", lease_s=60
+    )
     jobs = queries.claim(conn, owner=uuid.uuid4(), daemon_id=lost, limit=2)
-    assert queries.rescue_lost_daemons(conn, lease_s=60) == []
+    assert queries.take_back_ownerless_jobs(conn, may_declare_lost=True) == []
     conn.execute(
         "UPDATE pdoflowd.daemons SET heartbeat_at = now() - interval '2 min'"
     )
-    rescued = queries.rescue_lost_daemons(conn, lease_s=60)
+    rescued = queries.take_back_ownerless_jobs(conn, may_declare_lost=True)
     assert {r.job_id for r in rescued} == {j.id for j in jobs}
     row = job_row(conn, jobs[0].id)
     assert row["status"] == "waiting"
@@ -403,7 +405,12 @@ def test_lost_daemon_jobs_are_rescued_with_a_try_used(
     # The lost daemon comes back: its heartbeat says it had been lost.
     assert (
         queries.heartbeat(
-            conn, daemon_id=lost, hostname="gone", pid=1, version="0"
+            conn,
+            daemon_id=lost,
+            hostname="gone",
+            pid=1,
+            version="0",
+            lease_s=60,
         )
         is not None
     )

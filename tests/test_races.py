@@ -257,14 +257,16 @@ def test_rescuing_a_lost_host_after_cancel_and_retry(
     client = Client(dsn)
     posting = client.post("jobfns.noop", [[1]], tries=3)
     lost = uuid.uuid4()
-    queries.heartbeat(conn, daemon_id=lost, hostname="gone", pid=1, version="0")
+    queries.heartbeat(
+        conn, daemon_id=lost, hostname="gone", pid=1, version="0", lease_s=60
+    )
     [job] = queries.claim(conn, owner=uuid.uuid4(), daemon_id=lost, limit=1)
     client.cancel(posting.id)
     client.retry(posting.id)
     conn.execute(
         "UPDATE pdoflowd.daemons SET heartbeat_at = now() - interval '2 min'"
     )
-    [rescued] = queries.rescue_lost_daemons(conn, lease_s=60)
+    [rescued] = queries.take_back_ownerless_jobs(conn, may_declare_lost=True)
     assert (rescued.job_id, rescued.status) == (job.id, JobStatus.WAITING)
     row = jobs_of(conn, posting.id)[0]
     assert (row["owner"], row["tries_remaining"]) == (None, 2)
@@ -276,7 +278,9 @@ def test_rescuing_a_lost_host_ends_its_cancelled_claims(
     client = Client(dsn)
     posting = client.post("jobfns.noop", [[1]])
     lost = uuid.uuid4()
-    queries.heartbeat(conn, daemon_id=lost, hostname="gone", pid=1, version="0")
+    queries.heartbeat(
+        conn, daemon_id=lost, hostname="gone", pid=1, version="0", lease_s=60
+    )
     owner = uuid.uuid4()
     queries.claim(conn, owner=owner, daemon_id=lost, limit=1)
     client.cancel(posting.id)
@@ -284,7 +288,7 @@ def test_rescuing_a_lost_host_ends_its_cancelled_claims(
     conn.execute(
         "UPDATE pdoflowd.daemons SET heartbeat_at = now() - interval '2 min'"
     )
-    assert queries.rescue_lost_daemons(conn, lease_s=60) == []
+    assert queries.take_back_ownerless_jobs(conn, may_declare_lost=True) == []
     row = jobs_of(conn, posting.id)[0]
     assert (row["status"], row["owner"]) == ("errored_out", None)
 
@@ -318,7 +322,7 @@ def test_a_worker_learns_which_of_its_claims_a_cancel_ended(
     assert queries.cancelled_claim_owners(conn, daemon_id=DAEMON) == set()
 
 
-def test_a_cancelled_claim_of_an_unknown_owner_is_a_stray(
+def test_a_cancelled_claim_no_live_worker_holds_is_given_up_by_the_sweep(
     dsn: str, conn: Any
 ) -> None:
     client = Client(dsn)
@@ -326,16 +330,19 @@ def test_a_cancelled_claim_of_an_unknown_owner_is_a_stray(
     owner = uuid.uuid4()
     claim(conn, 1, owner)
     client.cancel(posting.id)
-    strays = queries.stray_owners(conn, daemon_id=DAEMON, known_owners=[])
-    assert strays == [owner]
-    queries.requeue_owner(
-        conn,
-        daemon_id=DAEMON,
-        owner=owner,
-        running_job_id=None,
-        reason="its worker ended while claiming",
+    assert jobs_of(conn, posting.id)[0]["owner"] == owner
+    # Two heartbeats of its daemon since the claim, neither listing it.
+    for _ in range(2):
+        queries.heartbeat(
+            conn, daemon_id=DAEMON, hostname="h", pid=1, version="0", lease_s=60
+        )
+    assert queries.take_back_ownerless_jobs(conn, may_declare_lost=False) == []
+    row = jobs_of(conn, posting.id)[0]
+    assert (row["status"], row["owner"], row["error"]) == (
+        "errored_out",
+        None,
+        "cancelled",
     )
-    assert queries.stray_owners(conn, daemon_id=DAEMON, known_owners=[]) == []
 
 
 # ---------------------------------------------------------------- workers

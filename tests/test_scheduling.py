@@ -80,6 +80,7 @@ def test_a_job_nobody_can_run_stays_waiting_and_says_so(
         hostname="h",
         pid=1,
         version="0",
+        lease_s=60,
         provides=["gpu"],
     )
     assert claim(conn, provides=["gpu"]) == []
@@ -92,6 +93,7 @@ def test_a_job_nobody_can_run_stays_waiting_and_says_so(
         hostname="h2",
         pid=2,
         version="0",
+        lease_s=60,
         provides=["tpu", "gpu"],
     )
     assert client.summary(posting.id).claimable_by == 1

@@ -140,6 +140,7 @@ class SimDaemon:
             hostname=self.name,
             pid=1,
             version="0",
+            lease_s=60,
         )
         self.workers = [SimWorker() for _ in range(WORKERS_PER_DAEMON)]
 
@@ -301,7 +302,9 @@ class SimDaemon:
         return f"swept {unsettled}"
 
     def rescue(self, _: SimWorker) -> str:
-        rescued = queries.rescue_lost_daemons(self.conn, lease_s=60)
+        rescued = queries.take_back_ownerless_jobs(
+            self.conn, may_declare_lost=True
+        )
         errored = {
             r.posting_id for r in rescued if r.status.value == "errored_out"
         }

@@ -1,0 +1,690 @@
+"""The supervisor's database session, in a process of its own.
+
+Owns everything the supervisor needs from PostgreSQL: the LISTEN for new
+work, the heartbeat (with the owner tokens of the live workers, read from
+the scoreboard), the maintenance (taking back jobs that have no live owner,
+finding running jobs whose posting was cancelled, settling postings), the
+queue gauges, and taking back a dead worker's jobs when asked. It runs in
+a process the supervisor forks (holding no connection when it does), with
+statement and lock timeouts on its session and a TCP user timeout and
+keepalives on its connection, so a poster's lock or a network path that
+drops packets costs this process time, never the supervisor's loop: the
+loop only exchanges lines with it over two pipes, and gunicorn-style holds
+no database at all. It heartbeats only while the supervisor's pulse is
+fresh, so a frozen supervisor is a lost daemon, and its jobs are rescued.
+It must not fork, speak to systemd, or run jobs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import enum
+import json
+import logging
+import os
+import select
+import signal
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, NoReturn
+
+import psycopg
+
+from pdoflowd import __version__, logs, policy, queries
+from pdoflowd.config import Config, connection_kwargs
+from pdoflowd.migrate import SchemaNotCurrent, check_current
+from pdoflowd.scoreboard import Scoreboard, WorkerState
+from pdoflowd.status import JobStatus
+
+log = logging.getLogger("pdoflowd.dbsession")
+
+_PR_SET_NAME = 15
+_PR_SET_PDEATHSIG = 1
+# The process name the session takes (ps, top, /proc/PID/comm).
+PROCESS_NAME = b"pdoflowd-db"
+_SYSTEMD_VARIABLES = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
+_RECONNECT_DELAY_S = (0.5, 10.0)
+_LONGEST_WAIT_S = 1.0
+
+
+class Request(enum.Enum):
+    """What the supervisor asks of its database session."""
+
+    TAKE_BACK = "take_back"
+    STOP = "stop"
+
+
+class Event(enum.Enum):
+    """What the database session tells the supervisor."""
+
+    CONNECTED = "connected"
+    DISCONNECTED = "disconnected"
+    SCHEMA_NOT_CURRENT = "schema_not_current"
+    NOTIFIED = "notified"
+    TAKEN_BACK = "taken_back"
+    RESCUED = "rescued"
+    DB_ERROR = "db_error"
+    QUEUE = "queue"
+    CANCELLED = "cancelled"
+    CLAIMS_CANCELLED = "claims_cancelled"
+
+
+@dataclass(frozen=True)
+class TakeBack:
+    """Jobs to take back from a worker that ended: those claimed under
+    ``owner``; ``running`` is the one it was running, which uses a try."""
+
+    seq: int
+    owner: uuid.UUID
+    running: int | None
+    reason: str
+
+    def as_line(self) -> dict[str, Any]:
+        return {
+            "request": Request.TAKE_BACK.value,
+            "seq": self.seq,
+            "owner": str(self.owner),
+            "running": self.running,
+            "reason": self.reason,
+        }
+
+    @classmethod
+    def from_line(cls, line: dict[str, Any]) -> TakeBack:
+        return cls(
+            int(line["seq"]),
+            uuid.UUID(str(line["owner"])),
+            None if line["running"] is None else int(line["running"]),
+            str(line["reason"]),
+        )
+
+
+@dataclass(frozen=True)
+class SessionEvent:
+    """One line from the database session: its kind and its fields."""
+
+    kind: Event
+    fields: dict[str, Any] = field(default_factory=dict)
+
+
+def encode(message: dict[str, Any]) -> bytes:
+    """One message as one line; whole messages below PIPE_BUF stay whole."""
+    return (json.dumps(message, separators=(",", ":")) + "\n").encode()
+
+
+def decode_lines(buffer: bytes) -> tuple[list[dict[str, Any]], bytes]:
+    """The whole lines in ``buffer`` as messages, and what is left."""
+    *lines, rest = buffer.split(b"\n")
+    messages = []
+    for line in lines:
+        try:
+            message = json.loads(line)
+        except ValueError:
+            log.warning("unreadable line between supervisor and session")
+            continue
+        if isinstance(message, dict):
+            messages.append(message)
+    return messages, rest
+
+
+# ---------------------------------------------------------------- the process
+
+
+@dataclass(frozen=True)
+class SessionSpec:
+    """Everything the database session is given by the supervisor at fork."""
+
+    daemon_id: uuid.UUID
+    hostname: str
+    config: Config
+    password: str | None = field(repr=False)
+    scoreboard: Scoreboard
+    request_fd: int
+    event_fd: int
+    parent_pid: int
+    inherited_fds: tuple[int, ...]
+
+
+class _Gone(Exception):
+    """The supervisor is gone or asked the session to end."""
+
+
+class Session:
+    """The database session's state, inside its own process."""
+
+    def __init__(self, spec: SessionSpec) -> None:
+        self.spec = spec
+        self.config = spec.config
+        self.conn: psycopg.Connection[Any] | None = None
+        self.connected_since = 0.0
+        self.retry_at = 0.0
+        self.delay = _RECONNECT_DELAY_S[0]
+        self.outage = False
+        self.take_backs: list[TakeBack] = []
+        self.stopping = False
+        self.request_buffer = b""
+        self.due: dict[str, float] = {}
+        self.pulse_warned = False
+
+    # ------------------------------------------------------------ plumbing
+
+    def send(self, kind: Event, **fields: Any) -> None:
+        """Tell the supervisor (whole lines; a supervisor gone ends us)."""
+        data = encode({"event": kind.value, **fields})
+        while data:
+            try:
+                written = os.write(self.spec.event_fd, data)
+            except InterruptedError:
+                continue
+            except BrokenPipeError as exc:
+                raise _Gone("the supervisor is gone") from exc
+            data = data[written:]
+
+    def read_requests(self) -> None:
+        try:
+            data = os.read(self.spec.request_fd, 65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        if not data:
+            raise _Gone("the supervisor is gone")
+        messages, self.request_buffer = decode_lines(self.request_buffer + data)
+        for message in messages:
+            kind = message.get("request")
+            if kind == Request.TAKE_BACK.value:
+                self.take_backs.append(TakeBack.from_line(message))
+            elif kind == Request.STOP.value:
+                self.stopping = True
+
+    # ------------------------------------------------------------ connection
+
+    def connect(self) -> None:
+        kwargs = connection_kwargs(
+            self.config.database, self.spec.password, listen=True
+        )
+        conn: psycopg.Connection[Any] = psycopg.connect(
+            autocommit=True,
+            **kwargs,  # type: ignore[arg-type]
+        )
+        try:
+            database = self.config.database
+            queries.set_session_deadlines(
+                conn,
+                statement_timeout_s=database.statement_timeout_s,
+                lock_timeout_s=database.lock_timeout_s,
+            )
+            check_current(conn)
+            conn.execute(f"LISTEN {queries.NOTIFY_CHANNEL}")
+            conn.execute(f"LISTEN {queries.CANCEL_CHANNEL}")
+            self.conn = conn
+            self.heartbeat()
+        except BaseException:
+            self.conn = None
+            conn.close()
+            raise
+        if self.outage or not self.connected_since:
+            # A real outage: others' heartbeats went unseen meanwhile.
+            self.connected_since = time.monotonic()
+        if self.outage:
+            log.info("database connection restored")
+        self.outage = False
+        self.delay = _RECONNECT_DELAY_S[0]
+        self.send(Event.CONNECTED)
+
+    def ensure_connection(self) -> bool:
+        if self.conn is not None:
+            return True
+        if time.monotonic() < self.retry_at:
+            return False
+        try:
+            self.connect()
+        except SchemaNotCurrent as exc:
+            log.error("%s", exc)
+            self.send(Event.SCHEMA_NOT_CURRENT, message=str(exc))
+            self.failed("reconnecting", exc, quiet=True)
+            return False
+        except psycopg.Error as exc:
+            self.failed("reconnecting", exc)
+            return False
+        return True
+
+    def failed(self, what: str, exc: Exception, *, quiet: bool = False) -> None:
+        if not quiet:
+            doing = (
+                "database unreachable"
+                if what == "reconnecting"
+                else (f"{what} failed")
+            )
+            log.warning("%s, retrying in %.1f s: %s", doing, self.delay, exc)
+        self.send(Event.DB_ERROR, operation=what)
+        if self.conn is not None:
+            with contextlib.suppress(Exception):
+                self.conn.close()
+            self.conn = None
+            self.send(Event.DISCONNECTED)
+        self.outage = True
+        self.retry_at = time.monotonic() + self.delay
+        self.delay = min(self.delay * 2, _RECONNECT_DELAY_S[1])
+
+    def chore(self, what: str, action: Callable[[], None]) -> None:
+        """Run ``action`` on the connection; a failure drops it."""
+        if self.conn is None:
+            return
+        try:
+            action()
+        except psycopg.Error as exc:
+            self.failed(what, exc)
+
+    # ------------------------------------------------------------ chores
+
+    def heartbeat(self) -> None:
+        assert self.conn is not None
+        age = self.spec.scoreboard.pulse_age()
+        if age > self.config.daemon.host_lease_s / 2:
+            # A frozen supervisor reaps, times out and watches nothing: let
+            # the daemon be declared lost rather than vouch for it.
+            if not self.pulse_warned:
+                log.error(
+                    "no heartbeat: the supervisor's loop has not turned for "
+                    "%.1f s",
+                    age,
+                )
+                self.pulse_warned = True
+            return
+        self.pulse_warned = False
+        # Read before the statement is sent: see take_back_ownerless_jobs.
+        owners = self.spec.scoreboard.live_owners()
+        lost_at = queries.heartbeat(
+            self.conn,
+            daemon_id=self.spec.daemon_id,
+            hostname=self.spec.hostname,
+            pid=self.spec.parent_pid,
+            version=__version__,
+            lease_s=self.config.daemon.host_lease_s,
+            live_owners=owners,
+            provides=self.config.workers.provides,
+            posters=self.config.workers.posters,
+        )
+        if lost_at is not None:
+            log.error(
+                "this daemon had been declared lost at %s (no heartbeat "
+                "within daemon.host_lease_s); its jobs then were taken back",
+                lost_at,
+            )
+
+    def take_back(self) -> None:
+        """Take back the jobs of workers that ended, oldest request first."""
+        while self.take_backs and self.conn is not None:
+            request = self.take_backs[0]
+            requeued = queries.requeue_owner(
+                self.conn,
+                daemon_id=self.spec.daemon_id,
+                owner=request.owner,
+                running_job_id=request.running,
+                reason=request.reason,
+            )
+            self.take_backs.pop(0)
+            running = sum(1 for j in requeued if j.was_running)
+            self.after_requeue(requeued)
+            self.send(
+                Event.TAKEN_BACK,
+                seq=request.seq,
+                running=running,
+                released=len(requeued) - running,
+                waiting=any(j.status is JobStatus.WAITING for j in requeued),
+            )
+            if requeued:
+                log.info(
+                    "took back %d job(s) of a worker that ended (%s)",
+                    len(requeued),
+                    request.reason,
+                )
+
+    def maintenance(self) -> None:
+        assert self.conn is not None
+        lease = self.config.daemon.host_lease_s
+        rescued = queries.take_back_ownerless_jobs(
+            self.conn,
+            may_declare_lost=policy.may_rescue(
+                time.monotonic() - self.connected_since, lease
+            ),
+        )
+        if rescued:
+            running = sum(1 for j in rescued if j.was_running)
+            log.warning(
+                "took back %d job(s) without a live owner (%d of lost hosts)",
+                len(rescued),
+                running,
+            )
+            self.after_requeue(rescued)
+            self.send(
+                Event.RESCUED,
+                running=running,
+                released=len(rescued) - running,
+                waiting=any(j.status is JobStatus.WAITING for j in rescued),
+            )
+        self.find_cancelled()
+        unsettled = queries.unsettled_postings(self.conn)
+        if unsettled:
+            queries.settle_postings(
+                self.conn,
+                unsettled,
+                error_threshold=self.config.jobs.posting_error_threshold,
+            )
+
+    def find_cancelled(self) -> None:
+        """Tell the supervisor which running jobs' postings were cancelled,
+        and which workers hold claims a cancel ended (not started yet)."""
+        assert self.conn is not None
+        board = self.spec.scoreboard
+        running = [
+            view.job_id
+            for view in (board.read(slot) for slot in range(board.capacity))
+            if view.state is WorkerState.RUNNING and view.job_id is not None
+        ]
+        if running:
+            cancelled = queries.cancelled_among(self.conn, running)
+            if cancelled:
+                self.send(Event.CANCELLED, jobs=sorted(cancelled))
+        owners = queries.cancelled_claim_owners(
+            self.conn, daemon_id=self.spec.daemon_id
+        )
+        if owners:
+            self.send(Event.CLAIMS_CANCELLED, owners=sorted(map(str, owners)))
+
+    def after_requeue(self, jobs: list[queries.RequeuedJob]) -> None:
+        assert self.conn is not None
+        errored = {
+            j.posting_id for j in jobs if j.status is JobStatus.ERRORED_OUT
+        }
+        if errored:
+            queries.settle_postings(
+                self.conn,
+                errored,
+                error_threshold=self.config.jobs.posting_error_threshold,
+            )
+
+    def queue_stats(self) -> None:
+        assert self.conn is not None
+        counts, oldest = queries.queue_stats(self.conn)
+        self.send(Event.QUEUE, counts=counts, oldest=oldest)
+
+    def read_notifications(self) -> None:
+        conn = self.conn
+        if conn is None:
+            return
+        channels = set()
+        try:
+            conn.pgconn.consume_input()
+            while (notice := conn.pgconn.notifies()) is not None:
+                channels.add(notice.relname.decode())
+        except psycopg.Error as exc:
+            self.failed("listening", exc)
+            return
+        if conn.pgconn.status != psycopg.pq.ConnStatus.OK:
+            self.failed("listening", psycopg.OperationalError("lost"))
+            return
+        if queries.CANCEL_CHANNEL in channels:
+            # At once, not at the next maintenance: running jobs of the
+            # cancelled posting are ended, claimed ones are not started.
+            self.chore("maintenance", self.find_cancelled)
+        if channels - {queries.CANCEL_CHANNEL}:
+            self.send(Event.NOTIFIED)
+
+    # ------------------------------------------------------------ the loop
+
+    def intervals(self) -> Iterator[tuple[str, float, Callable[[], None]]]:
+        daemon = self.config.daemon
+        yield "heartbeat", daemon.heartbeat_interval_s, self.heartbeat
+        yield "maintenance", daemon.maintenance_interval_s, self.maintenance
+        if self.config.metrics.enabled:
+            interval = self.config.metrics.queue_stats_interval_s
+            yield "queue_stats", interval, self.queue_stats
+
+    def run(self) -> None:
+        """Serve the supervisor until it asks us to stop, or is gone."""
+        while not self.stopping:
+            self.wait()
+            if not self.ensure_connection():
+                continue
+            self.chore("taking_back_jobs", self.take_back)
+            now = time.monotonic()
+            for name, interval, action in self.intervals():
+                if self.conn is not None and now >= self.due.get(name, 0.0):
+                    self.due[name] = now + interval
+                    self.chore(name, action)
+
+    def wait(self) -> None:
+        """Until a request, a notification or the next chore is due."""
+        now = time.monotonic()
+        wake = min(
+            [self.due.get(name, 0.0) for name, _, _ in self.intervals()]
+            + [self.retry_at if self.conn is None else now + _LONGEST_WAIT_S]
+        )
+        timeout = 0.0 if self.take_backs else max(0.0, wake - now)
+        fds = [self.spec.request_fd]
+        if self.conn is not None:
+            fds.append(self.conn.fileno())
+        try:
+            readable, _, _ = select.select(
+                fds, [], [], min(timeout, _LONGEST_WAIT_S)
+            )
+        except InterruptedError:
+            return
+        if self.spec.request_fd in readable:
+            self.read_requests()
+        if self.conn is not None and self.conn.fileno() in readable:
+            self.read_notifications()
+        if os.getppid() != self.spec.parent_pid:
+            raise _Gone("the supervisor is gone")
+
+    def finish(self) -> None:
+        """Write what was asked before the stop, then the stop itself (a
+        session that never connected has registered nothing to stop)."""
+        if not self.connected_since and not self.take_backs:
+            return
+        while True:
+            if self.ensure_connection():
+                self.chore("taking_back_jobs", self.take_back)
+                if not self.take_backs and self.conn is not None:
+                    try:
+                        queries.mark_daemon_stopped(
+                            self.conn, self.spec.daemon_id
+                        )
+                    except psycopg.Error as exc:
+                        self.failed("stopping", exc)
+                        continue
+                    return
+            time.sleep(max(0.05, min(1.0, self.retry_at - time.monotonic())))
+
+    def close(self) -> None:
+        if self.conn is not None:
+            with contextlib.suppress(Exception):
+                self.conn.close()
+            self.conn = None
+
+
+def _detach(spec: SessionSpec) -> None:
+    """Undo what the fork inherited that belongs to the supervisor."""
+    signal.set_wakeup_fd(-1)
+    for fd in spec.inherited_fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    for name in _SYSTEMD_VARIABLES:
+        os.environ.pop(name, None)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    for signum in (
+        signal.SIGINT,
+        signal.SIGQUIT,
+        signal.SIGHUP,
+        signal.SIGTTIN,
+        signal.SIGTTOU,
+    ):
+        signal.signal(signum, signal.SIG_IGN)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        libc.prctl(_PR_SET_NAME, ctypes.c_char_p(PROCESS_NAME), 0, 0, 0)
+    os.set_blocking(spec.request_fd, False)
+    logs.set_process_label("database session")
+
+
+def main(spec: SessionSpec) -> NoReturn:
+    """The body of a freshly forked database session; never returns."""
+    code = 0
+    session = Session(spec)
+    try:
+        _detach(spec)
+        if os.getppid() != spec.parent_pid:
+            raise _Gone("the supervisor exited before the session started")
+        session.run()
+        session.finish()
+    except _Gone as gone:
+        log.info("database session ending: %s", gone)
+    except BaseException:
+        log.exception("database session failed")
+        code = 1
+    finally:
+        session.close()
+        with contextlib.suppress(Exception):
+            logging.shutdown()
+    os._exit(code)
+
+
+# ---------------------------------------------------------------- the handle
+
+
+class SessionHandle:
+    """The supervisor's side: fork the session, ask it, read what it says.
+
+    Every take-back asked for is kept until the session says it is done,
+    and asked again of a new session if this one ends first.
+    """
+
+    def __init__(self) -> None:
+        self.pid: int | None = None
+        self.request_fd = -1
+        self.event_fd = -1
+        self.connected = False
+        self.pending: dict[int, TakeBack] = {}
+        self.next_seq = 0
+        self.stop_sent = False
+        self._buffer = b""
+        self._unsent = b""
+
+    def start(
+        self,
+        *,
+        daemon_id: uuid.UUID,
+        hostname: str,
+        config: Config,
+        password: str | None,
+        scoreboard: Scoreboard,
+        inherited_fds: tuple[int, ...],
+    ) -> int:
+        """Fork the session (the caller holds no connection); its pid."""
+        request_r, request_w = os.pipe2(os.O_CLOEXEC)
+        event_r, event_w = os.pipe2(os.O_CLOEXEC)
+        os.set_blocking(request_w, False)
+        os.set_blocking(event_r, False)
+        spec = SessionSpec(
+            daemon_id=daemon_id,
+            hostname=hostname,
+            config=config,
+            password=password,
+            scoreboard=scoreboard,
+            request_fd=request_r,
+            event_fd=event_w,
+            parent_pid=os.getpid(),
+            inherited_fds=tuple(
+                fd for fd in (*inherited_fds, request_w, event_r) if fd >= 0
+            ),
+        )
+        pid = os.fork()
+        if pid == 0:
+            main(spec)
+        os.close(request_r)
+        os.close(event_w)
+        self.pid, self.request_fd, self.event_fd = pid, request_w, event_r
+        self.connected = False
+        self.stop_sent = False
+        self._buffer = self._unsent = b""
+        for take_back in sorted(self.pending.values(), key=lambda t: t.seq):
+            self._send(take_back.as_line())
+        return pid
+
+    def fds(self) -> tuple[int, ...]:
+        """This side's pipe ends, which no other child may keep."""
+        return tuple(fd for fd in (self.request_fd, self.event_fd) if fd >= 0)
+
+    def take_back(
+        self, owner: uuid.UUID, running: int | None, reason: str
+    ) -> TakeBack:
+        """Ask for a dead worker's jobs back; returns the request."""
+        self.next_seq += 1
+        request = TakeBack(self.next_seq, owner, running, reason)
+        self.pending[request.seq] = request
+        self._send(request.as_line())
+        return request
+
+    def stop(self) -> None:
+        """Ask the session to finish the take-backs, mark the daemon
+        stopped and exit."""
+        if not self.stop_sent:
+            self.stop_sent = True
+            self._send({"request": Request.STOP.value})
+
+    def _send(self, message: dict[str, Any]) -> None:
+        self._unsent += encode(message)
+        self.flush()
+
+    def flush(self) -> None:
+        """Write what waits for room in the pipe, never blocking (lines
+        are cut only where the pipe is full; the session reads on)."""
+        while self._unsent and self.request_fd >= 0:
+            try:
+                written = os.write(self.request_fd, self._unsent)
+            except (BlockingIOError, BrokenPipeError):
+                return
+            self._unsent = self._unsent[written:]
+
+    def read(self) -> list[SessionEvent]:
+        """What the session said since the last read."""
+        if self.event_fd < 0:
+            return []
+        chunks = []
+        while True:
+            try:
+                data = os.read(self.event_fd, 65536)
+            except BlockingIOError:
+                break
+            if not data:
+                break
+            chunks.append(data)
+        messages, self._buffer = decode_lines(self._buffer + b"".join(chunks))
+        events = []
+        for message in messages:
+            try:
+                kind = Event(message.pop("event"))
+            except (KeyError, ValueError):
+                continue
+            if kind is Event.CONNECTED:
+                self.connected = True
+            elif kind is Event.DISCONNECTED:
+                self.connected = False
+            elif kind is Event.TAKEN_BACK:
+                self.pending.pop(int(message.get("seq", -1)), None)
+            events.append(SessionEvent(kind, message))
+        return events
+
+    def ended(self) -> list[SessionEvent]:
+        """The session exited (reaped): its last words; forget its pipes."""
+        events = self.read()
+        for fd in self.fds():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.pid, self.request_fd, self.event_fd = None, -1, -1
+        self.connected = False
+        return events
