@@ -1,10 +1,11 @@
 """The demo behind ``make demo``: one posting, start to finish, in seconds.
 
-Owns a demo job (:func:`render_frame`) and the walk through a daemon's life
-that ``python -m pdoflowd.demo`` prints: a throwaway PostgreSQL, a config,
-``pdoflowd migrate``, ``pdoflowd run`` as a subprocess (ready when it says
-READY=1 on a notify socket, as it would to systemd), a posting of a few
-hundred jobs followed until it is finished, and a stop with SIGTERM. It
+Owns the walk through a daemon's life that ``python -m pdoflowd.demo``
+prints (its job is :func:`pdoflowd.demojob.render_frame`): a throwaway
+PostgreSQL, a config, ``pdoflowd migrate``, ``pdoflowd run`` as a
+subprocess (ready when it says READY=1 on a notify socket, as it would to
+systemd), a posting of a few hundred jobs followed until it is finished,
+and a stop with SIGTERM. It
 removes everything it made, on success, error or Ctrl-C alike. Nothing in
 the daemon imports it; it must not reach past the client into the queue.
 """
@@ -12,7 +13,6 @@ the daemon imports it; it must not reach past the client into the queue.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import signal
@@ -27,23 +27,20 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from pdoflowd.client import Client, PostingState, WaitTimeout, job
+from pdoflowd.client import Client, PostingState, WaitTimeout
 from pdoflowd.devcluster import LocalCluster, free_port
 from pdoflowd.status import JobStatus
 
-__all__ = ["ENTRY_POINT", "FLAKY_FRAMES", "main", "render_frame"]
+__all__ = ["ENTRY_POINT", "main"]
 
 # Posted by name, as a program that never imports the job's module would;
-# the workers import it by this name (and it must not be "__main__").
-ENTRY_POINT = "pdoflowd.demo.render_frame"
+# the workers import it by this name. It lives in a module of its own: a
+# job must be importable, and this one runs as "__main__".
+ENTRY_POINT = "pdoflowd.demojob.render_frame"
 FRAMES = 300
 WORKERS = 2
 SIGMA = 1.5
 TRIES = 3
-# These frames fail their first attempt, so the demo shows a retry.
-FLAKY_FRAMES = frozenset({42, 137, 251})
-
-_WIDTH, _HEIGHT = 32, 24
 _READY_TIMEOUT_S = 30.0
 _POSTING_TIMEOUT_S = 40.0
 _STOP_TIMEOUT_S = 15.0
@@ -62,73 +59,6 @@ def _say(line: str = "") -> None:
 
 def _step(text: str) -> None:
     _say(f"==> {text}")
-
-
-# ---------------------------------------------------------------- the job
-
-
-@job()
-def render_frame(frame: int, sigma: float, marks_dir: str = "") -> None:
-    """Render one frame of a moving pattern and blur it (a few ms of CPU).
-
-    With ``marks_dir``, a frame in :data:`FLAKY_FRAMES` fails on its first
-    attempt and leaves a mark there; its retry finds the mark and succeeds.
-    """
-    if marks_dir and frame in FLAKY_FRAMES:
-        mark = Path(marks_dir) / f"frame-{frame}"
-        try:
-            mark.touch(exist_ok=False)
-        except FileExistsError:
-            pass
-        else:
-            raise RuntimeError(f"frame {frame}: render node hiccup")
-    image = [
-        [
-            math.sin(0.21 * x + 0.05 * frame)
-            * math.cos(0.17 * y - 0.03 * frame)
-            for x in range(_WIDTH)
-        ]
-        for y in range(_HEIGHT)
-    ]
-    kernel = _gaussian_kernel(sigma)
-    blurred = _transpose(
-        _blur_rows(_transpose(_blur_rows(image, kernel)), kernel)
-    )
-    if not all(math.isfinite(value) for row in blurred for value in row):
-        raise ArithmeticError(f"frame {frame}: the blur diverged")
-
-
-def _gaussian_kernel(sigma: float) -> list[float]:
-    radius = max(1, math.ceil(3 * sigma))
-    weights = [
-        math.exp(-(i * i) / (2 * sigma * sigma))
-        for i in range(-radius, radius + 1)
-    ]
-    total = sum(weights)
-    return [w / total for w in weights]
-
-
-def _blur_rows(
-    image: list[list[float]], kernel: list[float]
-) -> list[list[float]]:
-    radius = len(kernel) // 2
-    blurred = []
-    for row in image:
-        last = len(row) - 1
-        blurred.append(
-            [
-                sum(
-                    weight * row[min(last, max(0, x + offset - radius))]
-                    for offset, weight in enumerate(kernel)
-                )
-                for x in range(len(row))
-            ]
-        )
-    return blurred
-
-
-def _transpose(image: list[list[float]]) -> list[list[float]]:
-    return [list(column) for column in zip(*image, strict=True)]
 
 
 # ---------------------------------------------------------------- the walk
@@ -159,7 +89,7 @@ def demo_config(dsn: str, metrics_port: int) -> dict[str, dict[str, Any]]:
             "drain_timeout_s": 5.0,
         },
         "jobs": {
-            "allowed_modules": ["pdoflowd.demo"],
+            "allowed_modules": ["pdoflowd.demojob"],
             "retry_delay_s": 0.2,
             "retry_delay_max_s": 1.0,
         },

@@ -355,9 +355,11 @@ def test_jobs_of_a_dead_host_are_rescued_by_another_daemon(
     effects_dsn: str, daemons: Any
 ) -> None:
     first = daemons(**host_config(1.5))
-    Client(effects_dsn).post("jobfns.sleep", [[1.0, "h"]])
+    # Long enough to be still running once the second daemon is ready.
+    Client(effects_dsn).post("jobfns.sleep", [[5.0, "h"]])
     wait_until(lambda: runs(effects_dsn, "h", "start"))
     second = daemons(**host_config(1.5))
+    assert len(runs(effects_dsn, "h", "end")) == 0, "it ended too soon"
     first.kill_host()
     row = wait_until(ended(effects_dsn, "done"), timeout=30)
     assert row["attempt"] == 2

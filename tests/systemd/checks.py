@@ -418,7 +418,7 @@ def journal_lines_carry_priority_and_process(params: dict[str, Any]) -> str:
         and " run " in e.get("_CMDLINE", "")
     ]
     check(entries, "no journal entries of the daemon")
-    prefix = re.compile(r"\[(supervisor|worker \d+):\d+\] ")
+    prefix = re.compile(r"\[(supervisor|database session|worker \d+):\d+\] ")
     for entry in entries:
         message = entry.get("MESSAGE")
         check(
