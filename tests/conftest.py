@@ -339,3 +339,15 @@ def daemons(tmp_path: Path, effects_dsn: str) -> Iterator[Any]:
     yield make
     for daemon in made:
         daemon.close()
+
+
+@pytest.fixture
+def roles(dsn: str) -> Iterator[Any]:
+    """Login roles made for one test, dropped with what they own after."""
+    from harness import Roles
+
+    made = Roles(dsn)
+    try:
+        yield made
+    finally:
+        made.drop()

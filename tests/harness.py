@@ -8,17 +8,24 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import psycopg
+from psycopg import sql
+from psycopg.conninfo import make_conninfo
+
+from pdoflowd import migrate
 
 TESTS_DIR = Path(__file__).resolve().parent
 REPO_ROOT = TESTS_DIR.parent
@@ -335,3 +342,95 @@ class TcpRelay:
         for sock in self.sockets:
             with contextlib.suppress(OSError):
                 sock.close()
+
+
+# ---------------------------------------------------------------- partitions
+
+
+def nft(*args: str) -> None:
+    subprocess.run(["nft", *args], check=True, capture_output=True, timeout=10)
+
+
+def nft_unusable(table: str) -> str:
+    """Why nftables cannot cut a path here, or "" when it can."""
+    if shutil.which("nft") is None:
+        return "nft is not installed (Debian: apt-get install nftables)"
+    try:
+        nft("add", "table", "inet", table)
+        nft("delete", "table", "inet", table)
+    except (subprocess.CalledProcessError, OSError) as exc:
+        return f"nft cannot change the firewall here: {exc}"
+    return ""
+
+
+@contextlib.contextmanager
+def dropped(table: str, host: str, port: int) -> Iterator[None]:
+    """Drop (not refuse) the packets of every connection to host:port, both
+    ways, in the nftables table ``table`` (removed afterwards): the replies
+    leave from host:port to whatever address the client had, so they are
+    matched by their source."""
+    nft("add", "table", "inet", table)
+    try:
+        nft(
+            "add chain inet",
+            table,
+            "out { type filter hook output priority 0 ; }",
+        )
+        nft(
+            "add rule inet",
+            table,
+            "out",
+            f"ip daddr {host} tcp dport {port} drop",
+        )
+        nft(
+            "add rule inet",
+            table,
+            "out",
+            f"ip saddr {host} tcp sport {port} drop",
+        )
+        yield
+    finally:
+        nft("delete", "table", "inet", table)
+
+
+# ---------------------------------------------------------------- roles
+
+
+class Roles:
+    """Login roles made for one test, dropped with everything they own."""
+
+    def __init__(self, dsn: str) -> None:
+        self.dsn = dsn
+        self.made: list[str] = []
+        self.passwords: dict[str, str] = {}
+
+    def make(self, name: str | None = None) -> str:
+        role = name or "pdoflowd_t_" + uuid.uuid4().hex[:10]
+        password = secrets.token_hex(8)
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            conn.execute(
+                sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(
+                    sql.Identifier(role), sql.Literal(password)
+                )
+            )
+        self.made.append(role)
+        self.passwords[role] = password
+        return role
+
+    def dsn_of(self, role: str) -> str:
+        return make_conninfo(self.dsn, user=role, password=self.passwords[role])
+
+    def drop(self) -> None:
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            for role in self.made:
+                conn.execute(
+                    sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role))
+                )
+                conn.execute(
+                    sql.SQL("DROP ROLE {}").format(sql.Identifier(role))
+                )
+
+
+def grant(dsn: str, **grants: list[str]) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        migrate.apply_grants(conn, migrate.Grants(**grants))

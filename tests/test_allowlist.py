@@ -15,21 +15,21 @@ import subprocess
 import sys
 import textwrap
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import clientjobs
 import psycopg
 import pytest
-from test_security import Roles, grant
 
 from harness import (
     REPO_ROOT,
     TESTS_DIR,
     Daemon,
+    Roles,
     create_effects_table,
     daemon_config,
+    grant,
     wait_until,
     write_config,
 )
@@ -107,15 +107,6 @@ def app(tmp_path: Path) -> Path:
     (tmp_path / "outside.py").write_text(textwrap.dedent(_OUTSIDE))
     (tmp_path / "payload.py").write_text(textwrap.dedent(_PAYLOAD))
     return tmp_path
-
-
-@pytest.fixture
-def roles(dsn: str) -> Iterator[Roles]:
-    made = Roles(dsn)
-    try:
-        yield made
-    finally:
-        made.drop()
 
 
 def start_daemon(

@@ -10,11 +10,8 @@ packets of the daemon's path to PostgreSQL.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import os
-import shutil
-import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -26,9 +23,17 @@ from typing import Any
 import psycopg
 import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
-from test_security import Roles, grant
 
-from harness import Daemon, TcpRelay, daemon_config, wait_until
+from harness import (
+    Daemon,
+    Roles,
+    TcpRelay,
+    daemon_config,
+    dropped,
+    grant,
+    nft_unusable,
+    wait_until,
+)
 from pdoflowd.client import Client
 from pdoflowd.devcluster import free_port
 from pdoflowd.status import PostingStatus
@@ -75,15 +80,6 @@ class Watch:
     def longest_silence(self) -> float:
         gaps = [b - a for a, b in itertools.pairwise(self.pings)]
         return max(gaps, default=float("inf"))
-
-
-@pytest.fixture
-def roles(dsn: str) -> Iterator[Roles]:
-    made = Roles(dsn)
-    try:
-        yield made
-    finally:
-        made.drop()
 
 
 def test_a_poster_holding_a_posting_lock_stalls_no_supervisor(
@@ -140,47 +136,10 @@ def test_a_poster_holding_a_posting_lock_stalls_no_supervisor(
 NFT_TABLE = "pdoflowd_test_deadlines"
 
 
-def nft(*args: str) -> None:
-    subprocess.run(["nft", *args], check=True, capture_output=True, timeout=10)
-
-
-def nft_usable() -> str:
-    if shutil.which("nft") is None:
-        return "nft is not installed (Debian: apt-get install nftables)"
-    try:
-        nft("add", "table", "inet", NFT_TABLE)
-        nft("delete", "table", "inet", NFT_TABLE)
-    except (subprocess.CalledProcessError, OSError) as exc:
-        return f"nft cannot change the firewall here: {exc}"
-    return ""
-
-
-@contextlib.contextmanager
-def dropped(host: str, port: int) -> Iterator[None]:
-    """Drop (not refuse) every packet to and from ``host``:``port``."""
-    nft("add", "table", "inet", NFT_TABLE)
-    try:
-        nft(
-            "add chain inet",
-            NFT_TABLE,
-            "out { type filter hook output priority 0 ; }",
-        )
-        for direction in ("dport", "sport"):
-            nft(
-                "add rule inet",
-                NFT_TABLE,
-                "out",
-                f"ip daddr {host} tcp {direction} {port} drop",
-            )
-        yield
-    finally:
-        nft("delete", "table", "inet", NFT_TABLE)
-
-
 @pytest.fixture
 def relay(effects_dsn: str) -> Iterator[TcpRelay]:
     """The daemon's own path to PostgreSQL, through 127.0.0.2."""
-    reason = nft_usable()
+    reason = nft_unusable(NFT_TABLE)
     if reason and os.environ.get("PDOFLOWD_PARTITION_TEST_REQUIRED"):
         pytest.fail(f"a partition cannot be made here: {reason}")
     if reason:
@@ -215,7 +174,7 @@ def test_a_path_that_drops_packets_stalls_no_supervisor(
         client = Client(effects_dsn)
         client.post("jobfns.sleep", [[0.05]] * 400)
         watch = Watch(daemon, port)
-        with dropped(relay.host, relay.port):
+        with dropped(NFT_TABLE, relay.host, relay.port):
             watch.run(10.0)
             readiness, _ = probe(port, "/readyz")
         assert watch.failures == [], watch.failures
@@ -275,7 +234,7 @@ def test_a_partitioned_host_is_rescued_fenced_and_stays_responsive(
         host_a.start().wait_ready()
         id_a = daemon_of(effects_dsn, host_a.pid)
         watch = Watch(host_b, port_b)
-        with dropped(relay.host, relay.port):
+        with dropped(NFT_TABLE, relay.host, relay.port):
             cut_off = running_under(effects_dsn, id_b)
             assert len(cut_off) == 2
             # B's jobs come back after its lease and run on A.

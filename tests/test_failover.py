@@ -38,7 +38,9 @@ from harness import (
     TcpRelay,
     create_effects_table,
     daemon_config,
+    dropped,
     job_counts,
+    nft_unusable,
     wait_until,
 )
 from pdoflowd.client import Client
@@ -225,51 +227,6 @@ def caught_up(pair: Pair) -> bool:
 
 
 # ------------------------------------------------------------------ faults
-
-
-def nft(*args: str) -> None:
-    subprocess.run(["nft", *args], check=True, capture_output=True, timeout=10)
-
-
-def nft_unusable() -> str:
-    """Why nftables cannot cut a path here, or "" when it can."""
-    if shutil.which("nft") is None:
-        return "nft is not installed (Debian: apt-get install nftables)"
-    try:
-        nft("add", "table", "inet", NFT_TABLE)
-        nft("delete", "table", "inet", NFT_TABLE)
-    except (subprocess.CalledProcessError, OSError) as exc:
-        return f"nft cannot change the firewall here: {exc}"
-    return ""
-
-
-@contextlib.contextmanager
-def dropped(host: str, port: int) -> Iterator[None]:
-    """Drop (not refuse) the packets of every connection to host:port, both
-    ways: the replies leave from host:port to whatever address the client
-    had, so they are matched by their source."""
-    nft("add", "table", "inet", NFT_TABLE)
-    try:
-        nft(
-            "add chain inet",
-            NFT_TABLE,
-            "out { type filter hook output priority 0 ; }",
-        )
-        nft(
-            "add rule inet",
-            NFT_TABLE,
-            "out",
-            f"ip daddr {host} tcp dport {port} drop",
-        )
-        nft(
-            "add rule inet",
-            NFT_TABLE,
-            "out",
-            f"ip saddr {host} tcp sport {port} drop",
-        )
-        yield
-    finally:
-        nft("delete", "table", "inet", NFT_TABLE)
 
 
 # ----------------------------------------------------------------- watching
@@ -473,7 +430,7 @@ def test_a_failover_to_a_caught_up_standby_loses_nothing(
 def test_a_failover_to_a_lagging_standby_leaves_no_job_stuck(
     tmp_path: Path,
 ) -> None:
-    reason = nft_unusable()
+    reason = nft_unusable(NFT_TABLE)
     if reason and os.environ.get("PDOFLOWD_PARTITION_TEST_REQUIRED"):
         pytest.fail(f"replication cannot be held back here: {reason}")
     if reason:
@@ -489,7 +446,7 @@ def test_a_failover_to_a_lagging_standby_leaves_no_job_stuck(
             client = Client(pair.multi_host_dsn)
             posting = client.post("jobfns.sleep", [[JOB_S]] * total)
             drain_until(pair, 50)
-            with dropped(pair.relay.host, pair.relay.port):
+            with dropped(NFT_TABLE, pair.relay.host, pair.relay.port):
                 # The standby falls a second behind while the daemon goes
                 # on claiming and finishing jobs on the primary.
                 time.sleep(1.0)

@@ -4,7 +4,6 @@ that are quoted wherever they reach SQL."""
 
 from __future__ import annotations
 
-import secrets
 import subprocess
 import sys
 import uuid
@@ -14,57 +13,19 @@ from typing import Any
 
 import psycopg
 import pytest
-from psycopg import errors, sql
-from psycopg.conninfo import make_conninfo
+from psycopg import errors
 
-from harness import Daemon, create_effects_table, daemon_config, write_config
+from harness import (
+    Daemon,
+    Roles,
+    create_effects_table,
+    daemon_config,
+    grant,
+    write_config,
+)
 from pdoflowd import migrate, queries
 from pdoflowd.client import Client, PostingError
 from pdoflowd.status import JobStatus, PostingStatus
-
-
-class Roles:
-    """Login roles made for one test, dropped with everything they own."""
-
-    def __init__(self, dsn: str) -> None:
-        self.dsn = dsn
-        self.made: list[str] = []
-        self.passwords: dict[str, str] = {}
-
-    def make(self, name: str | None = None) -> str:
-        role = name or "pdoflowd_t_" + uuid.uuid4().hex[:10]
-        password = secrets.token_hex(8)
-        with psycopg.connect(self.dsn, autocommit=True) as conn:
-            conn.execute(
-                sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(
-                    sql.Identifier(role), sql.Literal(password)
-                )
-            )
-        self.made.append(role)
-        self.passwords[role] = password
-        return role
-
-    def dsn_of(self, role: str) -> str:
-        return make_conninfo(self.dsn, user=role, password=self.passwords[role])
-
-    def drop(self) -> None:
-        with psycopg.connect(self.dsn, autocommit=True) as conn:
-            for role in self.made:
-                conn.execute(
-                    sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role))
-                )
-                conn.execute(
-                    sql.SQL("DROP ROLE {}").format(sql.Identifier(role))
-                )
-
-
-@pytest.fixture
-def roles(dsn: str) -> Iterator[Roles]:
-    made = Roles(dsn)
-    try:
-        yield made
-    finally:
-        made.drop()
 
 
 @pytest.fixture
@@ -75,11 +36,6 @@ def empty_roles(empty_dsn: str) -> Iterator[Roles]:
         yield made
     finally:
         made.drop()
-
-
-def grant(dsn: str, **grants: list[str]) -> None:
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        migrate.apply_grants(conn, migrate.Grants(**grants))
 
 
 @pytest.fixture
