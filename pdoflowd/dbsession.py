@@ -251,11 +251,9 @@ class Session:
 
     def failed(self, what: str, exc: Exception, *, quiet: bool = False) -> None:
         if not quiet:
-            doing = (
-                "database unreachable"
-                if what == "reconnecting"
-                else (f"{what} failed")
-            )
+            doing = f"{what} failed"
+            if what == "reconnecting":
+                doing = "database unreachable"
             log.warning("%s, retrying in %.1f s: %s", doing, self.delay, exc)
         self.send(Event.DB_ERROR, operation=what)
         if self.conn is not None:
@@ -458,11 +456,16 @@ class Session:
     def wait(self) -> None:
         """Until a request, a notification or the next chore is due."""
         now = time.monotonic()
-        wake = min(
-            [self.due.get(name, 0.0) for name, _, _ in self.intervals()]
-            + [self.retry_at if self.conn is None else now + _LONGEST_WAIT_S]
-        )
-        timeout = 0.0 if self.take_backs else max(0.0, wake - now)
+        if self.conn is None:
+            # Nothing can be done before the next attempt to connect.
+            wake = self.retry_at
+        elif self.take_backs:
+            wake = now
+        else:
+            wake = min(
+                [self.due.get(name, 0.0) for name, _, _ in self.intervals()]
+            )
+        timeout = max(0.0, wake - now)
         fds = [self.spec.request_fd]
         if self.conn is not None:
             fds.append(self.conn.fileno())

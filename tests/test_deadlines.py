@@ -297,3 +297,27 @@ def runs_per_key(dsn: str) -> dict[str, int]:
             " GROUP BY key"
         ).fetchall()
     return {str(key): int(count) for key, count in rows}
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_an_unreachable_database_costs_the_session_no_busy_loop(
+    tmp_path: Path,
+) -> None:
+    daemon = Daemon(
+        tmp_path,
+        daemon_config("host=127.0.0.1 port=1 dbname=nowhere connect_timeout=1"),
+    )
+    try:
+        daemon.start()
+        session = wait_until(daemon.session_pid, timeout=10)
+        before = cpu_seconds(session)
+        time.sleep(3.0)
+        # Waiting for the next attempt, not spinning: a busy loop burns
+        # about one CPU second per second.
+        assert cpu_seconds(session) - before < 0.5
+    finally:
+        daemon.close()
