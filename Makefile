@@ -33,7 +33,7 @@ $(INSTALLED): pyproject.toml
 install-deps: $(INSTALLED)
 
 demo: $(INSTALLED)
-	$(VENV_PYTHON) -m pdoflowd.demo
+	$(VENV_PYTHON) -m devtools.demo
 
 test: $(INSTALLED)
 	$(VENV_PYTHON) -m pytest -q

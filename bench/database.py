@@ -23,7 +23,7 @@ from typing import Any
 import psycopg
 from psycopg.conninfo import make_conninfo
 
-from pdoflowd import queries
+from pdoflowd.db import postings
 
 APPLICATION_NAME = "pdoflow-bench"
 NOOP = "bench.jobs.noop"
@@ -121,7 +121,7 @@ def copy_jobs(conn: Connection, data: bytes) -> None:
     """COPY job rows already in COPY text, in one committed transaction.
 
     The columns, in their order, are those of ``Client.post``'s own COPY,
-    whose lines ``queries.copy_blocks`` renders.
+    whose lines ``postings.copy_blocks`` renders.
     """
     with (
         conn.transaction(),
@@ -167,7 +167,7 @@ def resume(conn: Connection, posting_id: int) -> float:
             (posting_id,),
         ).fetchone()
         assert row is not None
-        queries.notify(conn)
+        postings.notify(conn)
     return float(row[0])
 
 

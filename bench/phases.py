@@ -6,7 +6,7 @@ beforehand), PostgreSQL's limit (pgbench running ``cycle.sql`` on the same
 table), drain (a daemon started on a paused posting, which is then resumed;
 timed from the resuming transaction to the posting's ``finished_at``, both
 on the database clock), pickup latency (single-job postings to an idle
-daemon), claim latency (``queries.claim`` timed from the client) and
+daemon), claim latency (``queue.claim`` timed from the client) and
 hoarding (how many jobs of known length one claim takes). A function
 leaves the queue as it found it only where it says so; the caller resets.
 """
@@ -28,10 +28,10 @@ from typing import Any
 
 from bench import cpu, database
 from bench.daemon import Daemon, DaemonSettings, Memory
-from pdoflowd import queries
 from pdoflowd.arguments import encode_job
 from pdoflowd.client import DEFAULT_TRIES, Client
 from pdoflowd.config import APPLICATION_NAME
+from pdoflowd.db import postings, queue
 from pdoflowd.ids import uuid7_run
 
 CYCLE_SQL = Path(__file__).resolve().parent / "cycle.sql"
@@ -92,12 +92,12 @@ def copy_limit(stage: Stage, count: int) -> dict[str, float]:
     """
     with database.connect(stage.dsn) as conn:
         posting_id = database.new_posting(conn, paused=True)
-        tail = queries.copy_tail(posting_id, DEFAULT_TRIES, None)
+        tail = postings.copy_tail(posting_id, DEFAULT_TRIES, None)
         jobs = (
             (job_id, 0, *encode_job(index, [index], {}))
             for index, job_id in enumerate(uuid7_run(count).texts())
         )
-        data = "".join(queries.copy_blocks(jobs, tail)).encode()
+        data = "".join(postings.copy_blocks(jobs, tail)).encode()
         started = time.perf_counter()
         database.copy_jobs(conn, data)
         seconds = time.perf_counter() - started
@@ -182,7 +182,7 @@ def pg_limit(
 def claim_latency(
     stage: Stage, *, batch: int, claims: int
 ) -> dict[str, float | list[float]]:
-    """Time ``queries.claim`` of ``batch`` jobs, ``claims`` times, alone.
+    """Time ``queue.claim`` of ``batch`` jobs, ``claims`` times, alone.
 
     The probe's jobs are deleted afterwards.
     """
@@ -195,7 +195,7 @@ def claim_latency(
         seconds = []
         for _ in range(claims):
             started = time.perf_counter()
-            got = queries.claim(
+            got = queue.claim(
                 conn, owner=owner, daemon_id=daemon_id, limit=batch
             )
             seconds.append(time.perf_counter() - started)

@@ -21,8 +21,9 @@ from psycopg.conninfo import make_conninfo
 
 from bench import database
 from bench.daemon import Daemon, DaemonSettings
-from pdoflowd import devcluster, migrate
+from devtools import devcluster
 from pdoflowd.client import Client
+from pdoflowd.db import migrate
 
 _STARTED = (
     "SELECT extract(epoch FROM j.work_started_at)::float8"

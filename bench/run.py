@@ -33,8 +33,9 @@ from psycopg.conninfo import make_conninfo
 
 from bench import cpu, database, machine, phases, report
 from bench.daemon import REPO_ROOT, DaemonSettings
-from pdoflowd import devcluster, migrate
-from pdoflowd.devcluster import LocalCluster, find_bin_dir
+from devtools import devcluster
+from devtools.devcluster import LocalCluster, find_bin_dir
+from pdoflowd.db import migrate
 
 T = TypeVar("T")
 

@@ -2,6 +2,6 @@
 
 import sys
 
-from pdoflowd.daemon import main
+from pdoflowd.daemon.command import main
 
 sys.exit(main())

@@ -22,7 +22,7 @@ from typing import Any
 
 import psycopg
 
-from pdoflowd import profiling, queries
+from pdoflowd import profiling
 from pdoflowd.arguments import (
     ValueNotStorable,
     check_text,
@@ -30,6 +30,7 @@ from pdoflowd.arguments import (
     encode_value,
 )
 from pdoflowd.config import Config, DatabaseConfig, connection_kwargs
+from pdoflowd.db import profiles, queue
 from pdoflowd.sharedvars import SharedVariables
 
 __all__ = [
@@ -143,7 +144,7 @@ class JobContext:
 
     def __init__(
         self,
-        job: queries.ClaimedJob,
+        job: queue.ClaimedJob,
         owner: uuid.UUID,
         connect: Callable[[], Connection],
     ) -> None:
@@ -214,7 +215,7 @@ class JobContext:
                 check_text(note, "note", "the note")
             except ValueNotStorable as exc:
                 raise ValueError(exc.problem) from None
-        return queries.set_progress(
+        return queue.set_progress(
             self._connect(),
             job_id=self._job.id,
             owner=self._owner,
@@ -250,7 +251,7 @@ class JobCall:
 
     def __init__(
         self,
-        job: queries.ClaimedJob,
+        job: queue.ClaimedJob,
         *,
         owner: uuid.UUID,
         config: Config,
@@ -307,6 +308,6 @@ class JobCall:
                 attempt=self.job.attempt,
                 entry_point=self.job.entry_point,
             )
-            queries.insert_profile(connect(), record)
+            profiles.insert_profile(connect(), record)
         except (psycopg.Error, ValueError) as exc:
             log.warning("profile of job %s not stored: %s", self.job.uuid, exc)

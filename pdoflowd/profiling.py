@@ -4,7 +4,7 @@ Owns the sampling decision (a pure function of the configured rate and a
 random draw), and turning a finished ``cProfile.Profile`` into the rows
 of ``pdoflowd.job_profiles``, ``profile_functions``,
 ``profile_function_stats`` and ``profile_call_map``. Writing them is one
-transaction after the job (:func:`pdoflowd.queries.insert_profile`), never
+transaction after the job (:func:`pdoflowd.profiles.insert_profile`), never
 inside a claim. It must not decide anything else about a job.
 """
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 import cProfile
 import pstats
 
-from pdoflowd import queries
+from pdoflowd.db import common, profiles
 
 __all__ = ["profile_record", "sampled"]
 
@@ -30,7 +30,7 @@ def sampled(rate: float, draw: float) -> bool:
 
 def profile_record(
     profile: cProfile.Profile, *, job_id: int, attempt: int, entry_point: str
-) -> queries.ProfileRecord:
+) -> profiles.ProfileRecord:
     """The rows for one job's profile, functions numbered from 0."""
     stats = pstats.Stats(profile)
     raw = stats.stats  # type: ignore[attr-defined]
@@ -60,11 +60,11 @@ def profile_record(
             )
     # File names may carry undecodable bytes as lone surrogates, which
     # PostgreSQL refuses: spelt out instead of losing the profile.
-    text = queries.storable_text
+    text = common.storable_text
     functions = [
         (text(filename), line, text(name)) for (filename, line, name) in index
     ]
-    return queries.ProfileRecord(
+    return profiles.ProfileRecord(
         job_id=job_id,
         attempt=attempt,
         entry_point=entry_point,

@@ -17,13 +17,13 @@ from typing import Any
 
 import psycopg
 
-from pdoflowd import queries
 from pdoflowd.arguments import (
     ValueNotStorable,
     check_text,
     decode,
     encode_value,
 )
+from pdoflowd.db import shared
 
 __all__ = ["MAX_NAME_BYTES", "SharedVariableError", "SharedVariables"]
 
@@ -82,7 +82,7 @@ class SharedVariables:
         """The variable's value, or ``default`` when it is not set."""
         check_name(name)
         with self._session() as conn:
-            read = queries.shared_get(conn, self.posting_id, name)
+            read = shared.shared_get(conn, self.posting_id, name)
         if read is None:
             raise self._no_posting()
         return decode(read.value) if read.found else default
@@ -92,7 +92,7 @@ class SharedVariables:
         check_name(name)
         text = _encoded(value)
         with self._session() as conn:
-            if not queries.shared_set(conn, self.posting_id, name, text):
+            if not shared.shared_set(conn, self.posting_id, name, text):
                 raise self._no_posting()
 
     def update(
@@ -111,21 +111,21 @@ class SharedVariables:
         check_name(name)
         default_text = _encoded(default)
         with self._session() as conn, conn.transaction():
-            locked = queries.shared_lock(
+            locked = shared.shared_lock(
                 conn, self.posting_id, name, default_text
             )
             if locked is None:
                 raise self._no_posting()
             posting_key, stored = locked
             new = function(decode(stored))
-            queries.shared_store(conn, posting_key, name, _encoded(new))
+            shared.shared_store(conn, posting_key, name, _encoded(new))
         return new
 
     def delete(self, name: str) -> bool:
         """Remove the variable; whether it was set."""
         check_name(name)
         with self._session() as conn:
-            existed = queries.shared_delete(conn, self.posting_id, name)
+            existed = shared.shared_delete(conn, self.posting_id, name)
         if existed is None:
             raise self._no_posting()
         return existed
@@ -133,7 +133,7 @@ class SharedVariables:
     def all(self) -> dict[str, Any]:
         """Every variable of the posting, by name."""
         with self._session() as conn:
-            values = queries.shared_all(conn, self.posting_id)
+            values = shared.shared_all(conn, self.posting_id)
         if values is None:
             raise self._no_posting()
         return {name: decode(value) for name, value in values.items()}

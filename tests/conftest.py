@@ -6,7 +6,7 @@ The server is, in order of preference:
    be restarted from the tests, so outage tests skip);
 2. a testcontainers PostgreSQL when a Docker engine answers (set
    ``PDOFLOWD_TEST_DOCKER=0`` to skip the probe; it cannot be restarted either);
-3. a throwaway ``pdoflowd.devcluster.LocalCluster`` in a temp directory,
+3. a throwaway ``devtools.devcluster.LocalCluster`` in a temp directory,
    removed at the end of the session.
 
 Fixtures: ``pg_server`` (session), ``pdoflowd_template`` (session: a template
@@ -35,7 +35,7 @@ import pytest
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from pdoflowd import devcluster
+from devtools import devcluster
 
 TEMPLATE_DATABASE = "pdoflowd_template"
 _DOCKER_IMAGE = "postgres:15"
@@ -239,9 +239,9 @@ def pdoflowd_template(
 ) -> Iterator[str]:
     """Name of a template database migrated to the current schema."""
     try:
-        from pdoflowd.migrate import upgrade
+        from pdoflowd.db.migrate import upgrade
     except ModuleNotFoundError as error:
-        if error.name not in ("pdoflowd", "pdoflowd.migrate"):
+        if error.name not in ("pdoflowd", "pdoflowd.db.migrate"):
             raise
         pytest.skip(f"no schema to test against: {error}")
     worker = os.environ.get("PYTEST_XDIST_WORKER")

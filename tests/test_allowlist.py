@@ -22,6 +22,7 @@ import clientjobs
 import psycopg
 import pytest
 
+from devtools.devcluster import free_port
 from harness import (
     REPO_ROOT,
     TESTS_DIR,
@@ -35,7 +36,6 @@ from harness import (
 )
 from pdoflowd import entrypoints
 from pdoflowd.client import Client, JobDefinition, PostingError
-from pdoflowd.devcluster import free_port
 from pdoflowd.status import PostingStatus
 from scrape import parse_scrape, scrape_sum
 

@@ -17,8 +17,8 @@ from typing import Any
 import psycopg
 import pytest
 
+from devtools import devcluster
 from harness import Daemon, daemon_config, wait_until
-from pdoflowd import devcluster
 from pdoflowd.cli import (
     EXIT_FAILURE,
     EXIT_INTERRUPTED,

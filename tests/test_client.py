@@ -17,7 +17,6 @@ import psycopg
 import pytest
 
 from harness import Daemon, daemon_config
-from pdoflowd import queries
 from pdoflowd.client import (
     Client,
     PostingError,
@@ -25,6 +24,7 @@ from pdoflowd.client import (
     WaitTimeout,
     job,
 )
+from pdoflowd.db import common, postings
 from pdoflowd.status import JobStatus, PostingStatus
 
 
@@ -240,14 +240,16 @@ def test_arguments_with_copy_text_specials_round_trip_exactly(
 
 
 def test_copy_fields_escape_backslash_tab_newline_and_return() -> None:
-    assert queries.copy_field("plain [1,2]") == "plain [1,2]"
-    assert queries.copy_field("a\\nb\tc\nd\re\\") == ("a\\\\nb\\tc\\nd\\re\\\\")
+    assert postings.copy_field("plain [1,2]") == "plain [1,2]"
+    assert postings.copy_field("a\\nb\tc\nd\re\\") == (
+        "a\\\\nb\\tc\\nd\\re\\\\"
+    )
 
 
 def test_json_with_raw_whitespace_goes_through_copy_intact(dsn: str) -> None:
     job_id = uuid.uuid4()
     with psycopg.connect(dsn) as conn:
-        queries.insert_posting(
+        postings.insert_posting(
             conn,
             posting_uuid=uuid.uuid4(),
             target_function="add",
@@ -358,7 +360,7 @@ def test_a_job_whose_arguments_are_not_a_list_is_refused_before_writing(
             "a posting of the wrong shape reached the database"
         )
 
-    monkeypatch.setattr(queries, "insert_posting", no_write)
+    monkeypatch.setattr(postings, "insert_posting", no_write)
     posargs: list[Any] = [[1, 2]] * 10
     posargs[7] = "12"
     with pytest.raises(
@@ -542,12 +544,12 @@ def test_listeners_are_notified_only_when_the_posting_commits(
         psycopg.connect(dsn, autocommit=True) as listener,
         psycopg.connect(dsn) as conn,
     ):
-        listener.execute(f"LISTEN {queries.NOTIFY_CHANNEL}")
+        listener.execute(f"LISTEN {common.NOTIFY_CHANNEL}")
         Client().post(clientjobs.add, [[1, 2]], conn=conn)
         assert list(listener.notifies(timeout=0.2)) == []
         conn.commit()
         heard = list(listener.notifies(timeout=5, stop_after=1))
-    assert [n.channel for n in heard] == [queries.NOTIFY_CHANNEL]
+    assert [n.channel for n in heard] == [common.NOTIFY_CHANNEL]
 
 
 # ---------------------------------------------------------------- following

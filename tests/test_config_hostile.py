@@ -29,6 +29,7 @@ import pytest
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from devtools import devcluster
 from harness import (
     REPO_ROOT,
     TESTS_DIR,
@@ -38,9 +39,8 @@ from harness import (
     wait_until,
     write_config,
 )
-from pdoflowd import devcluster
 from pdoflowd.client import Client
-from pdoflowd.migrate import Grants, apply_grants, upgrade
+from pdoflowd.db.migrate import Grants, apply_grants, upgrade
 from pdoflowd.redaction import MASK, dsn_secrets, redact
 from pdoflowd.status import PostingStatus
 

@@ -9,8 +9,8 @@ from typing import Any
 import psycopg
 import pytest
 
-from pdoflowd import queries
 from pdoflowd.client import Client, PostingStateError
+from pdoflowd.db import common, queue, upkeep
 from pdoflowd.status import JobStatus, PostingStatus
 
 DAEMON = uuid.uuid4()
@@ -23,7 +23,7 @@ def conn(dsn: str) -> Any:
 
 
 def claim(conn: Any, limit: int, owner: uuid.UUID | None = None) -> list[Any]:
-    return queries.claim(
+    return queue.claim(
         conn, owner=owner or uuid.uuid4(), daemon_id=DAEMON, limit=limit
     )
 
@@ -38,12 +38,11 @@ def jobs_of(conn: Any, posting: uuid.UUID) -> list[dict[str, Any]]:
 
 
 def fail(conn: Any, owner: uuid.UUID, jobs: list[Any]) -> None:
-    queries.record_outcomes(
+    queue.record_outcomes(
         conn,
         owner=owner,
         outcomes=[
-            queries.Outcome(j.id, j.attempt, "failed", error="boom")
-            for j in jobs
+            queue.Outcome(j.id, j.attempt, "failed", error="boom") for j in jobs
         ],
     )
 
@@ -63,7 +62,7 @@ def test_a_paused_posting_is_not_claimed_until_resumed(
 def test_resume_wakes_listening_daemons(dsn: str, conn: Any) -> None:
     client = Client(dsn)
     posting = client.post("jobfns.noop", [[1]], paused=True)
-    conn.execute(f"LISTEN {queries.NOTIFY_CHANNEL}")
+    conn.execute(f"LISTEN {common.NOTIFY_CHANNEL}")
     client.resume(posting.id)
     assert len(list(conn.notifies(timeout=5, stop_after=1))) == 1
 
@@ -94,12 +93,10 @@ def test_cancel_ends_waiting_and_running_jobs_as_cancelled(
     assert [r["owner"] for r in rows] == [owner, None, None]
     # Its late outcome is fenced off.
     assert (
-        queries.record_outcomes(
+        queue.record_outcomes(
             conn,
             owner=owner,
-            outcomes=[
-                queries.Outcome(running[0].id, running[0].attempt, "done")
-            ],
+            outcomes=[queue.Outcome(running[0].id, running[0].attempt, "done")],
         )
         == []
     )
@@ -114,7 +111,7 @@ def test_a_cancelled_posting_is_never_settled_nor_claimed(
     posting = client.post("jobfns.noop", [[1]])
     client.cancel(posting.id)
     assert claim(conn, 10) == []
-    assert queries.unsettled_postings(conn) == []
+    assert queue.unsettled_postings(conn) == []
     assert client.status(posting.id).status is PostingStatus.CANCELLED
 
 
@@ -140,7 +137,7 @@ def test_requeue_of_a_dead_workers_jobs_ends_those_of_cancelled_postings(
         "UPDATE pdoflowd.postings SET status = 'cancelled' WHERE uuid = %s",
         (cancelled.id,),
     )
-    requeued = queries.requeue_owner(
+    requeued = queue.requeue_owner(
         conn,
         daemon_id=DAEMON,
         owner=owner,
@@ -164,15 +161,15 @@ def test_rescue_of_a_lost_daemon_ends_jobs_of_cancelled_postings(
     client = Client(dsn)
     posting = client.post("jobfns.noop", [[1]])
     lost = uuid.uuid4()
-    queries.heartbeat(
+    upkeep.heartbeat(
         conn, daemon_id=lost, hostname="gone", pid=1, version="0", lease_s=60
     )
-    queries.claim(conn, owner=uuid.uuid4(), daemon_id=lost, limit=1)
+    queue.claim(conn, owner=uuid.uuid4(), daemon_id=lost, limit=1)
     conn.execute("UPDATE pdoflowd.postings SET status = 'cancelled'")
     conn.execute(
         "UPDATE pdoflowd.daemons SET heartbeat_at = now() - interval '2 min'"
     )
-    [rescued] = queries.take_back_ownerless_jobs(conn, may_declare_lost=True)
+    [rescued] = upkeep.take_back_ownerless_jobs(conn, may_declare_lost=True)
     assert rescued.status is JobStatus.ERRORED_OUT
     assert jobs_of(conn, posting.id)[0]["error"] == "cancelled"
 
@@ -186,8 +183,8 @@ def test_cancelled_among_names_only_jobs_of_cancelled_postings(
     jobs = claim(conn, 2)
     client.cancel(doomed.id)
     [gone] = [j.id for j in jobs if j.posting_uuid == doomed.id]
-    assert queries.cancelled_among(conn, [j.id for j in jobs]) == {gone}
-    assert queries.cancelled_among(conn, []) == set()
+    assert queue.cancelled_among(conn, [j.id for j in jobs]) == {gone}
+    assert queue.cancelled_among(conn, []) == set()
 
 
 def test_retry_puts_errored_out_jobs_back_with_fresh_tries(
@@ -199,15 +196,15 @@ def test_retry_puts_errored_out_jobs_back_with_fresh_tries(
         owner = uuid.uuid4()
         fail(conn, owner, claim(conn, 1, owner))
     owner = uuid.uuid4()
-    queries.record_outcomes(
+    queue.record_outcomes(
         conn,
         owner=owner,
         outcomes=[
-            queries.Outcome(j.id, j.attempt, "done")
+            queue.Outcome(j.id, j.attempt, "done")
             for j in claim(conn, 1, owner)
         ],
     )
-    queries.settle_postings(
+    queue.settle_postings(
         conn, [jobs_of(conn, posting.id)[0]["posting_id"]], error_threshold=1
     )
     assert client.status(posting.id).status is PostingStatus.ERRORED_OUT

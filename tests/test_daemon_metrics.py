@@ -14,9 +14,9 @@ from typing import Any
 
 import psycopg
 
+from devtools.devcluster import free_port
 from harness import Daemon, create_effects_table, daemon_config, wait_until
 from pdoflowd.client import Client
-from pdoflowd.devcluster import free_port
 from scrape import parse_scrape, promtool_check_metrics, scrape_sum
 
 

@@ -24,6 +24,7 @@ import psycopg
 import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from devtools.devcluster import free_port
 from harness import (
     Daemon,
     Roles,
@@ -35,7 +36,6 @@ from harness import (
     wait_until,
 )
 from pdoflowd.client import Client
-from pdoflowd.devcluster import free_port
 from pdoflowd.status import PostingStatus
 
 

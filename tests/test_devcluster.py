@@ -13,7 +13,7 @@ import psycopg
 import pytest
 from psycopg.conninfo import conninfo_to_dict
 
-from pdoflowd.devcluster import LocalCluster
+from devtools.devcluster import LocalCluster
 
 _seen_empty_databases: list[str] = []
 
@@ -55,7 +55,7 @@ def test_each_test_gets_its_own_empty_database(
 
 
 def test_dsn_has_the_pdoflowd_schema(dsn: str) -> None:
-    pytest.importorskip("pdoflowd.migrate")
+    pytest.importorskip("pdoflowd.db.migrate")
     with psycopg.connect(dsn) as conn:
         found = conn.execute(
             "SELECT 1 FROM pg_namespace WHERE nspname = 'pdoflowd'"

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pdoflowd.display import (
+from pdoflowd.cli.display import (
     RateMeter,
     duration,
     one_line,

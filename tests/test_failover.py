@@ -33,6 +33,7 @@ import psycopg
 import pytest
 from psycopg.conninfo import make_conninfo
 
+from devtools.devcluster import LocalCluster, find_bin_dir, free_port
 from harness import (
     Daemon,
     TcpRelay,
@@ -44,8 +45,7 @@ from harness import (
     wait_until,
 )
 from pdoflowd.client import Client
-from pdoflowd.devcluster import LocalCluster, find_bin_dir, free_port
-from pdoflowd.migrate import upgrade
+from pdoflowd.db.migrate import upgrade
 from pdoflowd.status import PostingStatus
 
 DATABASE = "pdoflowd_failover"

@@ -28,9 +28,9 @@ from pathlib import Path
 import pytest
 from test_metrics import ServedLoop
 
+from devtools.devcluster import free_port
 from harness import Daemon, daemon_config, wait_until
-from pdoflowd.devcluster import free_port
-from pdoflowd.httpserver import HttpServer, Limits, Response
+from pdoflowd.daemon.httpserver import HttpServer, Limits, Response
 
 SLOTS = 32  # httpserver.Limits().max_connections
 # Connections the flood keeps open: the slots, and more than the 64 a

@@ -23,22 +23,23 @@ from typing import Any
 import psycopg
 import pytest
 
+from devtools.devcluster import free_port
 from harness import REPO_ROOT, TESTS_DIR, Daemon, wait_until, write_config
-from pdoflowd import current_job, queries
+from pdoflowd import current_job
 from pdoflowd.cli import EXIT_ERRORED
 from pdoflowd.client import Client
 from pdoflowd.config import Config, DatabaseConfig, JobsConfig
-from pdoflowd.devcluster import free_port
-from pdoflowd.jobcontext import JobCall
-from pdoflowd.metrics import (
+from pdoflowd.daemon.metrics import (
     JobRun,
     PoolMetrics,
     batch_report,
     merge_reports,
 )
-from pdoflowd.scoreboard import Scoreboard
+from pdoflowd.daemon.scoreboard import Scoreboard
+from pdoflowd.daemon.worker import Worker, WorkerSpec
+from pdoflowd.db import queue
+from pdoflowd.jobcontext import JobCall
 from pdoflowd.status import JobStatus, PostingStatus
-from pdoflowd.worker import Worker, WorkerSpec
 from scrape import parse_scrape, scrape_sum
 
 FEATURES = {"allowed_modules": ["jobfns", "featurejobs"]}
@@ -133,11 +134,11 @@ def test_a_transaction_a_job_left_open_does_not_reach_the_next_job(
     )
     Client(dsn).post("tests.left_open", [[], []], store_result=True)
     with psycopg.connect(dsn, autocommit=True) as conn:
-        first, second = queries.claim(
+        first, second = queue.claim(
             conn, owner=owner, daemon_id=uuid.uuid4(), limit=2
         )
 
-    def call(job: queries.ClaimedJob) -> JobCall:
+    def call(job: queue.ClaimedJob) -> JobCall:
         return JobCall(job, owner=owner, config=config, password=None, draw=0)
 
     call(first).run(left_in_a_transaction)

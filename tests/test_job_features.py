@@ -18,8 +18,8 @@ import psycopg
 import pytest
 
 from harness import Daemon, create_effects_table, daemon_config, wait_until
-from pdoflowd import queries
 from pdoflowd.client import Client, PostingState
+from pdoflowd.db import profiles
 from pdoflowd.status import JobStatus, PostingStatus
 
 assert featurejobs.describe  # its @job definition (stores results) is known
@@ -166,7 +166,7 @@ def test_every_sampled_job_leaves_a_profile(
     posting = client.post("featurejobs.busy", [[300], [300]])
     finished(client, posting)
 
-    def profiled() -> list[queries.FunctionStat]:
+    def profiled() -> list[profiles.FunctionStat]:
         stats = client.function_stats(entry_point="featurejobs.busy")
         return [s for s in stats if s.name == "_square" and s.profiles == 2]
 

@@ -14,9 +14,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pdoflowd import current_job, queries
+from pdoflowd import current_job
 from pdoflowd.client import Client
 from pdoflowd.config import Config, DatabaseConfig, JobsConfig
+from pdoflowd.db import profiles, queue
 from pdoflowd.jobcontext import (
     JobCall,
     NoJobContext,
@@ -63,7 +64,7 @@ class Claimed:
         self.posting = Client(dsn).post("tests.jobcontext", [[]], **post)
         self.owner = uuid.uuid4()
         with psycopg.connect(dsn, autocommit=True) as conn:
-            [self.job] = queries.claim(
+            [self.job] = queue.claim(
                 conn, owner=self.owner, daemon_id=DAEMON, limit=1
             )
 
@@ -170,7 +171,7 @@ def test_stored_arguments_are_decoded_for_the_function(dsn: str) -> None:
     )
     owner = uuid.uuid4()
     with psycopg.connect(dsn, autocommit=True) as conn:
-        [job] = queries.claim(conn, owner=owner, daemon_id=DAEMON, limit=1)
+        [job] = queue.claim(conn, owner=owner, daemon_id=DAEMON, limit=1)
     config = Config(database=DatabaseConfig(dsn=dsn))
     got: list[Any] = []
 
@@ -243,7 +244,7 @@ def test_a_sampled_job_stores_its_profile_queryable_by_function(
             "        WHERE profile_id = %(p)s)",
             {"p": profile_id},
         ).fetchone()
-        stats = queries.function_stats(conn, entry_point="tests.jobcontext")
+        stats = profiles.function_stats(conn, entry_point="tests.jobcontext")
     assert (job_id, attempt) == (claimed.job.id, 1)
     assert total > 0
     assert counts is not None and min(counts) > 0
@@ -270,7 +271,7 @@ def test_profiles_of_two_jobs_share_their_functions(dsn: str) -> None:
             call.run(lambda: busy_work(10))
             call.save_profile(lambda: conn)
         [square] = [
-            s for s in queries.function_stats(conn) if s.name == "_square"
+            s for s in profiles.function_stats(conn) if s.name == "_square"
         ]
         assert (square.profiles, square.ncalls) == (2, 20)
         assert conn.execute(

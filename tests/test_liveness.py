@@ -32,8 +32,8 @@ from harness import (
     job_counts,
     wait_until,
 )
-from pdoflowd import queries
 from pdoflowd.client import Client
+from pdoflowd.db import upkeep
 from pdoflowd.status import PostingStatus
 
 LEASE_S = 3.0
@@ -345,7 +345,7 @@ def test_the_sweep_uses_the_lease_each_daemon_declared(dsn: str) -> None:
     with psycopg.connect(dsn, autocommit=True) as conn:
         patient, hasty = uuid.uuid4(), uuid.uuid4()
         for daemon_id, lease in ((patient, 3600.0), (hasty, 1.0)):
-            queries.heartbeat(
+            upkeep.heartbeat(
                 conn,
                 daemon_id=daemon_id,
                 hostname="h",
@@ -357,7 +357,7 @@ def test_the_sweep_uses_the_lease_each_daemon_declared(dsn: str) -> None:
             "UPDATE pdoflowd.daemons"
             " SET heartbeat_at = now() - interval '10 seconds'"
         )
-        queries.take_back_ownerless_jobs(conn, may_declare_lost=True)
+        upkeep.take_back_ownerless_jobs(conn, may_declare_lost=True)
         rows = conn.execute(
             "SELECT id, stopped_at IS NOT NULL FROM pdoflowd.daemons"
         ).fetchall()

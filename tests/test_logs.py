@@ -29,8 +29,8 @@ from harness import (
     daemon_config,
     wait_until,
 )
-from pdoflowd import logs
 from pdoflowd.client import Client
+from pdoflowd.daemon import logs
 
 SYSTEST_DIR = TESTS_DIR / "systemd"
 JOURNAL_LINE = re.compile(

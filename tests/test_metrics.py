@@ -32,15 +32,14 @@ from typing import Any
 import psycopg
 import pytest
 
-from pdoflowd import queries
-from pdoflowd.httpserver import (
+from pdoflowd.daemon.httpserver import (
     EndpointError,
     HttpServer,
     Limits,
     Response,
     tls_context,
 )
-from pdoflowd.metrics import (
+from pdoflowd.daemon.metrics import (
     OUTCOMES,
     JobRun,
     MetricsEndpoint,
@@ -51,6 +50,7 @@ from pdoflowd.metrics import (
     outcome_of,
     readiness,
 )
+from pdoflowd.db import upkeep
 from scrape import (
     Scrape,
     parse_scrape,
@@ -1205,7 +1205,7 @@ def test_unreadable_tls_files_are_an_endpoint_error(
 
 # ------------------------------------------------------------ queue gauges
 #
-# The statements of queries.queue_stats and the index the schema gives them
+# The statements of upkeep.queue_stats and the index the schema gives them
 # (jobs_waiting_since), against a real PostgreSQL.
 
 
@@ -1213,7 +1213,7 @@ def read_queue(
     conn: psycopg.Connection[Any],
 ) -> tuple[dict[str, int], float | None]:
     """What the supervisor passes to PoolMetrics.set_queue."""
-    return queries.queue_stats(conn)
+    return upkeep.queue_stats(conn)
 
 
 def add_posting(conn: psycopg.Connection[Any], status: str) -> int:
@@ -1278,7 +1278,7 @@ def test_no_runnable_job_means_no_oldest_age(dsn: str) -> None:
 def plan_of(conn: psycopg.Connection[Any], query: str) -> str:
     rows = conn.execute(
         "EXPLAIN (ANALYZE, BUFFERS, COSTS OFF, TIMING OFF) " + query,
-        {"cap": queries.QUEUE_COUNT_CAP},
+        {"cap": upkeep.QUEUE_COUNT_CAP},
     ).fetchall()
     return "\n".join(row[0] for row in rows)
 
@@ -1302,8 +1302,8 @@ def test_queue_gauge_queries_stay_cheap_beside_a_million_done_jobs(
         add_jobs(conn, running, 1000, "waiting", age_s=5)
         add_jobs(conn, running, 100, "executing")
         conn.execute("VACUUM ANALYZE pdoflowd.jobs")
-        counts_plan = plan_of(conn, queries._QUEUE_COUNTS)
-        oldest_plan = plan_of(conn, queries._OLDEST_WAITING)
+        counts_plan = plan_of(conn, upkeep._QUEUE_COUNTS)
+        oldest_plan = plan_of(conn, upkeep._OLDEST_WAITING)
         counts, oldest = read_queue(conn)
     assert counts == {"waiting": 1000, "executing": 100}
     assert oldest is not None

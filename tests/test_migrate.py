@@ -10,8 +10,8 @@ import psycopg
 import pytest
 from psycopg.conninfo import conninfo_to_dict
 
-from pdoflowd import migrate
-from pdoflowd.devcluster import find_bin_dir
+from devtools.devcluster import find_bin_dir
+from pdoflowd.db import migrate
 
 
 def schema_dump(dsn: str) -> str:

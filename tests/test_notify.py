@@ -22,8 +22,8 @@ from typing import Any
 import pytest
 
 from harness import Daemon, daemon_config, wait_until, write_config
-from pdoflowd import notify
 from pdoflowd.client import Client
+from pdoflowd.daemon import notify
 
 _UCRED = struct.Struct("3i")  # pid, uid, gid
 

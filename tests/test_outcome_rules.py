@@ -14,8 +14,8 @@ import pytest
 from psycopg import sql
 
 from harness import Daemon, daemon_config, wait_until
-from pdoflowd import migrate, queries
 from pdoflowd.client import Client
+from pdoflowd.db import migrate, queue, upkeep
 from pdoflowd.status import JobStatus
 
 DAEMON = uuid.uuid4()
@@ -28,7 +28,7 @@ def conn(dsn: str) -> Any:
 
 
 def claim(conn: Any, limit: int, owner: uuid.UUID) -> list[Any]:
-    return queries.claim(conn, owner=owner, daemon_id=DAEMON, limit=limit)
+    return queue.claim(conn, owner=owner, daemon_id=DAEMON, limit=limit)
 
 
 def job_rows(conn: Any) -> list[dict[str, Any]]:
@@ -93,12 +93,12 @@ def test_every_statement_that_ends_claims_follows_the_one_rule(
     client.post("jobfns.noop", [[1], [2], [3]], tries=3)
     owner = uuid.uuid4()
     failed, died = claim(conn, 2, owner)
-    queries.record_outcomes(
+    queue.record_outcomes(
         conn,
         owner=owner,
-        outcomes=[queries.Outcome(failed.id, failed.attempt, "failed")],
+        outcomes=[queue.Outcome(failed.id, failed.attempt, "failed")],
     )
-    queries.requeue_owner(
+    queue.requeue_owner(
         conn,
         daemon_id=DAEMON,
         owner=owner,
@@ -106,14 +106,14 @@ def test_every_statement_that_ends_claims_follows_the_one_rule(
         reason="worker died",
     )
     lost = uuid.uuid4()
-    queries.heartbeat(
+    upkeep.heartbeat(
         conn, daemon_id=lost, hostname="gone", pid=1, version="0", lease_s=60
     )
-    [rescued] = queries.claim(conn, owner=owner, daemon_id=lost, limit=1)
+    [rescued] = queue.claim(conn, owner=owner, daemon_id=lost, limit=1)
     conn.execute(
         "UPDATE pdoflowd.daemons SET heartbeat_at = now() - interval '2 min'"
     )
-    queries.take_back_ownerless_jobs(conn, may_declare_lost=True)
+    upkeep.take_back_ownerless_jobs(conn, may_declare_lost=True)
     ends = [(r["id"], r["status"], r["error"]) for r in job_rows(conn)]
     assert ends == [
         (failed.id, "errored_out", "by the new rule"),
@@ -134,11 +134,11 @@ def test_a_retry_is_due_by_the_databases_clock_not_the_workers(
     # The worker's host clock is a day behind.
     skewed = dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=1)
     before = db_now(conn)
-    queries.record_outcomes(
+    queue.record_outcomes(
         conn,
         owner=owner,
         outcomes=[
-            queries.Outcome(
+            queue.Outcome(
                 job.id,
                 job.attempt,
                 "failed",

@@ -20,9 +20,9 @@ import psycopg
 import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from devtools.devcluster import free_port
 from harness import Daemon, daemon_config
 from pdoflowd.client import Client
-from pdoflowd.devcluster import free_port
 from pdoflowd.status import PostingStatus
 
 PGBOUNCER = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"

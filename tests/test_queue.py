@@ -10,8 +10,8 @@ from typing import Any
 import psycopg
 import pytest
 
-from pdoflowd import queries
 from pdoflowd.client import Client
+from pdoflowd.db import postings, queue, upkeep
 from pdoflowd.status import JobStatus, PostingStatus
 
 DAEMON = uuid.uuid4()
@@ -31,7 +31,7 @@ def post(dsn: str, n: int, priority: Any = 0, tries: int = 3) -> uuid.UUID:
 
 
 def claim(conn: Any, limit: int, owner: uuid.UUID | None = None) -> list[Any]:
-    return queries.claim(
+    return queue.claim(
         conn, owner=owner or uuid.uuid4(), daemon_id=DAEMON, limit=limit
     )
 
@@ -42,9 +42,9 @@ def now() -> dt.datetime:
 
 def finish(
     conn: Any, owner: uuid.UUID, jobs: list[Any], kind: str = "done"
-) -> list[queries.RecordedOutcome]:
+) -> list[queue.RecordedOutcome]:
     outcomes = [
-        queries.Outcome(
+        queue.Outcome(
             j.id,
             j.attempt,
             kind,
@@ -54,7 +54,7 @@ def finish(
         )
         for j in jobs
     ]
-    return queries.record_outcomes(conn, owner=owner, outcomes=outcomes)
+    return queue.record_outcomes(conn, owner=owner, outcomes=outcomes)
 
 
 def db_now(conn: Any) -> dt.datetime:
@@ -203,11 +203,11 @@ def test_outcome_times_and_texts_are_stored_exactly(
     delay = dt.timedelta(days=400, microseconds=123_457)
     error = 'ValueError: "quoted" \\ back\\slash, tab\t, newline\n, é, 💥'
     tb = "Traceback (most recent call last):\n  …\n" + error
-    queries.record_outcomes(
+    queue.record_outcomes(
         conn,
         owner=owner,
         outcomes=[
-            queries.Outcome(
+            queue.Outcome(
                 done.id,
                 done.attempt,
                 "done",
@@ -215,7 +215,7 @@ def test_outcome_times_and_texts_are_stored_exactly(
                 completed,
                 result='{"x": [1.5, "two"]}',
             ),
-            queries.Outcome(
+            queue.Outcome(
                 failed.id,
                 failed.attempt,
                 "failed",
@@ -243,11 +243,11 @@ def test_error_texts_postgresql_refuses_are_spelt_out(
     owner = uuid.uuid4()
     [job] = claim(conn, 1, owner)
     undecodable = b"caf\xe9".decode("utf-8", "surrogateescape")
-    [recorded] = queries.record_outcomes(
+    [recorded] = queue.record_outcomes(
         conn,
         owner=owner,
         outcomes=[
-            queries.Outcome(
+            queue.Outcome(
                 job.id,
                 job.attempt,
                 "failed",
@@ -289,7 +289,7 @@ def test_late_outcome_after_rescue_and_reclaim_is_fenced_off(
     post(dsn, 1)
     owner = uuid.uuid4()
     [job] = claim(conn, 1, owner)
-    queries.requeue_owner(
+    queue.requeue_owner(
         conn,
         daemon_id=DAEMON,
         owner=owner,
@@ -310,7 +310,7 @@ def test_requeue_uses_a_try_only_for_the_running_job(
     post(dsn, 3)
     owner = uuid.uuid4()
     running, *unstarted = claim(conn, 3, owner)
-    requeued = queries.requeue_owner(
+    requeued = queue.requeue_owner(
         conn,
         daemon_id=DAEMON,
         owner=owner,
@@ -336,11 +336,11 @@ def test_settle_finishes_a_posting_with_nothing_left(
     owner = uuid.uuid4()
     jobs = claim(conn, 2, owner)
     recorded = finish(conn, owner, jobs)
-    settled = queries.settle_postings(
+    settled = queue.settle_postings(
         conn, {r.posting_id for r in recorded}, error_threshold=10
     )
     assert list(settled.values()) == [PostingStatus.FINISHED]
-    progress = queries.posting_progress(conn, posting)
+    progress = postings.posting_progress(conn, posting)
     assert progress is not None
     assert progress.status is PostingStatus.FINISHED
 
@@ -351,7 +351,7 @@ def test_settle_leaves_a_posting_with_work_left(dsn: str, conn: Any) -> None:
     jobs = claim(conn, 1, owner)
     recorded = finish(conn, owner, jobs)
     assert (
-        queries.settle_postings(
+        queue.settle_postings(
             conn, {r.posting_id for r in recorded}, error_threshold=10
         )
         == {}
@@ -363,13 +363,13 @@ def test_posting_errors_out_at_the_threshold(dsn: str, conn: Any) -> None:
     owner = uuid.uuid4()
     jobs = claim(conn, 3, owner)
     recorded = finish(conn, owner, jobs, kind="failed")
-    settled = queries.settle_postings(
+    settled = queue.settle_postings(
         conn, {r.posting_id for r in recorded}, error_threshold=3
     )
     assert list(settled.values()) == [PostingStatus.ERRORED_OUT]
     # Its remaining jobs are not started.
     assert claim(conn, 10) == []
-    progress = queries.posting_progress(conn, posting)
+    progress = postings.posting_progress(conn, posting)
     assert progress is not None
     assert progress.jobs[JobStatus.WAITING] == 3
 
@@ -378,9 +378,9 @@ def test_unsettled_postings_are_found_by_the_sweep(dsn: str, conn: Any) -> None:
     post(dsn, 1)
     owner = uuid.uuid4()
     finish(conn, owner, claim(conn, 1, owner))
-    [posting_id] = queries.unsettled_postings(conn)
-    queries.settle_postings(conn, [posting_id], error_threshold=10)
-    assert queries.unsettled_postings(conn) == []
+    [posting_id] = queue.unsettled_postings(conn)
+    queue.settle_postings(conn, [posting_id], error_threshold=10)
+    assert queue.unsettled_postings(conn) == []
 
 
 def test_lost_daemon_jobs_are_rescued_with_a_try_used(
@@ -388,15 +388,15 @@ def test_lost_daemon_jobs_are_rescued_with_a_try_used(
 ) -> None:
     post(dsn, 2)
     lost = uuid.uuid4()
-    queries.heartbeat(
+    upkeep.heartbeat(
         conn, daemon_id=lost, hostname="gone", pid=1, version="0", lease_s=60
     )
-    jobs = queries.claim(conn, owner=uuid.uuid4(), daemon_id=lost, limit=2)
-    assert queries.take_back_ownerless_jobs(conn, may_declare_lost=True) == []
+    jobs = queue.claim(conn, owner=uuid.uuid4(), daemon_id=lost, limit=2)
+    assert upkeep.take_back_ownerless_jobs(conn, may_declare_lost=True) == []
     conn.execute(
         "UPDATE pdoflowd.daemons SET heartbeat_at = now() - interval '2 min'"
     )
-    rescued = queries.take_back_ownerless_jobs(conn, may_declare_lost=True)
+    rescued = upkeep.take_back_ownerless_jobs(conn, may_declare_lost=True)
     assert {r.job_id for r in rescued} == {j.id for j in jobs}
     row = job_row(conn, jobs[0].id)
     assert row["status"] == "waiting"
@@ -404,7 +404,7 @@ def test_lost_daemon_jobs_are_rescued_with_a_try_used(
     assert "missed its heartbeat" in row["error"]
     # The lost daemon comes back: its heartbeat says it had been lost.
     assert (
-        queries.heartbeat(
+        upkeep.heartbeat(
             conn,
             daemon_id=lost,
             hostname="gone",
@@ -421,7 +421,7 @@ def test_progress_counts_jobs_per_status(dsn: str, conn: Any) -> None:
     owner = uuid.uuid4()
     jobs = claim(conn, 2, owner)
     finish(conn, owner, jobs[:1])
-    progress = queries.posting_progress(conn, posting)
+    progress = postings.posting_progress(conn, posting)
     assert progress is not None
     assert progress.jobs == {
         JobStatus.WAITING: 2,
@@ -438,7 +438,7 @@ def test_claim_uses_the_partial_index(dsn: str, conn: Any) -> None:
     plan = "\n".join(
         r[0]
         for r in conn.execute(
-            "EXPLAIN " + queries._CLAIM,
+            "EXPLAIN " + queue._CLAIM,
             {
                 "owner": uuid.uuid4(),
                 "daemon_id": DAEMON,

@@ -18,8 +18,9 @@ import psycopg
 import pytest
 
 from harness import wait_until
-from pdoflowd import queries, worker
 from pdoflowd.client import Client, Posting
+from pdoflowd.daemon import worker
+from pdoflowd.db import common, postings, queue, upkeep
 from pdoflowd.status import JobStatus, PostingStatus
 
 DAEMON = uuid.uuid4()
@@ -32,11 +33,11 @@ def conn(dsn: str) -> Any:
 
 
 def claim(conn: Any, limit: int, owner: uuid.UUID) -> list[Any]:
-    return queries.claim(conn, owner=owner, daemon_id=DAEMON, limit=limit)
+    return queue.claim(conn, owner=owner, daemon_id=DAEMON, limit=limit)
 
 
-def outcome(job: Any, kind: str) -> queries.Outcome:
-    return queries.Outcome(
+def outcome(job: Any, kind: str) -> queue.Outcome:
+    return queue.Outcome(
         job.id, job.attempt, kind, error=None if kind == "done" else "boom"
     )
 
@@ -51,7 +52,7 @@ def jobs_of(conn: Any, posting: uuid.UUID) -> list[dict[str, Any]]:
 
 
 def posting_status(conn: Any, posting: uuid.UUID) -> PostingStatus:
-    progress = queries.posting_progress(conn, posting)
+    progress = postings.posting_progress(conn, posting)
     assert progress is not None
     return progress.status
 
@@ -88,8 +89,8 @@ def test_a_settle_during_a_retry_in_flight_leaves_the_retried_job_to_run(
     posting = client.post("jobfns.noop", [[1], [2]], tries=1)
     owner = uuid.uuid4()
     done, failed = claim(conn, 2, owner)
-    queries.record_outcomes(conn, owner=owner, outcomes=[outcome(done, "done")])
-    queries.record_outcomes(
+    queue.record_outcomes(conn, owner=owner, outcomes=[outcome(done, "done")])
+    queue.record_outcomes(
         conn, owner=owner, outcomes=[outcome(failed, "failed")]
     )
     # The last outcome is written, the posting not yet settled; a poster
@@ -97,12 +98,12 @@ def test_a_settle_during_a_retry_in_flight_leaves_the_retried_job_to_run(
     settled: dict[int, PostingStatus] = {}
     with psycopg.connect(dsn) as poster:
         poster.execute("SELECT 1")
-        queries.control_posting(poster, posting.id, "retry")
+        postings.control_posting(poster, posting.id, "retry")
         settle = run_until_done_or_blocked(
             dsn,
             conn,
             lambda c: settled.update(
-                queries.settle_postings(c, [done.posting_id], error_threshold=5)
+                queue.settle_postings(c, [done.posting_id], error_threshold=5)
             ),
         )
         poster.commit()
@@ -139,7 +140,7 @@ def test_a_retry_after_a_cancel_gives_a_claimed_job_back_to_its_claim(
         running.attempt,
     )
     # That run's outcome counts.
-    [recorded] = queries.record_outcomes(
+    [recorded] = queue.record_outcomes(
         conn, owner=owner, outcomes=[outcome(running, "done")]
     )
     assert recorded.status is JobStatus.DONE
@@ -154,16 +155,16 @@ def test_a_fenced_outcome_gives_the_cancelled_claim_up_for_a_later_retry(
     [job] = claim(conn, 1, owner)
     client.cancel(posting.id)
     done = [outcome(job, "done")]
-    assert queries.record_outcomes(conn, owner=owner, outcomes=done) == []
+    assert queue.record_outcomes(conn, owner=owner, outcomes=done) == []
     claims = [(job.id, job.attempt)]
-    assert queries.give_up_claims(conn, owner=owner, claims=claims) == 1
+    assert queue.give_up_claims(conn, owner=owner, claims=claims) == 1
     row = jobs_of(conn, posting.id)[0]
     assert (row["status"], row["error"], row["owner"]) == (
         "errored_out",
         "cancelled",
         None,
     )
-    assert queries.give_up_claims(conn, owner=owner, claims=claims) == 0
+    assert queue.give_up_claims(conn, owner=owner, claims=claims) == 0
     client.retry(posting.id)
     assert [j.id for j in claim(conn, 1, uuid.uuid4())] == [job.id]
 
@@ -177,11 +178,11 @@ def test_giving_up_a_claim_a_retry_gave_back_releases_the_job(
     [job] = claim(conn, 1, owner)
     client.cancel(posting.id)
     done = [outcome(job, "done")]
-    assert queries.record_outcomes(conn, owner=owner, outcomes=done) == []
+    assert queue.record_outcomes(conn, owner=owner, outcomes=done) == []
     # The retry lands between the fenced write and the giving up.
     client.retry(posting.id)
     claims = [(job.id, job.attempt)]
-    assert queries.give_up_claims(conn, owner=owner, claims=claims) == 1
+    assert queue.give_up_claims(conn, owner=owner, claims=claims) == 1
     row = jobs_of(conn, posting.id)[0]
     assert (row["status"], row["owner"], row["tries_remaining"]) == (
         "waiting",
@@ -200,7 +201,7 @@ def test_taking_back_a_dead_workers_jobs_after_cancel_and_retry(
     client.cancel(posting.id)
     client.retry(posting.id, tries=5)
     # Its worker was ended because of the cancel, and is taken back now.
-    requeued = queries.requeue_owner(
+    requeued = queue.requeue_owner(
         conn,
         daemon_id=DAEMON,
         owner=owner,
@@ -229,7 +230,7 @@ def test_taking_back_a_dead_workers_cancelled_claims_ends_them(
     client.cancel(cancelled.id)
     # The cancel leaves the claim to its run, which may still be going.
     assert jobs_of(conn, cancelled.id)[0]["owner"] == owner
-    requeued = queries.requeue_owner(
+    requeued = queue.requeue_owner(
         conn,
         daemon_id=DAEMON,
         owner=owner,
@@ -257,16 +258,16 @@ def test_rescuing_a_lost_host_after_cancel_and_retry(
     client = Client(dsn)
     posting = client.post("jobfns.noop", [[1]], tries=3)
     lost = uuid.uuid4()
-    queries.heartbeat(
+    upkeep.heartbeat(
         conn, daemon_id=lost, hostname="gone", pid=1, version="0", lease_s=60
     )
-    [job] = queries.claim(conn, owner=uuid.uuid4(), daemon_id=lost, limit=1)
+    [job] = queue.claim(conn, owner=uuid.uuid4(), daemon_id=lost, limit=1)
     client.cancel(posting.id)
     client.retry(posting.id)
     conn.execute(
         "UPDATE pdoflowd.daemons SET heartbeat_at = now() - interval '2 min'"
     )
-    [rescued] = queries.take_back_ownerless_jobs(conn, may_declare_lost=True)
+    [rescued] = upkeep.take_back_ownerless_jobs(conn, may_declare_lost=True)
     assert (rescued.job_id, rescued.status) == (job.id, JobStatus.WAITING)
     row = jobs_of(conn, posting.id)[0]
     assert (row["owner"], row["tries_remaining"]) == (None, 2)
@@ -278,17 +279,17 @@ def test_rescuing_a_lost_host_ends_its_cancelled_claims(
     client = Client(dsn)
     posting = client.post("jobfns.noop", [[1]])
     lost = uuid.uuid4()
-    queries.heartbeat(
+    upkeep.heartbeat(
         conn, daemon_id=lost, hostname="gone", pid=1, version="0", lease_s=60
     )
     owner = uuid.uuid4()
-    queries.claim(conn, owner=owner, daemon_id=lost, limit=1)
+    queue.claim(conn, owner=owner, daemon_id=lost, limit=1)
     client.cancel(posting.id)
     assert jobs_of(conn, posting.id)[0]["owner"] == owner
     conn.execute(
         "UPDATE pdoflowd.daemons SET heartbeat_at = now() - interval '2 min'"
     )
-    assert queries.take_back_ownerless_jobs(conn, may_declare_lost=True) == []
+    assert upkeep.take_back_ownerless_jobs(conn, may_declare_lost=True) == []
     row = jobs_of(conn, posting.id)[0]
     assert (row["status"], row["owner"]) == ("errored_out", None)
 
@@ -296,7 +297,7 @@ def test_rescuing_a_lost_host_ends_its_cancelled_claims(
 def test_a_cancel_tells_the_daemons_at_once(dsn: str, conn: Any) -> None:
     client = Client(dsn)
     posting = client.post("jobfns.noop", [[1]])
-    conn.execute(f"LISTEN {queries.CANCEL_CHANNEL}")
+    conn.execute(f"LISTEN {common.CANCEL_CHANNEL}")
     client.cancel(posting.id)
     [heard] = list(conn.notifies(timeout=5, stop_after=1))
     assert heard.payload == str(jobs_of(conn, posting.id)[0]["posting_id"])
@@ -310,16 +311,16 @@ def test_a_worker_learns_which_of_its_claims_a_cancel_ended(
     client.post("jobfns.noop", [[3]])
     owner = uuid.uuid4()
     jobs = claim(conn, 3, owner)
-    assert queries.held_claims(conn, owner=owner, jobs=jobs) == {
+    assert queue.held_claims(conn, owner=owner, jobs=jobs) == {
         j.id for j in jobs
     }
     client.cancel(doomed.id)
     kept = {j.id for j in jobs if j.posting_uuid != doomed.id}
-    assert queries.held_claims(conn, owner=owner, jobs=jobs) == kept
-    assert queries.cancelled_claim_owners(conn, daemon_id=DAEMON) == {owner}
+    assert queue.held_claims(conn, owner=owner, jobs=jobs) == kept
+    assert upkeep.cancelled_claim_owners(conn, daemon_id=DAEMON) == {owner}
     gone = [(j.id, j.attempt) for j in jobs if j.id not in kept]
-    assert queries.give_up_claims(conn, owner=owner, claims=gone) == 2
-    assert queries.cancelled_claim_owners(conn, daemon_id=DAEMON) == set()
+    assert queue.give_up_claims(conn, owner=owner, claims=gone) == 2
+    assert upkeep.cancelled_claim_owners(conn, daemon_id=DAEMON) == set()
 
 
 def test_a_cancelled_claim_no_live_worker_holds_is_given_up_by_the_sweep(
@@ -333,10 +334,10 @@ def test_a_cancelled_claim_no_live_worker_holds_is_given_up_by_the_sweep(
     assert jobs_of(conn, posting.id)[0]["owner"] == owner
     # Two heartbeats of its daemon since the claim, neither listing it.
     for _ in range(2):
-        queries.heartbeat(
+        upkeep.heartbeat(
             conn, daemon_id=DAEMON, hostname="h", pid=1, version="0", lease_s=60
         )
-    assert queries.take_back_ownerless_jobs(conn, may_declare_lost=False) == []
+    assert upkeep.take_back_ownerless_jobs(conn, may_declare_lost=False) == []
     row = jobs_of(conn, posting.id)[0]
     assert (row["status"], row["owner"], row["error"]) == (
         "errored_out",

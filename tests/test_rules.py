@@ -3,9 +3,9 @@ the Grafana dashboard.
 
 The rules are checked and unit-tested by the real ``promtool``; every
 dashboard query is parsed by it too, and every metric name the rules and
-the dashboard use must be one that :mod:`pdoflowd.metrics` exports. A real
-Prometheus server then scrapes the endpoint, evaluates the rules and answers
-every dashboard query with data.
+the dashboard use must be one that :mod:`pdoflowd.daemon.metrics` exports.
+A real Prometheus server then scrapes the endpoint, evaluates the rules and
+answers every dashboard query with data.
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ from typing import Any
 
 import pytest
 
-from pdoflowd.devcluster import free_port
-from pdoflowd.httpserver import HttpServer
-from pdoflowd.metrics import (
+from devtools.devcluster import free_port
+from pdoflowd.daemon.httpserver import HttpServer
+from pdoflowd.daemon.metrics import (
     JobRun,
     MetricsEndpoint,
     PoolMetrics,

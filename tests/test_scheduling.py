@@ -10,8 +10,8 @@ from typing import Any
 import psycopg
 import pytest
 
-from pdoflowd import queries
 from pdoflowd.client import Client, PostingError, Registry, job
+from pdoflowd.db import postings, queue, upkeep
 
 DAEMON = uuid.uuid4()
 
@@ -27,8 +27,8 @@ def conn(dsn: str) -> Any:
         yield connection
 
 
-def claim(conn: Any, **scope: Any) -> list[queries.ClaimedJob]:
-    return queries.claim(
+def claim(conn: Any, **scope: Any) -> list[queue.ClaimedJob]:
+    return queue.claim(
         conn, owner=uuid.uuid4(), daemon_id=DAEMON, limit=100, **scope
     )
 
@@ -74,7 +74,7 @@ def test_a_job_nobody_can_run_stays_waiting_and_says_so(
 ) -> None:
     client = Client(dsn)
     posting = client.post("jobfns.noop", [[1]], requires=["tpu"])
-    queries.heartbeat(
+    upkeep.heartbeat(
         conn,
         daemon_id=DAEMON,
         hostname="h",
@@ -86,8 +86,8 @@ def test_a_job_nobody_can_run_stays_waiting_and_says_so(
     assert claim(conn, provides=["gpu"]) == []
     summary = client.summary(posting.id)
     assert summary.claimable_by == 0
-    assert summary.jobs[queries.JobStatus.WAITING] == 1
-    queries.heartbeat(
+    assert summary.jobs[queue.JobStatus.WAITING] == 1
+    upkeep.heartbeat(
         conn,
         daemon_id=uuid.uuid4(),
         hostname="h2",
@@ -114,7 +114,7 @@ def test_the_poster_is_the_session_user_and_never_sent(
     Client(dsn).post("jobfns.noop", [[1]])
     row = conn.execute("SELECT poster FROM pdoflowd.postings").fetchone()
     assert row == (session_user(conn),)
-    assert "poster" not in queries._INSERT_POSTING
+    assert "poster" not in postings._INSERT_POSTING
 
 
 def test_a_delay_in_seconds_holds_jobs_back_by_the_databases_clock(
@@ -197,7 +197,7 @@ def test_the_claim_walks_the_claim_index_with_scopes_and_statistics(
     plan = "\n".join(
         r[0]
         for r in conn.execute(
-            "EXPLAIN " + queries._CLAIM,
+            "EXPLAIN " + queue._CLAIM,
             {
                 "owner": uuid.uuid4(),
                 "daemon_id": DAEMON,

@@ -8,7 +8,7 @@ import struct
 import time
 import uuid
 
-from pdoflowd.scoreboard import Scoreboard, WorkerState
+from pdoflowd.daemon.scoreboard import Scoreboard, WorkerState
 
 
 def test_a_child_write_is_seen_by_the_parent() -> None:
@@ -113,6 +113,6 @@ def test_the_pulse_ages_until_the_next_beat() -> None:
 
 
 def _slot_offset(slot: int) -> int:
-    from pdoflowd import scoreboard
+    from pdoflowd.daemon import scoreboard
 
     return scoreboard._HEADER + slot * scoreboard._SLOT.size

@@ -23,8 +23,8 @@ from harness import (
     grant,
     write_config,
 )
-from pdoflowd import migrate, queries
 from pdoflowd.client import Client, PostingError
+from pdoflowd.db import migrate, postings
 from pdoflowd.status import JobStatus, PostingStatus
 
 
@@ -113,7 +113,7 @@ def test_a_submitter_posts_in_chunks_in_order_and_all_or_nothing(
     dsn: str, submitters: tuple[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Row-level security refuses COPY: the jobs go by INSERTs of a chunk.
-    monkeypatch.setattr(queries, "_INSERT_CHUNK_JOBS", 3)
+    monkeypatch.setattr(postings, "_INSERT_CHUNK_JOBS", 3)
     alice_dsn, _ = submitters
     client = Client(alice_dsn)
     posting = client.post(

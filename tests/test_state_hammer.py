@@ -23,8 +23,8 @@ from typing import Any
 import psycopg
 import pytest
 
-from pdoflowd import queries
 from pdoflowd.client import Client
+from pdoflowd.db import postings, queue, upkeep
 
 POSTINGS = 4
 JOBS_PER_POSTING = 10
@@ -90,9 +90,9 @@ def check_invariants(conn: Any, after: str) -> None:
 @dataclass
 class SimWorker:
     owner: uuid.UUID = field(default_factory=uuid.uuid4)
-    batch: list[queries.ClaimedJob] = field(default_factory=list)
-    running: queries.ClaimedJob | None = None
-    pending: list[queries.Outcome] = field(default_factory=list)
+    batch: list[queue.ClaimedJob] = field(default_factory=list)
+    running: queue.ClaimedJob | None = None
+    pending: list[queue.Outcome] = field(default_factory=list)
     in_doubt: bool = False
 
 
@@ -134,7 +134,7 @@ class SimDaemon:
 
     def new_host(self) -> None:
         self.daemon_id = uuid.uuid4()
-        queries.heartbeat(
+        upkeep.heartbeat(
             self.conn,
             daemon_id=self.daemon_id,
             hostname=self.name,
@@ -169,7 +169,7 @@ class SimDaemon:
         return action(w)
 
     def claim(self, w: SimWorker) -> str:
-        w.batch = queries.claim(
+        w.batch = queue.claim(
             self.conn,
             owner=w.owner,
             daemon_id=self.daemon_id,
@@ -181,9 +181,9 @@ class SimDaemon:
         # The worker's check: when told of a cancel, or now and then.
         if w.in_doubt or self.rng.random() < 0.3:
             w.in_doubt = False
-            held = queries.held_claims(self.conn, owner=w.owner, jobs=w.batch)
+            held = queue.held_claims(self.conn, owner=w.owner, jobs=w.batch)
             lost = [j for j in w.batch if j.id not in held]
-            queries.give_up_claims(
+            queue.give_up_claims(
                 self.conn,
                 owner=w.owner,
                 claims=[(j.id, j.attempt) for j in lost],
@@ -217,7 +217,7 @@ class SimDaemon:
             ["done", "failed", "timeout", "refused"], [6, 3, 1, 1]
         )[0]
         w.pending.append(
-            queries.Outcome(
+            queue.Outcome(
                 job.id,
                 job.attempt,
                 kind,
@@ -231,11 +231,11 @@ class SimDaemon:
         if not w.pending:
             return "nothing to flush"
         outcomes, w.pending = w.pending, []
-        recorded = queries.record_outcomes(
+        recorded = queue.record_outcomes(
             self.conn, owner=w.owner, outcomes=outcomes
         )
         written = {r.job_id for r in recorded}
-        queries.give_up_claims(
+        queue.give_up_claims(
             self.conn,
             owner=w.owner,
             claims=[
@@ -247,21 +247,21 @@ class SimDaemon:
         ended = {r.posting_id for r in recorded if r.status.value != "waiting"}
         # Now and then the settle is left to the sweep.
         if ended and self.rng.random() < 0.7:
-            queries.settle_postings(
+            queue.settle_postings(
                 self.conn, ended, error_threshold=ERROR_THRESHOLD
             )
         return f"{w.owner} flushed {[(o.job_id, o.kind) for o in outcomes]}"
 
     def release(self, w: SimWorker) -> str:
         w.pending += [
-            queries.Outcome(j.id, j.attempt, "released") for j in w.batch
+            queue.Outcome(j.id, j.attempt, "released") for j in w.batch
         ]
         w.batch = []
         return f"{w.owner} released its batch"
 
     def take_back(self, w: SimWorker, reason: str) -> str:
         self.end_run(w)
-        requeued = queries.requeue_owner(
+        requeued = queue.requeue_owner(
             self.conn,
             daemon_id=self.daemon_id,
             owner=w.owner,
@@ -271,7 +271,7 @@ class SimDaemon:
         errored = {
             r.posting_id for r in requeued if r.status.value == "errored_out"
         }
-        queries.settle_postings(
+        queue.settle_postings(
             self.conn, errored, error_threshold=ERROR_THRESHOLD
         )
         self.workers[self.workers.index(w)] = SimWorker()
@@ -282,11 +282,11 @@ class SimDaemon:
 
     def hear_of_cancels(self, _: SimWorker) -> str:
         """What the supervisor does on a cancel notification."""
-        doubtful = queries.cancelled_claim_owners(
+        doubtful = upkeep.cancelled_claim_owners(
             self.conn, daemon_id=self.daemon_id
         )
         running = {w.running.id: w for w in self.workers if w.running}
-        doomed = queries.cancelled_among(self.conn, running)
+        doomed = queue.cancelled_among(self.conn, running)
         for w in list(self.workers):
             if w.running is not None and w.running.id in doomed:
                 self.take_back(w, "was cancelled")
@@ -295,20 +295,20 @@ class SimDaemon:
         return f"heard of cancels: {sorted(doomed)} ended"
 
     def sweep(self, _: SimWorker) -> str:
-        unsettled = queries.unsettled_postings(self.conn)
-        queries.settle_postings(
+        unsettled = queue.unsettled_postings(self.conn)
+        queue.settle_postings(
             self.conn, unsettled, error_threshold=ERROR_THRESHOLD
         )
         return f"swept {unsettled}"
 
     def rescue(self, _: SimWorker) -> str:
-        rescued = queries.take_back_ownerless_jobs(
+        rescued = upkeep.take_back_ownerless_jobs(
             self.conn, may_declare_lost=True
         )
         errored = {
             r.posting_id for r in rescued if r.status.value == "errored_out"
         }
-        queries.settle_postings(
+        queue.settle_postings(
             self.conn, errored, error_threshold=ERROR_THRESHOLD
         )
         return f"rescued {[r.job_id for r in rescued]}"
@@ -352,12 +352,14 @@ class Poster:
         try:
             if held:
                 with self.conn.transaction():
-                    queries.control_posting(
+                    postings.control_posting(
                         self.conn, posting, action, tries=tries
                     )
                     time.sleep(self.rng.uniform(0.001, 0.02))
             else:
-                queries.control_posting(self.conn, posting, action, tries=tries)
+                postings.control_posting(
+                    self.conn, posting, action, tries=tries
+                )
         except psycopg.errors.ObjectNotInPrerequisiteState:
             return f"{action} {posting} refused"
         return f"{action} {posting}{' (held)' if held else ''}"
@@ -428,7 +430,7 @@ def test_postings_and_their_jobs_agree_at_every_commit(
         daemons[0].sweep(daemons[0].workers[0])
         conn = connections[0]
         check_invariants(conn, "the end")
-        assert queries.unsettled_postings(conn) == []
+        assert queue.unsettled_postings(conn) == []
         leftovers = conn.execute(
             "SELECT id, status, owner FROM pdoflowd.jobs WHERE status ="
             " 'executing' OR (status = 'errored_out' AND owner IS NOT NULL)"

@@ -21,8 +21,8 @@ from harness import (
     wait_until,
     write_config,
 )
-from pdoflowd import queries
 from pdoflowd.client import Client
+from pdoflowd.db import queue
 from pdoflowd.status import PostingStatus
 
 
@@ -329,7 +329,7 @@ def test_a_claim_that_commits_after_its_worker_was_reaped_is_taken_back(
             "SELECT id FROM pdoflowd.daemons WHERE pid = %s", (daemon.pid,)
         ).fetchone()
         assert row is not None
-        claimed = queries.claim(
+        claimed = queue.claim(
             conn,
             owner=uuid.uuid4(),
             daemon_id=row[0],

@@ -31,6 +31,7 @@ from typing import Any
 import psycopg
 import pytest
 
+from devtools import devcluster
 from harness import (
     REPO_ROOT,
     TESTS_DIR,
@@ -39,10 +40,9 @@ from harness import (
     wait_until,
     write_config,
 )
-from pdoflowd import devcluster
 from pdoflowd.client import Client
 from pdoflowd.config import CREDENTIAL_NAME, DEFAULT_CONFIG_PATH, Config
-from pdoflowd.migrate import upgrade
+from pdoflowd.db.migrate import upgrade
 from pdoflowd.status import PostingStatus
 
 UNIT = REPO_ROOT / "systemd" / "pdoflowd.service"

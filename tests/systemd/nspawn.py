@@ -33,7 +33,7 @@ from typing import Any
 import pytest
 from psycopg.conninfo import conninfo_to_dict
 
-from pdoflowd import devcluster
+from devtools import devcluster
 
 HERE = Path(__file__).resolve().parent
 REPO_ROOT = HERE.parent.parent

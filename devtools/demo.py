@@ -1,7 +1,7 @@
 """The demo behind ``make demo``: one posting, start to finish, in seconds.
 
-Owns the walk through a daemon's life that ``python -m pdoflowd.demo``
-prints (its job is :func:`pdoflowd.demojob.render_frame`): a throwaway
+Owns the walk through a daemon's life that ``python -m devtools.demo``
+prints (its job is :func:`devtools.demojob.render_frame`): a throwaway
 PostgreSQL, a config, ``pdoflowd migrate``, ``pdoflowd run`` as a
 subprocess (ready when it says READY=1 on a notify socket, as it would to
 systemd), a posting of a few hundred jobs followed until it is finished,
@@ -27,8 +27,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from devtools.devcluster import LocalCluster, free_port
 from pdoflowd.client import Client, PostingState, WaitTimeout
-from pdoflowd.devcluster import LocalCluster, free_port
 from pdoflowd.status import JobStatus
 
 __all__ = ["ENTRY_POINT", "main"]
@@ -36,7 +36,7 @@ __all__ = ["ENTRY_POINT", "main"]
 # Posted by name, as a program that never imports the job's module would;
 # the workers import it by this name. It lives in a module of its own: a
 # job must be importable, and this one runs as "__main__".
-ENTRY_POINT = "pdoflowd.demojob.render_frame"
+ENTRY_POINT = "devtools.demojob.render_frame"
 FRAMES = 300
 WORKERS = 2
 SIGMA = 1.5
@@ -89,7 +89,7 @@ def demo_config(dsn: str, metrics_port: int) -> dict[str, dict[str, Any]]:
             "drain_timeout_s": 5.0,
         },
         "jobs": {
-            "allowed_modules": ["pdoflowd.demojob"],
+            "allowed_modules": ["devtools.demojob"],
             "retry_delay_s": 0.2,
             "retry_delay_max_s": 1.0,
         },
@@ -141,7 +141,7 @@ def _pdoflowd(*args: str) -> list[str]:
 
 def _daemon_environ(notify_path: Path | None) -> dict[str, str]:
     environ = dict(os.environ)
-    # The workers import this checkout's pdoflowd.demo, installed or not.
+    # The workers import this checkout's devtools.demo, installed or not.
     environ["PYTHONPATH"] = os.pathsep.join(
         filter(None, [str(_PACKAGE_ROOT), environ.get("PYTHONPATH")])
     )
@@ -322,7 +322,7 @@ def _post_and_follow(dsn: str, marks_dir: Path) -> PostingState:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the demo; 0 when every job is done and the daemon exited 0."""
     if argv:
-        print("usage: python -m pdoflowd.demo", file=sys.stderr)
+        print("usage: python -m devtools.demo", file=sys.stderr)
         return 2
     begun = time.monotonic()
     _say(

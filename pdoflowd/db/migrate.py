@@ -4,7 +4,7 @@ Owns the ordered ``migrations/NNNN_name.sql`` files, the ``schema.sql``
 snapshot a fresh install uses, applying them under an advisory lock so that
 several hosts may run ``pdoflowd migrate`` at once, and the privileges of the
 two kinds of roles (submitters, daemons), granted on request. It must not
-hold any other SQL: the queue's statements live in :mod:`pdoflowd.queries`.
+hold any other SQL: the queue's statements live in :mod:`pdoflowd.db`.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ class SchemaNotCurrent(Exception):
 def migrations() -> tuple[Migration, ...]:
     """Every migration shipped with the package, in order."""
     found = []
-    for entry in resources.files("pdoflowd.migrations").iterdir():
+    for entry in resources.files("pdoflowd.db.migrations").iterdir():
         match = _FILE_NAME.match(entry.name)
         if match:
             found.append(
@@ -61,7 +61,7 @@ def latest_version() -> int:
 
 
 def _snapshot() -> str:
-    return (resources.files("pdoflowd") / "schema.sql").read_text("utf-8")
+    return (resources.files("pdoflowd.db") / "schema.sql").read_text("utf-8")
 
 
 def current_version(conn: psycopg.Connection[Any]) -> int | None:

@@ -4,7 +4,7 @@ Owns one listening socket and its connections: non-blocking accept, TLS
 handshakes (optionally requiring client certificates), reading a request of
 bounded size, writing the answer and closing. Each connection answers one
 GET or HEAD through a handler function. It must not block, start a thread,
-or know what its pages mean (:mod:`pdoflowd.metrics` does).
+or know what its pages mean (:mod:`pdoflowd.daemon.metrics` does).
 
 Clients are assumed hostile, and a client costs a socket, never the
 loop's time: every call does a bounded amount of non-blocking work.

@@ -33,13 +33,15 @@ from typing import Any, NoReturn
 
 import psycopg
 
-from pdoflowd import __version__, logs, policy, queries
+from pdoflowd import __version__, policy
 from pdoflowd.config import Config, connection_kwargs
-from pdoflowd.migrate import SchemaNotCurrent, check_current
-from pdoflowd.scoreboard import Scoreboard, WorkerState
+from pdoflowd.daemon import logs
+from pdoflowd.daemon.scoreboard import Scoreboard, WorkerState
+from pdoflowd.db import common, queue, upkeep
+from pdoflowd.db.migrate import SchemaNotCurrent, check_current
 from pdoflowd.status import JobStatus
 
-log = logging.getLogger("pdoflowd.dbsession")
+log = logging.getLogger("pdoflowd.daemon.session")
 
 _PR_SET_NAME = 15
 _PR_SET_PDEATHSIG = 1
@@ -209,14 +211,14 @@ class Session:
         )
         try:
             database = self.config.database
-            queries.set_session_deadlines(
+            upkeep.set_session_deadlines(
                 conn,
                 statement_timeout_s=database.statement_timeout_s,
                 lock_timeout_s=database.lock_timeout_s,
             )
             check_current(conn)
-            conn.execute(f"LISTEN {queries.NOTIFY_CHANNEL}")
-            conn.execute(f"LISTEN {queries.CANCEL_CHANNEL}")
+            conn.execute(f"LISTEN {common.NOTIFY_CHANNEL}")
+            conn.execute(f"LISTEN {common.CANCEL_CHANNEL}")
             self.conn = conn
             self.heartbeat()
         except BaseException:
@@ -293,7 +295,7 @@ class Session:
         self.pulse_warned = False
         # Read before the statement is sent: see take_back_ownerless_jobs.
         owners = self.spec.scoreboard.live_owners()
-        lost_at = queries.heartbeat(
+        lost_at = upkeep.heartbeat(
             self.conn,
             daemon_id=self.spec.daemon_id,
             hostname=self.spec.hostname,
@@ -315,7 +317,7 @@ class Session:
         """Take back the jobs of workers that ended, oldest request first."""
         while self.take_backs and self.conn is not None:
             request = self.take_backs[0]
-            requeued = queries.requeue_owner(
+            requeued = queue.requeue_owner(
                 self.conn,
                 daemon_id=self.spec.daemon_id,
                 owner=request.owner,
@@ -342,7 +344,7 @@ class Session:
     def maintenance(self) -> None:
         assert self.conn is not None
         lease = self.config.daemon.host_lease_s
-        rescued = queries.take_back_ownerless_jobs(
+        rescued = upkeep.take_back_ownerless_jobs(
             self.conn,
             may_declare_lost=policy.may_rescue(
                 time.monotonic() - self.connected_since, lease
@@ -363,9 +365,9 @@ class Session:
                 waiting=any(j.status is JobStatus.WAITING for j in rescued),
             )
         self.find_cancelled()
-        unsettled = queries.unsettled_postings(self.conn)
+        unsettled = queue.unsettled_postings(self.conn)
         if unsettled:
-            queries.settle_postings(
+            queue.settle_postings(
                 self.conn,
                 unsettled,
                 error_threshold=self.config.jobs.posting_error_threshold,
@@ -382,22 +384,22 @@ class Session:
             if view.state is WorkerState.RUNNING and view.job_id is not None
         ]
         if running:
-            cancelled = queries.cancelled_among(self.conn, running)
+            cancelled = queue.cancelled_among(self.conn, running)
             if cancelled:
                 self.send(Event.CANCELLED, jobs=sorted(cancelled))
-        owners = queries.cancelled_claim_owners(
+        owners = upkeep.cancelled_claim_owners(
             self.conn, daemon_id=self.spec.daemon_id
         )
         if owners:
             self.send(Event.CLAIMS_CANCELLED, owners=sorted(map(str, owners)))
 
-    def after_requeue(self, jobs: list[queries.RequeuedJob]) -> None:
+    def after_requeue(self, jobs: list[queue.RequeuedJob]) -> None:
         assert self.conn is not None
         errored = {
             j.posting_id for j in jobs if j.status is JobStatus.ERRORED_OUT
         }
         if errored:
-            queries.settle_postings(
+            queue.settle_postings(
                 self.conn,
                 errored,
                 error_threshold=self.config.jobs.posting_error_threshold,
@@ -405,7 +407,7 @@ class Session:
 
     def queue_stats(self) -> None:
         assert self.conn is not None
-        counts, oldest = queries.queue_stats(self.conn)
+        counts, oldest = upkeep.queue_stats(self.conn)
         self.send(Event.QUEUE, counts=counts, oldest=oldest)
 
     def read_notifications(self) -> None:
@@ -423,11 +425,11 @@ class Session:
         if conn.pgconn.status != psycopg.pq.ConnStatus.OK:
             self.failed("listening", psycopg.OperationalError("lost"))
             return
-        if queries.CANCEL_CHANNEL in channels:
+        if common.CANCEL_CHANNEL in channels:
             # At once, not at the next maintenance: running jobs of the
             # cancelled posting are ended, claimed ones are not started.
             self.chore("maintenance", self.find_cancelled)
-        if channels - {queries.CANCEL_CHANNEL}:
+        if channels - {common.CANCEL_CHANNEL}:
             self.send(Event.NOTIFIED)
 
     # ------------------------------------------------------------ the loop
@@ -492,7 +494,7 @@ class Session:
                 self.chore("taking_back_jobs", self.take_back)
                 if not self.take_backs and self.conn is not None:
                     try:
-                        queries.mark_daemon_stopped(
+                        upkeep.mark_daemon_stopped(
                             self.conn, self.spec.daemon_id
                         )
                     except psycopg.Error as exc:

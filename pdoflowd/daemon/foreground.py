@@ -26,12 +26,13 @@ from typing import Any
 
 import psycopg
 
-from pdoflowd import __version__, queries
+from pdoflowd import __version__
 from pdoflowd.config import Config, DaemonConfig, connection_kwargs
+from pdoflowd.daemon.scoreboard import Scoreboard
+from pdoflowd.daemon.worker import JobTimeout, Worker, WorkerSpec
+from pdoflowd.db import queue, upkeep
 from pdoflowd.entrypoints import EntryPointRefused
-from pdoflowd.scoreboard import Scoreboard
 from pdoflowd.status import JobStatus
-from pdoflowd.worker import JobTimeout, Worker, WorkerSpec
 
 Connect = Callable[[], psycopg.Connection[Any]]
 
@@ -53,8 +54,8 @@ class ForegroundRun:
     the job's status afterwards, and whether Ctrl-C cut it short (then it
     was given back, waiting, without using a try)."""
 
-    job: queries.ClaimedJob
-    outcome: queries.Outcome
+    job: queue.ClaimedJob
+    outcome: queue.Outcome
     status: JobStatus
     seconds: float
     interrupted: bool
@@ -67,7 +68,7 @@ def _register(
     lease_s: float,
 ) -> None:
     """Register or renew this run's daemon row, its one owner token live."""
-    queries.heartbeat(
+    upkeep.heartbeat(
         conn,
         daemon_id=daemon_id,
         hostname=socket.gethostname(),
@@ -122,7 +123,7 @@ class _TimeoutEnforcer:
     """
 
     def __init__(
-        self, worker: Worker, job: queries.ClaimedJob, connect: Connect
+        self, worker: Worker, job: queue.ClaimedJob, connect: Connect
     ) -> None:
         self.worker = worker
         self.job = job
@@ -173,7 +174,7 @@ class _TimeoutEnforcer:
             spec = self.worker.spec
             try:
                 with self.connect() as conn:
-                    requeued = queries.requeue_owner(
+                    requeued = queue.requeue_owner(
                         conn,
                         daemon_id=spec.daemon_id,
                         owner=self.worker.claim_token(),
@@ -186,14 +187,14 @@ class _TimeoutEnforcer:
                         if j.status is JobStatus.ERRORED_OUT
                     }
                     if errored:
-                        queries.settle_postings(
+                        queue.settle_postings(
                             conn,
                             errored,
                             error_threshold=(
                                 self.worker.config.jobs.posting_error_threshold
                             ),
                         )
-                    queries.mark_daemon_stopped(conn, spec.daemon_id)
+                    upkeep.mark_daemon_stopped(conn, spec.daemon_id)
                 recorded = "the timeout was recorded (a try used)"
             except psycopg.Error as exc:
                 recorded = (
@@ -269,7 +270,7 @@ def _run(
 ) -> ForegroundRun:
     config = spec.config
     conn = worker.connect()
-    target = queries.job_target(conn, job_uuid)
+    target = queue.job_target(conn, job_uuid)
     if target is None:
         raise KeyError(f"no job {job_uuid}")
     _check_runnable(worker, target.entry_point)
@@ -286,7 +287,7 @@ def _run(
     _register(conn, spec.daemon_id, owner, config.daemon.host_lease_s)
     heartbeat.start()
     try:
-        job = queries.claim_job(
+        job = queue.claim_job(
             conn, job_uuid=job_uuid, owner=owner, daemon_id=spec.daemon_id
         )
         if job is None:
@@ -298,11 +299,11 @@ def _run(
         seconds = time.monotonic() - begin
         interrupted = (outcome.error or "").startswith("KeyboardInterrupt")
         if interrupted:
-            outcome = queries.Outcome(job.id, job.attempt, "released")
+            outcome = queue.Outcome(job.id, job.attempt, "released")
         worker.pending.append(outcome)
         worker.flush()
         worker.settle()
-        after = queries.job_target(worker.connect(), job_uuid)
+        after = queue.job_target(worker.connect(), job_uuid)
         assert after is not None
         return ForegroundRun(job, outcome, after.status, seconds, interrupted)
     finally:
@@ -311,11 +312,11 @@ def _run(
         with contextlib.suppress(psycopg.Error):
             # A claim whose outcome was not written goes back unharmed;
             # after a written outcome this changes nothing.
-            queries.requeue_owner(
+            queue.requeue_owner(
                 worker.connect(),
                 daemon_id=spec.daemon_id,
                 owner=owner,
                 running_job_id=None,
                 reason="pdoflow execute-job ended",
             )
-            queries.mark_daemon_stopped(worker.connect(), spec.daemon_id)
+            upkeep.mark_daemon_stopped(worker.connect(), spec.daemon_id)

@@ -27,7 +27,7 @@ from types import TracebackType
 
 import psycopg
 
-from pdoflowd import __version__, logs, redaction
+from pdoflowd import __version__, redaction
 from pdoflowd.config import (
     DEFAULT_CONFIG_PATH,
     EX_CONFIG,
@@ -39,15 +39,16 @@ from pdoflowd.config import (
     load,
     resolve_password,
 )
-from pdoflowd.migrate import (
+from pdoflowd.daemon import logs
+from pdoflowd.daemon.notify import Notifier
+from pdoflowd.daemon.supervisor import EXIT_FAILURE, Supervisor
+from pdoflowd.db.migrate import (
     Grants,
     SchemaNotCurrent,
     add_grant_arguments,
     apply_grants,
     upgrade_connection,
 )
-from pdoflowd.notify import Notifier
-from pdoflowd.supervisor import EXIT_FAILURE, Supervisor
 
 log = logging.getLogger("pdoflowd")
 

@@ -180,7 +180,7 @@ class LocalCluster:
         )
         lines = [
             "",
-            "# pdoflowd.devcluster: a throwaway cluster, never for production",
+            "# devtools.devcluster: a throwaway cluster, never for production",
             "listen_addresses = '127.0.0.1'",
             f"port = {self.port}",
             f"unix_socket_directories = {_quote(str(self.socket_dir))}",

@@ -33,13 +33,20 @@ from psycopg import errors
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.pq import TransactionStatus
 
-from pdoflowd import queries
 from pdoflowd.arguments import (
     ArgumentError,
     ValueNotStorable,
     check_text,
     decode,
     encode_job,
+)
+from pdoflowd.db import postings, profiles
+from pdoflowd.db.postings import (
+    JobRow,
+    NewJob,
+    PostingSummary,
+    PriorityCount,
+    StoredResult,
 )
 from pdoflowd.entrypoints import EntryPointRefused, mark, split_entry_point
 from pdoflowd.ids import uuid7, uuid7_run
@@ -539,7 +546,7 @@ class PostingJobs:
     priority: int | Sequence[int]
     count: int
 
-    def encoded(self, ids: Iterable[str]) -> Iterator[queries.NewJob]:
+    def encoded(self, ids: Iterable[str]) -> Iterator[NewJob]:
         """Each job with its id, its arguments checked and encoded as it
         is reached; raises :class:`ArgumentError` at the first bad one."""
         priorities = (
@@ -797,7 +804,7 @@ class Client:
         job_ids = uuid7_run(jobs.count)
 
         def write(connection: psycopg.Connection[Any]) -> None:
-            queries.insert_posting(
+            postings.insert_posting(
                 connection,
                 posting_uuid=posting_id,
                 target_function=definition.name,
@@ -858,7 +865,7 @@ class Client:
 
     @staticmethod
     def _state(conn: psycopg.Connection[Any], ident: uuid.UUID) -> PostingState:
-        progress = queries.posting_progress(conn, ident)
+        progress = postings.posting_progress(conn, ident)
         if progress is None:
             raise KeyError(f"no posting {ident}")
         return PostingState(ident, progress.status, progress.jobs)
@@ -968,41 +975,41 @@ class Client:
                     pause = min(pause, max(0.0, deadline - time.monotonic()))
                 time.sleep(pause)
 
-    def summary(self, posting_id: uuid.UUID | str) -> queries.PostingSummary:
+    def summary(self, posting_id: uuid.UUID | str) -> PostingSummary:
         """A posting in full (``pdoflow posting-status``); KeyError if none."""
         ident = as_uuid(posting_id)
         with self.connect() as conn:
-            found = queries.posting_summary(conn, ident)
+            found = postings.posting_summary(conn, ident)
         if found is None:
             raise KeyError(f"no posting {ident}")
         return found
 
     def jobs(
         self, posting_id: uuid.UUID | str, *, limit: int = 1000
-    ) -> list[queries.JobRow]:
+    ) -> list[JobRow]:
         """The first ``limit`` jobs of a posting, in the order given."""
         ident = as_uuid(posting_id)
         with self.connect() as conn:
-            if queries.posting_progress(conn, ident) is None:
+            if postings.posting_progress(conn, ident) is None:
                 raise KeyError(f"no posting {ident}")
-            return queries.posting_jobs(conn, ident, limit=limit)
+            return postings.posting_jobs(conn, ident, limit=limit)
 
     def postings(
         self,
         *,
         limit: int = 50,
         status: PostingStatus | str | None = None,
-    ) -> list[queries.PostingSummary]:
+    ) -> list[PostingSummary]:
         """The newest postings the session may see (its own, for a
         submitter role), newest first."""
         wanted = None if status is None else _posting_status(status)
         with self.connect() as conn:
-            return queries.list_postings(conn, limit=limit, status=wanted)
+            return postings.list_postings(conn, limit=limit, status=wanted)
 
-    def priority_stats(self) -> list[queries.PriorityCount]:
+    def priority_stats(self) -> list[PriorityCount]:
         """Unfinished jobs by priority, highest first."""
         with self.connect() as conn:
-            return queries.priority_stats(conn)
+            return postings.priority_stats(conn)
 
     # ------------------------------------------------------------ steering
 
@@ -1015,7 +1022,7 @@ class Client:
         ident = as_uuid(posting_id)
         try:
             with self.connect() as conn:
-                status, changed = queries.control_posting(
+                status, changed = postings.control_posting(
                     conn, ident, action, tries=tries
                 )
         except errors.NoDataFound:
@@ -1073,7 +1080,7 @@ class Client:
         given (values are kept only for postings that store results)."""
         ident = as_uuid(posting_id)
         with self.connect() as conn:
-            rows = queries.posting_results(conn, ident)
+            rows = postings.posting_results(conn, ident)
         if rows is None:
             raise KeyError(f"no posting {ident}")
         return [_job_result(row) for row in rows]
@@ -1082,7 +1089,7 @@ class Client:
         """One job's end and return value; KeyError if there is no job."""
         ident = as_uuid(job_id, "job")
         with self.connect() as conn:
-            row = queries.job_result(conn, ident)
+            row = postings.job_result(conn, ident)
         if row is None:
             raise KeyError(f"no job {ident}")
         return _job_result(row)
@@ -1093,15 +1100,15 @@ class Client:
 
     def function_stats(
         self, *, entry_point: str | None = None, limit: int = 20
-    ) -> list[queries.FunctionStat]:
+    ) -> list[profiles.FunctionStat]:
         """Where profiled jobs (of one entry point, if given) spent time."""
         with self.connect() as conn:
-            return queries.function_stats(
+            return profiles.function_stats(
                 conn, entry_point=entry_point, limit=limit
             )
 
 
-def _job_result(row: queries.StoredResult) -> JobResult:
+def _job_result(row: StoredResult) -> JobResult:
     value = decode(row.value) if row.stored else None
     return JobResult(row.job_uuid, row.status, row.stored, value, row.error)
 

@@ -35,8 +35,8 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from pdoflowd.httpserver import Response
-from pdoflowd.scoreboard import WorkerState
+from pdoflowd.daemon.httpserver import Response
+from pdoflowd.daemon.scoreboard import WorkerState
 
 __all__ = [
     "CONTENT_TYPE",

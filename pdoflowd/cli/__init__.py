@@ -7,7 +7,7 @@ non-zero exit for any error a user can make (never a traceback, never a
 password: every error passes through :func:`pdoflowd.redaction.redact`, and
 a connection string libpq would misread is refused before it is used).
 The work itself is done by :class:`pdoflowd.client.Client`, and
-``execute-job`` by :mod:`pdoflowd.foreground`.
+``execute-job`` by :mod:`pdoflowd.daemon.foreground`.
 """
 
 from __future__ import annotations
@@ -25,8 +25,9 @@ from typing import Any, NoReturn, TextIO
 
 import psycopg
 
-from pdoflowd import __version__, display, foreground, queries
+from pdoflowd import __version__
 from pdoflowd.arguments import ArgumentError, encode_job, encode_value
+from pdoflowd.cli import display
 from pdoflowd.client import (
     MAX_PRIORITY,
     MIN_PRIORITY,
@@ -48,6 +49,8 @@ from pdoflowd.config import (
     dsn_problems,
     load,
 )
+from pdoflowd.daemon import foreground
+from pdoflowd.db.postings import JobRow, PostingSummary
 from pdoflowd.redaction import dsn_secrets, redact, remember
 from pdoflowd.status import JobStatus, PostingStatus
 
@@ -516,12 +519,12 @@ def _iso(value: dt.datetime | None) -> str | None:
     return None if value is None else value.isoformat()
 
 
-def _percent_done(summary: queries.PostingSummary) -> float:
+def _percent_done(summary: PostingSummary) -> float:
     done = summary.jobs.get(JobStatus.DONE, 0)
     return round(100.0 * done / summary.total, 1) if summary.total else 0.0
 
 
-def _summary_json(summary: queries.PostingSummary) -> dict[str, Any]:
+def _summary_json(summary: PostingSummary) -> dict[str, Any]:
     return {
         "id": str(summary.uuid),
         "status": summary.status.value,
@@ -542,7 +545,7 @@ def _summary_json(summary: queries.PostingSummary) -> dict[str, Any]:
     }
 
 
-def _job_json(job: queries.JobRow) -> dict[str, Any]:
+def _job_json(job: JobRow) -> dict[str, Any]:
     return {
         "id": str(job.uuid),
         "status": job.status.value,
@@ -580,7 +583,7 @@ def list_postings(client: Client, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _waiting_note(summary: queries.PostingSummary) -> str | None:
+def _waiting_note(summary: PostingSummary) -> str | None:
     """Why waiting jobs may not run, if it can be told."""
     if not summary.jobs.get(JobStatus.WAITING, 0):
         return None
@@ -887,7 +890,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         _fail(f"cannot reach the database: {_first_line(exc)}", EXIT_FAILURE)
     except psycopg.Error as exc:
         _fail(f"database error: {_first_line(exc)}", EXIT_FAILURE)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

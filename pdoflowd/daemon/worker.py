@@ -36,13 +36,15 @@ from typing import Any, NoReturn
 
 import psycopg
 
-from pdoflowd import entrypoints, jobcontext, logs, metrics, policy, queries
+from pdoflowd import entrypoints, jobcontext, policy
 from pdoflowd.config import Config, connection_kwargs
+from pdoflowd.daemon import logs, metrics
+from pdoflowd.daemon.scoreboard import Scoreboard, WorkerState
+from pdoflowd.db import queue
 from pdoflowd.redaction import redact
-from pdoflowd.scoreboard import Scoreboard, WorkerState
 from pdoflowd.status import JobStatus
 
-log = logging.getLogger("pdoflowd.worker")
+log = logging.getLogger("pdoflowd.daemon.worker")
 
 EXIT_OK = 0
 EXIT_BOOT_FAILED = 3
@@ -106,7 +108,7 @@ class Worker:
         self.conn: psycopg.Connection[Any] | None = None
         # The owner token of the current claim (None before the first).
         self.token: uuid.UUID | None = None
-        self.pending: list[queries.Outcome] = []
+        self.pending: list[queue.Outcome] = []
         self.pending_since = 0.0
         # Postings with jobs this worker ended, not yet settled.
         self.unsettled: set[int] = set()
@@ -177,7 +179,7 @@ class Worker:
         self.deliver_reports()
 
     def send_metrics(
-        self, recorded: list[queries.RecordedOutcome] | None = None
+        self, recorded: list[queue.RecordedOutcome] | None = None
     ) -> None:
         """Send what the tally noted; never lost to a supervisor not reading.
 
@@ -325,7 +327,7 @@ class Worker:
             limit = policy.claim_size(
                 self.config.workers.batch_size, self.mean_job_s
             )
-            batch: list[queries.ClaimedJob] = self.with_database(
+            batch: list[queue.ClaimedJob] = self.with_database(
                 "claim", functools.partial(self.claim, limit)
             )
             if not batch:
@@ -346,7 +348,7 @@ class Worker:
                 # The queue is running dry: its postings may be complete.
                 self.settle()
 
-    def claim(self, limit: int) -> list[queries.ClaimedJob]:
+    def claim(self, limit: int) -> list[queue.ClaimedJob]:
         conn = self.connect()
         # Every claim sent gets a fresh owner token, in the scoreboard before
         # the statement leaves: one whose reply is lost owns jobs under a
@@ -356,7 +358,7 @@ class Worker:
         self.token = uuid.uuid4()
         self.mark(WorkerState.CLAIMING)
         began = time.monotonic()
-        jobs = queries.claim(
+        jobs = queue.claim(
             conn,
             owner=self.token,
             daemon_id=self.spec.daemon_id,
@@ -384,7 +386,7 @@ class Worker:
             return True
         return False
 
-    def run_batch(self, batch: list[queries.ClaimedJob]) -> None:
+    def run_batch(self, batch: list[queue.ClaimedJob]) -> None:
         """Run a claimed batch, never starting a job whose claim was lost.
 
         The claims are checked again before a job starts when the supervisor
@@ -414,14 +416,14 @@ class Worker:
             if self.flush_due():
                 self.flush()
 
-    def drop_lost_claims(self, jobs: list[queries.ClaimedJob]) -> set[int]:
+    def drop_lost_claims(self, jobs: list[queue.ClaimedJob]) -> set[int]:
         """Give up the claims among ``jobs`` (none started) that are no
         longer this worker's, cancelled or taken back since; return their
         job ids: they must not start."""
         self.claims_in_doubt = False
         held: set[int] = self.with_database(
             "claim",
-            lambda: queries.held_claims(
+            lambda: queue.held_claims(
                 self.connect(), owner=self.claim_token(), jobs=jobs
             ),
         )
@@ -433,19 +435,17 @@ class Worker:
             )
             self.with_database(
                 "record outcomes",
-                lambda: queries.give_up_claims(
+                lambda: queue.give_up_claims(
                     self.connect(), owner=self.claim_token(), claims=lost
                 ),
             )
         return {job_id for job_id, _ in lost}
 
-    def release(self, jobs: list[queries.ClaimedJob]) -> None:
+    def release(self, jobs: list[queue.ClaimedJob]) -> None:
         """Give back claimed jobs that were never started (no try used)."""
         for job in jobs:
             self.tally.note_run(job.id, job.entry_point)
-            self.pending.append(
-                queries.Outcome(job.id, job.attempt, "released")
-            )
+            self.pending.append(queue.Outcome(job.id, job.attempt, "released"))
 
     def flush_due(self) -> bool:
         window = self.config.workers.outcome_flush_ms / 1000
@@ -464,7 +464,7 @@ class Worker:
             return
         self.mark(WorkerState.FLUSHING)
         outcomes, self.pending, self.pending_since = self.pending, [], 0.0
-        recorded: list[queries.RecordedOutcome] = self.with_database(
+        recorded: list[queue.RecordedOutcome] = self.with_database(
             "record outcomes", lambda: self.record(outcomes)
         )
         self.send_metrics(recorded)
@@ -481,7 +481,7 @@ class Worker:
             # A cancel leaves these claims to their runs, which are over.
             self.with_database(
                 "record outcomes",
-                lambda: queries.give_up_claims(
+                lambda: queue.give_up_claims(
                     self.connect(), owner=self.claim_token(), claims=fenced
                 ),
             )
@@ -495,17 +495,17 @@ class Worker:
             self.settle()
 
     def record(
-        self, outcomes: list[queries.Outcome]
-    ) -> list[queries.RecordedOutcome]:
+        self, outcomes: list[queue.Outcome]
+    ) -> list[queue.RecordedOutcome]:
         """Write outcomes in one statement; should the database refuse it
         for what some outcome holds (a result jsonb cannot store, say), one
-        by one, each refused one as :meth:`queries.Outcome.as_refused`
+        by one, each refused one as :meth:`queue.Outcome.as_refused`
         makes it. One bad value so neither holds up the others nor sends
         its job back to run again without using a try.
         """
         conn = self.connect()
         try:
-            return queries.record_outcomes(
+            return queue.record_outcomes(
                 conn, owner=self.claim_token(), outcomes=outcomes
             )
         except psycopg.OperationalError:
@@ -517,7 +517,7 @@ class Worker:
         recorded = []
         for outcome in outcomes:
             try:
-                recorded += queries.record_outcomes(
+                recorded += queue.record_outcomes(
                     conn, owner=self.claim_token(), outcomes=[outcome]
                 )
             except psycopg.OperationalError:
@@ -527,15 +527,15 @@ class Worker:
         return recorded
 
     def record_refused(
-        self, outcome: queries.Outcome, exc: Exception
-    ) -> list[queries.RecordedOutcome]:
+        self, outcome: queue.Outcome, exc: Exception
+    ) -> list[queue.RecordedOutcome]:
         problem = _problem(exc)
         log.error(
             "the outcome of job %d could not be stored as it was: %s",
             outcome.job_id,
             problem,
         )
-        return queries.record_outcomes(
+        return queue.record_outcomes(
             self.connect(),
             owner=self.claim_token(),
             outcomes=[outcome.as_refused(problem)],
@@ -544,7 +544,7 @@ class Worker:
     def settle(self) -> None:
         """Finish or error out the postings this worker's outcomes ended.
 
-        Runs after those outcomes committed (see queries.settle_postings).
+        Runs after those outcomes committed (see queue.settle_postings).
         """
         if not self.unsettled:
             return
@@ -552,17 +552,17 @@ class Worker:
         threshold = self.config.jobs.posting_error_threshold
         self.with_database(
             "settle postings",
-            lambda: queries.settle_postings(
+            lambda: queue.settle_postings(
                 self.connect(), postings, error_threshold=threshold
             ),
         )
 
     # ------------------------------------------------------------ one job
 
-    def timeout_for(self, job: queries.ClaimedJob) -> float:
+    def timeout_for(self, job: queue.ClaimedJob) -> float:
         return job.timeout_s or self.config.jobs.timeout_s
 
-    def run_job(self, job: queries.ClaimedJob) -> queries.Outcome:
+    def run_job(self, job: queue.ClaimedJob) -> queue.Outcome:
         """Run one claimed job and say what became of it."""
         started_at = _utcnow()
         timeout = self.timeout_for(job)
@@ -607,7 +607,7 @@ class Worker:
         )
         self.report_done(job, error, elapsed)
         if error is None:
-            return queries.Outcome(
+            return queue.Outcome(
                 job.id,
                 job.attempt,
                 "done",
@@ -620,7 +620,7 @@ class Worker:
             self.config.jobs.retry_delay_s,
             self.config.jobs.retry_delay_max_s,
         )
-        return queries.Outcome(
+        return queue.Outcome(
             job.id,
             job.attempt,
             kind,
@@ -632,7 +632,7 @@ class Worker:
         )
 
     def report_done(
-        self, job: queries.ClaimedJob, error: str | None, elapsed: float
+        self, job: queue.ClaimedJob, error: str | None, elapsed: float
     ) -> None:
         if error is not None:
             log.info("job %s (%s) failed: %s", job.uuid, job.entry_point, error)

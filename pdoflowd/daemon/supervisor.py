@@ -33,19 +33,20 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from pdoflowd import __version__, metrics, policy, worker
+from pdoflowd import __version__, policy
 from pdoflowd.config import (
     EX_CONFIG,
     Config,
     ConfigError,
     MetricsConfig,
 )
-from pdoflowd.dbsession import Event, SessionEvent, SessionHandle
-from pdoflowd.httpserver import EndpointError, HttpServer, tls_context
-from pdoflowd.notify import Notifier
-from pdoflowd.scoreboard import Scoreboard, WorkerState
+from pdoflowd.daemon import metrics, worker
+from pdoflowd.daemon.httpserver import EndpointError, HttpServer, tls_context
+from pdoflowd.daemon.notify import Notifier
+from pdoflowd.daemon.scoreboard import Scoreboard, WorkerState
+from pdoflowd.daemon.session import Event, SessionEvent, SessionHandle
 
-log = logging.getLogger("pdoflowd.supervisor")
+log = logging.getLogger("pdoflowd.daemon.supervisor")
 
 EXIT_OK = 0
 EXIT_FAILURE = 1

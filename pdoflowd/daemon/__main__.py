@@ -1,0 +1,7 @@
+"""``python -m pdoflowd.daemon``: the same as the ``pdoflowd`` command."""
+
+import sys
+
+from pdoflowd.daemon.command import main
+
+sys.exit(main())
