@@ -281,3 +281,9 @@ def encode_job(
         raise ArgumentError(
             job_index, "arguments", "nested too deeply to store"
         ) from None
+
+
+def shown(value: Any) -> str:
+    """A value as an error message shows it: its repr, cut short."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."

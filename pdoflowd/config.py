@@ -3,7 +3,7 @@
 This module owns the schema (every section, key, type, default and range),
 the single parse of the file, the database password lookup and the arguments
 for psycopg.connect. It reports every problem at once, each under its dotted
-key, by raising ConfigError; callers exit with EX_CONFIG (78). It must not
+key, by raising ConfigError; callers exit with EXIT_CONFIG (78). It must not
 connect, log or exit, and no other module may read TOML or the environment.
 """
 
@@ -30,7 +30,6 @@ __all__ = [
     "APPLICATION_NAME",
     "CREDENTIAL_NAME",
     "DEFAULT_CONFIG_PATH",
-    "EX_CONFIG",
     "LOG_LEVELS",
     "Config",
     "ConfigError",
@@ -47,7 +46,6 @@ __all__ = [
     "resolve_password",
 ]
 
-EX_CONFIG = 78
 DEFAULT_CONFIG_PATH = Path("/etc/pdoflowd/pdoflowd.toml")
 APPLICATION_NAME = "pdoflowd"
 CREDENTIAL_NAME = "db-password"

@@ -1,6 +1,7 @@
 """Pure decisions of the queue: no I/O, no clocks, no database.
 
-Owns how long to wait before a retry or a respawn, how many jobs one claim
+Owns how long to wait before a retry, a respawn or a reconnect (one
+backoff), how many jobs one claim
 takes, when crashes amount to a crash loop, and how a worker's end is worded.
 Callers pass in every fact (times, counts, random draws) so that each policy
 can be tested on its own.
@@ -13,16 +14,26 @@ import signal
 from collections.abc import Sequence
 
 
+def backoff_delay(failures: int, first_s: float, max_s: float) -> float:
+    """Seconds to wait after ``failures`` failures in a row: the one backoff.
+
+    None before the first failure; then ``first_s``, doubled after each
+    further failure, capped at ``max_s``; 0 when ``first_s`` is 0. Job
+    retries, slot refills and reconnects to the database all wait by it.
+    """
+    if first_s <= 0 or failures < 1:
+        return 0.0
+    exponent = min(failures - 1, 62)
+    return float(min(max_s, first_s * (2**exponent)))
+
+
 def retry_delay(attempt: int, base_s: float, max_s: float) -> float:
     """Seconds before a failed job may run again after ``attempt`` tries.
 
     Exponential: base, 2*base, 4*base, ..., capped at ``max_s``; 0 when the
     base is 0 (retry at once).
     """
-    if base_s <= 0 or attempt < 1:
-        return 0.0
-    exponent = min(attempt - 1, 62)
-    return float(min(max_s, base_s * (2**exponent)))
+    return backoff_delay(attempt, base_s, max_s)
 
 
 def claim_size(
@@ -56,10 +67,8 @@ def respawn_delay(
     ``jitter`` is a draw from [0, 1); it spreads restarts of many slots.
     The first crash of a healthy slot is refilled at once.
     """
-    if consecutive_crashes <= 1:
-        return 0.0
-    delay = min(max_s, base_s * 2 ** min(consecutive_crashes - 2, 30))
-    return float(delay * (0.5 + jitter / 2))
+    delay = backoff_delay(consecutive_crashes - 1, base_s, max_s)
+    return delay * (0.5 + jitter / 2)
 
 
 def is_crash_loop(

@@ -19,15 +19,9 @@ import pytest
 
 from devtools import devcluster
 from harness import Daemon, daemon_config, wait_until
-from pdoflowd.cli import (
-    EXIT_FAILURE,
-    EXIT_INTERRUPTED,
-    EXIT_USAGE,
-    UserError,
-    main,
-    parse_job_lines,
-)
+from pdoflowd.cli import UserError, main, parse_job_lines
 from pdoflowd.client import Client
+from pdoflowd.exitcodes import EXIT_INTERRUPTED, EXIT_UNAVAILABLE, EXIT_USAGE
 
 
 def pdoflow(
@@ -310,7 +304,7 @@ def test_an_unreachable_database_is_a_one_line_error() -> None:
     dsn = f"host=127.0.0.1 port={devcluster.free_port()} connect_timeout=5"
     result = pdoflow("--dsn", dsn, "status", str(uuid.uuid4()))
     message = assert_one_line_error(result)
-    assert result.returncode == EXIT_FAILURE
+    assert result.returncode == EXIT_UNAVAILABLE
     assert message.startswith("pdoflow: cannot reach the database: ")
 
 

@@ -25,15 +25,15 @@ import psycopg
 import pytest
 
 from harness import REPO_ROOT, TESTS_DIR, write_config
-from pdoflowd.cli import (
+from pdoflowd.cli import main
+from pdoflowd.client import Client
+from pdoflowd.exitcodes import (
     EXIT_CANCELLED,
     EXIT_CONFIG,
     EXIT_ERRORED,
     EXIT_OK,
     EXIT_USAGE,
-    main,
 )
-from pdoflowd.client import Client
 from pdoflowd.status import PostingStatus
 
 SUMMARY_KEYS = [

@@ -21,7 +21,6 @@ else:
 
 from pdoflowd.config import (
     DEFAULT_CONFIG_PATH,
-    EX_CONFIG,
     Config,
     ConfigError,
     ConfigProblem,
@@ -35,6 +34,7 @@ from pdoflowd.config import (
     parse,
     resolve_password,
 )
+from pdoflowd.exitcodes import EXIT_CONFIG
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED_CONFIG = ROOT / "etc" / "pdoflowd" / "pdoflowd.toml"
@@ -82,7 +82,7 @@ def as_toml_value(default: object) -> object:
 
 
 def test_exit_status_for_config_errors_is_ex_config() -> None:
-    assert EX_CONFIG == 78
+    assert EXIT_CONFIG == 78
 
 
 def test_default_config_path_is_under_etc() -> None:

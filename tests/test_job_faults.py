@@ -26,7 +26,6 @@ import pytest
 from devtools.devcluster import free_port
 from harness import REPO_ROOT, TESTS_DIR, Daemon, wait_until, write_config
 from pdoflowd import current_job
-from pdoflowd.cli import EXIT_ERRORED
 from pdoflowd.client import Client
 from pdoflowd.config import Config, DatabaseConfig, JobsConfig
 from pdoflowd.daemon.metrics import (
@@ -38,6 +37,7 @@ from pdoflowd.daemon.metrics import (
 from pdoflowd.daemon.scoreboard import Scoreboard
 from pdoflowd.daemon.worker import Worker, WorkerSpec
 from pdoflowd.db import queue
+from pdoflowd.exitcodes import EXIT_ERRORED
 from pdoflowd.jobcontext import JobCall
 from pdoflowd.status import JobStatus, PostingStatus
 from scrape import parse_scrape, scrape_sum

@@ -33,6 +33,22 @@ def test_retry_delay_never_exceeds_its_cap(
     assert 0 <= policy.retry_delay(attempt, base, cap) <= max(cap, 0)
 
 
+def test_backoff_waits_nothing_before_a_failure() -> None:
+    assert policy.backoff_delay(0, 0.5, 10.0) == 0.0
+
+
+def test_backoff_doubles_from_its_first_wait_up_to_its_cap() -> None:
+    waits = [policy.backoff_delay(n, 0.5, 10.0) for n in range(1, 8)]
+    assert waits == [0.5, 1.0, 2.0, 4.0, 8.0, 10.0, 10.0]
+
+
+def test_respawn_waits_by_the_same_backoff_spread_by_jitter() -> None:
+    for crashes in range(2, 12):
+        full = policy.backoff_delay(crashes - 1, 1.0, 60.0)
+        assert policy.respawn_delay(crashes, 1.0, 60.0, 0.0) == full / 2
+        assert policy.respawn_delay(crashes, 1.0, 60.0, 1.0) == full
+
+
 def test_claim_size_starts_with_one_job() -> None:
     assert policy.claim_size(50, None) == 1
 

@@ -26,7 +26,7 @@ from typing import Any, NoReturn, TextIO
 import psycopg
 
 from pdoflowd import __version__
-from pdoflowd.arguments import ArgumentError, encode_job, encode_value
+from pdoflowd.arguments import ArgumentError, encode_job, encode_value, shown
 from pdoflowd.cli import display
 from pdoflowd.client import (
     MAX_PRIORITY,
@@ -44,27 +44,24 @@ from pdoflowd.client import (
 )
 from pdoflowd.config import (
     DEFAULT_CONFIG_PATH,
-    EX_CONFIG,
     ConfigError,
     dsn_problems,
     load,
 )
 from pdoflowd.daemon import foreground
 from pdoflowd.db.postings import JobRow, PostingSummary
+from pdoflowd.exitcodes import (
+    EXIT_CANCELLED,
+    EXIT_CONFIG,
+    EXIT_ERRORED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_TIMEOUT,
+    EXIT_UNAVAILABLE,
+    EXIT_USAGE,
+)
 from pdoflowd.redaction import dsn_secrets, redact, remember
 from pdoflowd.status import JobStatus, PostingStatus
-
-# 1 to 3 are what ``wait`` reports about the posting (and 1 what
-# ``execute-job`` reports about its job), so errors of the command itself
-# use sysexits.h codes that cannot be mistaken for them.
-EXIT_OK = 0
-EXIT_ERRORED = 1
-EXIT_TIMEOUT = 2
-EXIT_CANCELLED = 3
-EXIT_USAGE = 64  # EX_USAGE: bad arguments or input, no such posting
-EXIT_FAILURE = 69  # EX_UNAVAILABLE: the database cannot be reached or used
-EXIT_CONFIG = EX_CONFIG  # 78: execute-job's daemon config is invalid
-EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 
 
 class UserError(Exception):
@@ -341,7 +338,7 @@ def _parse_job_line(
     unknown = sorted(set(value) - _JOB_KEYS)
     if unknown:
         raise UserError(
-            f"line {number}: unknown key {_shown(unknown[0])} (expected "
+            f"line {number}: unknown key {shown(unknown[0])} (expected "
             '"args", "kwargs" or "priority")'
         )
     args = value.get("args", [])
@@ -385,11 +382,6 @@ def _json_type(value: Any) -> str:
     if isinstance(value, list):
         return "an array"
     return "an object"
-
-
-def _shown(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def submit(
@@ -887,6 +879,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyError as exc:
         _fail(str(exc.args[0]) if exc.args else "not found", EXIT_USAGE)
     except psycopg.OperationalError as exc:
-        _fail(f"cannot reach the database: {_first_line(exc)}", EXIT_FAILURE)
+        _fail(
+            f"cannot reach the database: {_first_line(exc)}", EXIT_UNAVAILABLE
+        )
     except psycopg.Error as exc:
-        _fail(f"database error: {_first_line(exc)}", EXIT_FAILURE)
+        _fail(f"database error: {_first_line(exc)}", EXIT_UNAVAILABLE)

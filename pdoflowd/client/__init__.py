@@ -39,6 +39,7 @@ from pdoflowd.arguments import (
     check_text,
     decode,
     encode_job,
+    shown,
 )
 from pdoflowd.db import postings, profiles
 from pdoflowd.db.postings import (
@@ -238,12 +239,6 @@ def entry_point_of(function: Callable[..., Any]) -> str:
     return check_entry_point(f"{module}.{qualname}")
 
 
-def _shown(value: Any) -> str:
-    """A value for an error message: its repr, cut short."""
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
 def check_entry_point(entry_point: str) -> str:
     """Accept "package.module.function" or "package.module:function" as it
     is, or refuse it (the daemon resolves it by the same rule)."""
@@ -251,7 +246,7 @@ def check_entry_point(entry_point: str) -> str:
         split_entry_point(entry_point)
     except EntryPointRefused:
         raise PostingError(
-            f"{_shown(entry_point)} is not a dotted path "
+            f"{shown(entry_point)} is not a dotted path "
             "(package.module.function or package.module:function)"
         ) from None
     return entry_point
@@ -260,7 +255,7 @@ def check_entry_point(entry_point: str) -> str:
 def _check_name(name: Any) -> str:
     if not isinstance(name, str) or not name:
         raise PostingError(
-            f"a job name must be a non-empty string: {_shown(name)}"
+            f"a job name must be a non-empty string: {shown(name)}"
         )
     try:
         check_text(name, "name", "a job name")
@@ -284,7 +279,7 @@ def check_requires(requires: Any) -> tuple[str, ...]:
         if not isinstance(name, str) or not name.strip():
             raise PostingError(
                 f"requires[{index}]: a capability is a non-empty string, "
-                f"got {_shown(name)}"
+                f"got {shown(name)}"
             )
         try:
             check_text(name, f"requires[{index}]", "a capability")
@@ -348,7 +343,7 @@ class _Registry:
             return self._by_key[key]
         except (KeyError, TypeError):
             raise KeyError(
-                f"{_shown(key)} is not a job; decorate it with @job()"
+                f"{shown(key)} is not a job; decorate it with @job()"
             ) from None
 
     def __contains__(self, key: object) -> bool:
@@ -373,7 +368,7 @@ def _check_tries(tries: Any) -> None:
     ):
         raise PostingError(
             f"tries must be an integer from 1 to {MAX_TRIES}, got "
-            f"{_shown(tries)}"
+            f"{shown(tries)}"
         )
 
 
@@ -387,14 +382,14 @@ def _check_timeout(timeout_s: Any) -> None:
     ):
         raise PostingError(
             "timeout must be a positive number of seconds, got "
-            f"{_shown(timeout_s)}"
+            f"{shown(timeout_s)}"
         )
 
 
 def _check_store_result(store_result: Any) -> None:
     if not isinstance(store_result, bool):
         raise PostingError(
-            f"store_result must be True or False, got {_shown(store_result)}"
+            f"store_result must be True or False, got {shown(store_result)}"
         )
 
 
@@ -421,7 +416,7 @@ def when_to_run(
     ):
         raise PostingError(
             "run_after must be a datetime or a delay of at least 0 seconds, "
-            f"got {_shown(run_after)}"
+            f"got {shown(run_after)}"
         )
     return None, float(run_after)
 
@@ -699,7 +694,7 @@ def as_uuid(value: uuid.UUID | str, what: str = "posting") -> uuid.UUID:
     try:
         return uuid.UUID(value)
     except (ValueError, TypeError, AttributeError):
-        raise KeyError(f"{_shown(value)} is not a {what} id") from None
+        raise KeyError(f"{shown(value)} is not a {what} id") from None
 
 
 def _write_undoably(
@@ -1132,7 +1127,7 @@ def _posting_status(status: PostingStatus | str) -> PostingStatus:
         return PostingStatus(status)
     except ValueError:
         raise PostingStateError(
-            f"{_shown(status)} is not a posting status (one of "
+            f"{shown(status)} is not a posting status (one of "
             + ", ".join(s.value for s in PostingStatus)
             + ")"
         ) from None

@@ -30,7 +30,6 @@ import psycopg
 from pdoflowd import __version__, redaction
 from pdoflowd.config import (
     DEFAULT_CONFIG_PATH,
-    EX_CONFIG,
     Config,
     ConfigError,
     ConfigProblem,
@@ -41,7 +40,7 @@ from pdoflowd.config import (
 )
 from pdoflowd.daemon import logs
 from pdoflowd.daemon.notify import Notifier
-from pdoflowd.daemon.supervisor import EXIT_FAILURE, Supervisor
+from pdoflowd.daemon.supervisor import Supervisor
 from pdoflowd.db.migrate import (
     Grants,
     SchemaNotCurrent,
@@ -49,10 +48,9 @@ from pdoflowd.db.migrate import (
     apply_grants,
     upgrade_connection,
 )
+from pdoflowd.exitcodes import EXIT_CONFIG, EXIT_FAILURE, EXIT_UNAVAILABLE
 
 log = logging.getLogger("pdoflowd")
-
-EX_UNAVAILABLE = 69
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -96,7 +94,7 @@ def _report(error: ConfigError) -> int:
     prefix = "<3>" if logs.stderr_is_journal(os.environ, 2) else ""
     for problem in error.problems:
         print(f"{prefix}{problem.key}: {problem.message}", file=sys.stderr)
-    return EX_CONFIG
+    return EXIT_CONFIG
 
 
 def _load(path: Path) -> tuple[Config, str | None]:
@@ -203,7 +201,7 @@ def migrate(path: Path, grants: Grants | None = None) -> int:
                 apply_grants(conn, grants)
     except psycopg.Error as exc:
         log.error("migration failed: %s", exc)
-        return EX_UNAVAILABLE
+        return EXIT_UNAVAILABLE
     except SchemaNotCurrent as exc:
         log.error("%s", exc)
         return 1

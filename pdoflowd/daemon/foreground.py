@@ -32,13 +32,13 @@ from pdoflowd.daemon.scoreboard import Scoreboard
 from pdoflowd.daemon.worker import JobTimeout, Worker, WorkerSpec
 from pdoflowd.db import queue, upkeep
 from pdoflowd.entrypoints import EntryPointRefused
+from pdoflowd.exitcodes import EXIT_ERRORED
 from pdoflowd.status import JobStatus
 
 Connect = Callable[[], psycopg.Connection[Any]]
 
 # The exit status of a run ended by its watchdog: the job was deaf to its
 # timeout (pdoflow's EXIT_ERRORED: the job did not get done).
-EXIT_ABANDONED = 1
 # How often the alarm looks again while the job is not (or no longer) in
 # its call: a job's deadline is set by the worker's code as it starts it.
 _ALARM_RECHECK_S = 0.01
@@ -119,7 +119,7 @@ class _TimeoutEnforcer:
     after ``jobs.timeout_grace_s`` more: a watchdog thread takes the job
     back as the supervisor takes back a worker it killed for overrunning
     (the try used, the reason recorded), marks this run's daemon stopped
-    and ends the process with EXIT_ABANDONED.
+    and ends the process with EXIT_ERRORED.
     """
 
     def __init__(
@@ -209,7 +209,7 @@ class _TimeoutEnforcer:
                 file=sys.stderr,
                 flush=True,
             )
-            os._exit(EXIT_ABANDONED)
+            os._exit(EXIT_ERRORED)
 
 
 def execute_job(

@@ -162,7 +162,7 @@ class Session:
         self.conn: psycopg.Connection[Any] | None = None
         self.connected_since = 0.0
         self.retry_at = 0.0
-        self.delay = _RECONNECT_DELAY_S[0]
+        self.failures = 0
         self.outage = False
         self.take_backs: list[TakeBack] = []
         self.stopping = False
@@ -231,7 +231,7 @@ class Session:
         if self.outage:
             log.info("database connection restored")
         self.outage = False
-        self.delay = _RECONNECT_DELAY_S[0]
+        self.failures = 0
         self.send(Event.CONNECTED)
 
     def ensure_connection(self) -> bool:
@@ -252,11 +252,13 @@ class Session:
         return True
 
     def failed(self, what: str, exc: Exception, *, quiet: bool = False) -> None:
+        self.failures += 1
+        delay = policy.backoff_delay(self.failures, *_RECONNECT_DELAY_S)
         if not quiet:
             doing = f"{what} failed"
             if what == "reconnecting":
                 doing = "database unreachable"
-            log.warning("%s, retrying in %.1f s: %s", doing, self.delay, exc)
+            log.warning("%s, retrying in %.1f s: %s", doing, delay, exc)
         self.send(Event.DB_ERROR, operation=what)
         if self.conn is not None:
             with contextlib.suppress(Exception):
@@ -264,8 +266,7 @@ class Session:
             self.conn = None
             self.send(Event.DISCONNECTED)
         self.outage = True
-        self.retry_at = time.monotonic() + self.delay
-        self.delay = min(self.delay * 2, _RECONNECT_DELAY_S[1])
+        self.retry_at = time.monotonic() + delay
 
     def chore(self, what: str, action: Callable[[], None]) -> None:
         """Run ``action`` on the connection; a failure drops it."""

@@ -35,7 +35,6 @@ from typing import Any
 
 from pdoflowd import __version__, policy
 from pdoflowd.config import (
-    EX_CONFIG,
     Config,
     ConfigError,
     MetricsConfig,
@@ -45,12 +44,10 @@ from pdoflowd.daemon.httpserver import EndpointError, HttpServer, tls_context
 from pdoflowd.daemon.notify import Notifier
 from pdoflowd.daemon.scoreboard import Scoreboard, WorkerState
 from pdoflowd.daemon.session import Event, SessionEvent, SessionHandle
+from pdoflowd.exitcodes import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, EXIT_SCHEMA
 
 log = logging.getLogger("pdoflowd.daemon.supervisor")
 
-EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_SCHEMA = 4
 
 _TICK_S = 0.1
 _STATUS_INTERVAL_S = 1.0
@@ -182,7 +179,7 @@ class Supervisor:
             context = _tls(settings)
         except EndpointError as exc:
             log.error("metrics endpoint: %s", exc)
-            self.exit_code = EX_CONFIG
+            self.exit_code = EXIT_CONFIG
             return False
         endpoint = metrics.MetricsEndpoint(
             self.metrics, self.readiness, self.refresh_worker_gauges

@@ -41,13 +41,12 @@ from pdoflowd.config import Config, connection_kwargs
 from pdoflowd.daemon import logs, metrics
 from pdoflowd.daemon.scoreboard import Scoreboard, WorkerState
 from pdoflowd.db import queue
+from pdoflowd.exitcodes import EXIT_OK, EXIT_WORKER_BOOT_FAILED
 from pdoflowd.redaction import redact
 from pdoflowd.status import JobStatus
 
 log = logging.getLogger("pdoflowd.daemon.worker")
 
-EXIT_OK = 0
-EXIT_BOOT_FAILED = 3
 
 # The supervisor sends this when some claim of the worker may have been
 # cancelled: before its next job starts, the worker checks the claims of
@@ -64,6 +63,8 @@ _PR_SET_PDEATHSIG = 1
 _OUTBOX_BYTES = 65536
 # How long an exiting worker waits for its last reports to be read.
 _EXIT_DELIVERY_S = 5.0
+# The first and the longest wait between tries to reach the database.
+_RECONNECT_DELAY_S = (0.1, 5.0)
 _SYSTEMD_VARIABLES = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
 
 
@@ -280,12 +281,14 @@ class Worker:
         Gives up (raises :class:`_Stop`) only when asked to stop while the
         database is unreachable.
         """
-        delay = 0.1
+        failures = 0
         while True:
             try:
                 return action()
             except psycopg.OperationalError as exc:
                 self.drop_connection()
+                failures += 1
+                delay = policy.backoff_delay(failures, *_RECONNECT_DELAY_S)
                 log.warning(
                     "%s failed, retrying in %.1f s: %s", what, delay, exc
                 )
@@ -297,7 +300,6 @@ class Worker:
                     # of its dead daemon's jobs.
                     raise _Stop(what) from exc
                 self.sleep(delay)
-                delay = min(delay * 2, 5.0)
 
     def orphaned(self) -> bool:
         return os.getppid() != self.spec.parent_pid
@@ -698,7 +700,7 @@ def main(spec: WorkerSpec) -> NoReturn:
         except Exception as exc:
             log.error("worker could not start: %s", exc)
             worker.report("boot_failed", reason=redact(str(exc)))
-            code = EXIT_BOOT_FAILED
+            code = EXIT_WORKER_BOOT_FAILED
         else:
             try:
                 worker.run()
