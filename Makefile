@@ -1,8 +1,9 @@
 # pdoflowd: the everyday commands.
 #
 # Every target runs in a virtual environment, .venv, made with $(PYTHON) and
-# holding pdoflowd (editable) with its test tools; it is brought up to date
-# whenever pyproject.toml changes. Nothing is installed outside it.
+# holding pdoflowd (editable) with its pinned development tools (the dev
+# extra of pyproject.toml); it is brought up to date whenever
+# pyproject.toml changes. Nothing is installed outside it.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -18,7 +19,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 help:
 	@echo "make demo          start a throwaway PostgreSQL and pdoflowd, run a posting"
 	@echo "make test          the whole test suite (pytest)"
-	@echo "make lint          ruff check, ruff format --check, mypy --strict"
+	@echo "make lint          ruff, mypy --strict, import contracts (lint-imports)"
 	@echo "make bench         throughput, latency and footprint against PostgreSQL's limit"
 	@echo "make deb           build the Debian package into dist/"
 	@echo "make systemd-test  the package under a real systemd (root, systemd-nspawn)"
@@ -27,7 +28,7 @@ help:
 
 $(INSTALLED): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(VENV_PYTHON) -m pip install --quiet --editable '.[test,binary]'
+	$(VENV_PYTHON) -m pip install --quiet --editable '.[dev,binary]'
 	touch $@
 
 install-deps: $(INSTALLED)
@@ -41,7 +42,8 @@ test: $(INSTALLED)
 lint: $(INSTALLED)
 	$(VENV_PYTHON) -m ruff check .
 	$(VENV_PYTHON) -m ruff format --check .
-	$(VENV_PYTHON) -m mypy pdoflowd
+	$(VENV_PYTHON) -m mypy pdoflowd devtools
+	$(VENV)/bin/lint-imports
 
 # The benchmark (minutes, not part of make test); results also land as JSON
 # in bench-results/. BENCH_ARGS passes options, e.g. BENCH_ARGS=--quick.
