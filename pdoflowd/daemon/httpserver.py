@@ -28,6 +28,10 @@ loop's time: every call does a bounded amount of non-blocking work.
   of its kind. So a client filling the slots (connecting in a loop, sending
   nothing, never handshaking) only displaces itself, and the listen queue
   never stops draining.
+
+It stays one module, longer than most: the connection's states, the
+eviction order and the server's limits make one argument about a hostile
+client, and are read together to check it.
 """
 
 from __future__ import annotations
