@@ -44,7 +44,7 @@ TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} ")
 _SCRIPT = textwrap.dedent(
     """
     import logging, warnings
-    from pdoflowd import logs
+    from pdoflowd.daemon import logs
 
     logs.configure("info")
     log = logging.getLogger("pdoflowd.test")
