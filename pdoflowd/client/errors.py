@@ -65,3 +65,4 @@ for _error in (
     PostingEnded,
 ):
     _error.__module__ = "pdoflowd.client"
+del _error
