@@ -1,0 +1,231 @@
+"""``pdoflow``'s command line: its verbs, their options and the values
+they take.
+
+Owns the :mod:`argparse` parser (what ``--help`` shows) and the checks of
+option values (seconds, counts, times with an offset); a bad command line
+ends as every error does, one line and the usage exit status. It must not
+connect nor run a verb: :mod:`pdoflowd.cli.command` does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import math
+from pathlib import Path
+from typing import Any, NoReturn
+
+from pdoflowd import __version__
+from pdoflowd.cli.output import fail
+from pdoflowd.config import DEFAULT_CONFIG_PATH
+from pdoflowd.exitcodes import EXIT_USAGE
+from pdoflowd.status import PostingStatus
+
+__all__ = ["build_parser"]
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """argparse, with its errors as one line and the usage exit code."""
+
+    def error(self, message: str) -> NoReturn:
+        fail(f"{message} (see {self.prog} --help)", EXIT_USAGE)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a number of seconds, got {text!r}"
+        ) from None
+    if math.isnan(value) or value < 0:
+        raise argparse.ArgumentTypeError(
+            f"expected a number of seconds, at least 0, got {text!r}"
+        )
+    return value
+
+
+def _positive_seconds(text: str) -> float:
+    value = _seconds(text)
+    if value == 0 or math.isinf(value):
+        raise argparse.ArgumentTypeError(
+            f"expected a positive number of seconds, got {text!r}"
+        )
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a whole number, got {text!r}"
+        ) from None
+    if not 1 <= value <= 2**31 - 1:
+        raise argparse.ArgumentTypeError(
+            f"expected a number from 1 to {2**31 - 1}, got {text!r}"
+        )
+    return value
+
+
+def _moment(text: str) -> dt.datetime:
+    try:
+        value = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected an ISO 8601 time such as 2030-01-31T18:00:00+00:00, "
+            f"got {text!r}"
+        ) from None
+    if value.tzinfo is None:
+        raise argparse.ArgumentTypeError(
+            f"give the time with its UTC offset (+00:00), got {text!r}"
+        )
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command line: the global options and every verb."""
+    parser = _ArgumentParser(
+        prog="pdoflow",
+        description="Submit work to pdoflowd, follow it and steer it.",
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"pdoflow {__version__}"
+    )
+    parser.add_argument(
+        "--dsn",
+        help="PostgreSQL connection string (default: $PDOFLOW_DSN, then "
+        "libpq's PG* variables, then ~/.config/pdoflow/db.conf)",
+    )
+    verbs = parser.add_subparsers(dest="verb", required=True)
+
+    def verb(name: str, text: str, **kwargs: Any) -> argparse.ArgumentParser:
+        sub = verbs.add_parser(name, help=text, **kwargs)
+        sub.add_argument(
+            "--json", action="store_true", help="print JSON for scripts"
+        )
+        return sub
+
+    submit = verb(
+        "submit",
+        "post a job per JSON line read from stdin",
+        description="Each line is a JSON array of positional arguments or "
+        'an object {"args": [...], "kwargs": {...}, "priority": n}. '
+        "Prints the new posting's id.",
+    )
+    submit.add_argument("entry_point", help="package.module.function")
+    submit.add_argument("--priority", type=int, default=0)
+    submit.add_argument("--tries", type=int, default=None)
+    submit.add_argument(
+        "--requires",
+        action="append",
+        default=None,
+        metavar="CAPABILITY",
+        help="a capability the daemon must provide (repeat for more)",
+    )
+    submit.add_argument(
+        "--store-result",
+        action="store_true",
+        help="keep each job's return value (see `results`)",
+    )
+    submit.add_argument(
+        "--paused", action="store_true", help="post it paused (see `resume`)"
+    )
+    when = submit.add_mutually_exclusive_group()
+    when.add_argument(
+        "--delay",
+        type=_seconds,
+        default=None,
+        metavar="S",
+        help="run the jobs no sooner than S seconds from now",
+    )
+    when.add_argument(
+        "--run-after",
+        type=_moment,
+        default=None,
+        metavar="TIME",
+        help="run the jobs no sooner than TIME (ISO 8601 with offset)",
+    )
+
+    status = verb("status", "a posting's status and counts")
+    status.add_argument("posting_id")
+
+    wait = verb(
+        "wait",
+        "wait for a posting to end (exit 0 finished, 1 errored out, "
+        "2 timeout, 3 cancelled)",
+    )
+    wait.add_argument("posting_id")
+    wait.add_argument(
+        "--timeout",
+        type=_seconds,
+        default=None,
+        help="give up after this many seconds (exit 2)",
+    )
+    wait.add_argument(
+        "--interval",
+        type=_positive_seconds,
+        default=0.5,
+        help="seconds between two looks at the posting",
+    )
+
+    listing = verb("list-postings", "the newest postings")
+    listing.add_argument(
+        "--status",
+        choices=[s.value for s in PostingStatus],
+        help="only postings of this status",
+    )
+    listing.add_argument("--limit", type=_count, default=50)
+
+    detail = verb("posting-status", "one posting in full")
+    detail.add_argument("posting_id")
+    detail.add_argument(
+        "--show-jobs", action="store_true", help="list its jobs too"
+    )
+    detail.add_argument(
+        "--limit", type=_count, default=1000, help="jobs listed at most"
+    )
+
+    verb("priority-stats", "unfinished jobs by priority")
+
+    execute = verb(
+        "execute-job",
+        "run one job here, in the foreground, as a worker would",
+        description="Claims the job with a fresh owner token, runs it in "
+        "this process and records its outcome. Only entry points under "
+        "jobs.allowed_modules of the daemon config are run.",
+    )
+    execute.add_argument("job_id")
+    execute.add_argument(
+        "--config",
+        type=Path,
+        default=DEFAULT_CONFIG_PATH,
+        help="the daemon config whose [jobs] applies (default "
+        f"{DEFAULT_CONFIG_PATH})",
+    )
+
+    set_status = verb(
+        "set-posting-status",
+        "set a posting's status (paused, executing, cancelled, finished, "
+        "errored_out)",
+    )
+    set_status.add_argument("posting_id")
+    set_status.add_argument("status")
+
+    for name, text in (
+        ("pause", "stop claiming a posting's jobs"),
+        ("resume", "claim a paused posting's jobs again"),
+        ("cancel", "end a posting: its waiting and running jobs"),
+    ):
+        verb(name, text).add_argument("posting_id")
+    retry = verb(
+        "retry", "put a posting's errored-out jobs back with fresh tries"
+    )
+    retry.add_argument("posting_id")
+    retry.add_argument(
+        "--tries", type=_count, default=None, help="default: the posting's"
+    )
+
+    results = verb("results", "each job's end and stored return value")
+    results.add_argument("posting_id")
+    return parser

@@ -1,0 +1,267 @@
+"""What a posting may be, checked before anything of it is written.
+
+Owns the limits PostgreSQL sets on a posting (priorities and tries are
+``integer`` columns), the checks of its options (a job's name, tries, timeout,
+required capabilities, whether results are stored, when it may run) and of
+its shape (how many jobs, their priorities, a list and a dict of arguments
+per job), and :class:`PostingJobs`, which turns the checked jobs into the
+encoded rows of :func:`pdoflowd.db.postings.insert_posting` one at a time,
+as they are written. Every refusal is a :class:`PostingError`; the
+arguments themselves are checked by :mod:`pdoflowd.arguments`. It must not
+connect nor know which function a job runs.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import itertools
+import math
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from pdoflowd.arguments import ValueNotStorable, check_text, encode_job, shown
+from pdoflowd.client.errors import PostingError
+from pdoflowd.db.postings import NewJob
+
+__all__ = [
+    "MAX_PRIORITY",
+    "MAX_TRIES",
+    "MIN_PRIORITY",
+    "PostingJobs",
+    "check_name",
+    "check_posting",
+    "check_requires",
+    "check_store_result",
+    "check_timeout",
+    "check_tries",
+    "when_to_run",
+]
+
+# Priorities and tries are stored as PostgreSQL integers.
+MIN_PRIORITY = -(2**31)
+MAX_PRIORITY = 2**31 - 1
+MAX_TRIES = 2**31 - 1
+
+# ---------------------------------------------------------------- options
+
+
+def check_name(name: Any) -> str:
+    if not isinstance(name, str) or not name:
+        raise PostingError(
+            f"a job name must be a non-empty string: {shown(name)}"
+        )
+    try:
+        check_text(name, "name", "a job name")
+    except ValueNotStorable as exc:
+        raise PostingError(exc.problem) from None
+    return name
+
+
+def check_requires(requires: Any) -> tuple[str, ...]:
+    """Capability names a posting requires, each once, in the given order."""
+    if requires is None:
+        return ()
+    if isinstance(requires, (str, bytes, Mapping)) or not isinstance(
+        requires, Iterable
+    ):
+        raise PostingError(
+            "requires must be a list of capability names, e.g. ['gpu']"
+        )
+    names: list[str] = []
+    for index, name in enumerate(requires):
+        if not isinstance(name, str) or not name.strip():
+            raise PostingError(
+                f"requires[{index}]: a capability is a non-empty string, "
+                f"got {shown(name)}"
+            )
+        try:
+            check_text(name, f"requires[{index}]", "a capability")
+        except ValueNotStorable as exc:
+            raise PostingError(str(exc)) from None
+        if name not in names:
+            names.append(name)
+    return tuple(names)
+
+
+def check_tries(tries: Any) -> None:
+    if (
+        isinstance(tries, bool)
+        or not isinstance(tries, int)
+        or not 1 <= tries <= MAX_TRIES
+    ):
+        raise PostingError(
+            f"tries must be an integer from 1 to {MAX_TRIES}, got "
+            f"{shown(tries)}"
+        )
+
+
+def check_timeout(timeout_s: Any) -> None:
+    if timeout_s is None:
+        return
+    if (
+        isinstance(timeout_s, bool)
+        or not isinstance(timeout_s, (int, float))
+        or not 0 < timeout_s < math.inf
+    ):
+        raise PostingError(
+            "timeout must be a positive number of seconds, got "
+            f"{shown(timeout_s)}"
+        )
+
+
+def check_store_result(store_result: Any) -> None:
+    if not isinstance(store_result, bool):
+        raise PostingError(
+            f"store_result must be True or False, got {shown(store_result)}"
+        )
+
+
+def when_to_run(
+    run_after: Any,
+) -> tuple[dt.datetime | None, float | None]:
+    """``run_after`` as (a point in time, or a delay in seconds)."""
+    if run_after is None:
+        return None, None
+    if isinstance(run_after, dt.datetime):
+        if run_after.tzinfo is None or run_after.utcoffset() is None:
+            raise PostingError(
+                "run_after must be a timezone-aware datetime (e.g. "
+                "datetime.now(timezone.utc) + timedelta(hours=1)), or a "
+                "delay in seconds"
+            )
+        return run_after, None
+    if isinstance(run_after, dt.timedelta):
+        run_after = run_after.total_seconds()
+    if (
+        isinstance(run_after, bool)
+        or not isinstance(run_after, (int, float))
+        or not 0 <= run_after < math.inf
+    ):
+        raise PostingError(
+            "run_after must be a datetime or a delay of at least 0 seconds, "
+            f"got {shown(run_after)}"
+        )
+    return None, float(run_after)
+
+
+# ---------------------------------------------------------------- shape
+
+
+def _per_job_list(value: Any, name: str, each: str) -> Sequence[Any]:
+    # A lone dict, string or scalar here is a common slip (the arguments of
+    # one job given where a list of them, one per job, is expected).
+    if isinstance(value, (str, bytes, Mapping)) or not isinstance(
+        value, Iterable
+    ):
+        raise PostingError(
+            f"{name} must be a list with one {each} per job, got "
+            f"{type(value).__name__}"
+        )
+    return value if isinstance(value, (list, tuple)) else list(value)
+
+
+def _job_count(posargs: Sequence[Any], kwargs: Sequence[Any]) -> int:
+    if posargs and kwargs and len(posargs) != len(kwargs):
+        raise PostingError(
+            f"posargs has {len(posargs)} entries but kwargs has "
+            f"{len(kwargs)}; give one of each per job, or leave one empty"
+        )
+    return max(len(posargs), len(kwargs))
+
+
+def _check_priority(value: Any, where: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise PostingError(f"{where}priority must be an integer")
+    if not MIN_PRIORITY <= value <= MAX_PRIORITY:
+        raise PostingError(
+            f"{where}priority must be between {MIN_PRIORITY} and "
+            f"{MAX_PRIORITY}, got {value}"
+        )
+
+
+def _priorities(
+    priority: int | Sequence[int], count: int
+) -> int | Sequence[int]:
+    """One priority for all jobs, or a checked list with one per job."""
+    if isinstance(priority, (str, bytes, Mapping)) or not isinstance(
+        priority, (int, Iterable)
+    ):
+        raise PostingError(
+            "priority must be an integer or a list of integers, one per job"
+        )
+    if isinstance(priority, int):
+        _check_priority(priority, "")
+        return priority
+    values = priority if isinstance(priority, (list, tuple)) else list(priority)
+    if len(values) != count:
+        raise PostingError(f"{len(values)} priorities given for {count} jobs")
+    for index, value in enumerate(values):
+        _check_priority(value, f"job {index}: ")
+    return values
+
+
+@dataclass(frozen=True)
+class PostingJobs:
+    """A posting's jobs, their shape checked; arguments not yet encoded.
+
+    ``posargs`` or ``kwargs`` may be empty (every job then gets none), and
+    ``priority`` is one for all jobs or one per job.
+    """
+
+    posargs: Sequence[Sequence[Any]]
+    kwargs: Sequence[Mapping[str, Any]]
+    priority: int | Sequence[int]
+    count: int
+
+    def encoded(self, ids: Iterable[str]) -> Iterator[NewJob]:
+        """Each job with its id, its arguments checked and encoded as it
+        is reached; raises :class:`ArgumentError` at the first bad one."""
+        priorities = (
+            itertools.repeat(self.priority, self.count)
+            if isinstance(self.priority, int)
+            else self.priority
+        )
+        none: Mapping[str, Any] = {}
+        every_posargs = self.posargs or itertools.repeat((), self.count)
+        every_kwargs = self.kwargs or itertools.repeat(none, self.count)
+        for index, (job_id, priority, args, kw) in enumerate(
+            zip(ids, priorities, every_posargs, every_kwargs, strict=True)
+        ):
+            args_json, kwargs_json = encode_job(index, args, kw)
+            yield job_id, priority, args_json, kwargs_json
+
+
+def _shapes_fit(jobs: PostingJobs) -> bool:
+    """Whether every job's arguments are a list (or tuple) and a dict."""
+    return all(
+        map(isinstance, jobs.posargs, itertools.repeat((list, tuple)))
+    ) and (
+        all(map(isinstance, jobs.kwargs, itertools.repeat(dict)))
+        or all(map(isinstance, jobs.kwargs, itertools.repeat(Mapping)))
+    )
+
+
+def check_posting(
+    posargs: Sequence[Sequence[Any]],
+    kwargs: Sequence[Mapping[str, Any]] | None,
+    priority: int | Sequence[int],
+) -> PostingJobs:
+    """Check a posting's shape: job count, priorities, each job's argument
+    list and dict. The arguments themselves are checked as they are
+    encoded (:meth:`PostingJobs.encoded`), while the posting is written."""
+    posargs = _per_job_list(posargs, "posargs", "list of arguments")
+    kwargs = _per_job_list(
+        [] if kwargs is None else kwargs, "kwargs", "dict of keyword arguments"
+    )
+    count = _job_count(posargs, kwargs)
+    if count == 0:
+        raise PostingError("a posting needs at least one job")
+    jobs = PostingJobs(posargs, kwargs, _priorities(priority, count), count)
+    if not _shapes_fit(jobs):
+        # Encoding the jobs in order raises the error a posting checked
+        # whole raises: an earlier job's bad value before a later job's
+        # shape.
+        for _ in jobs.encoded(itertools.repeat("", count)):
+            pass
+    return jobs

@@ -1,0 +1,107 @@
+"""What the client hands back: a posting made, a posting's state, the
+result of a control, a job's result; and the ids they are asked by.
+
+Owns these frozen values and :func:`as_uuid`, which reads a posting's or a
+job's id from a UUID or its text. They are plain data: this module must
+not connect, post or wait.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from pdoflowd.arguments import shown
+from pdoflowd.status import JobStatus, PostingStatus
+
+__all__ = [
+    "ControlResult",
+    "JobResult",
+    "Posting",
+    "PostingState",
+    "as_uuid",
+]
+
+
+@dataclass(frozen=True)
+class Posting:
+    """A posting just made: its id and the ids of its jobs, in order.
+
+    The job ids are consecutive version 7 UUIDs of one millisecond, held
+    as the first and how many (:class:`pdoflowd.ids.UuidRun`).
+    """
+
+    id: uuid.UUID
+    job_ids: Sequence[uuid.UUID]
+
+
+@dataclass(frozen=True)
+class PostingState:
+    """A posting's status and how many of its jobs are in each status."""
+
+    id: uuid.UUID
+    status: PostingStatus
+    jobs: Mapping[JobStatus, int]
+
+    @property
+    def total(self) -> int:
+        return sum(self.jobs.values())
+
+    @property
+    def ended(self) -> int:
+        """Jobs done or errored out."""
+        return self.jobs.get(JobStatus.DONE, 0) + self.jobs.get(
+            JobStatus.ERRORED_OUT, 0
+        )
+
+    @property
+    def fraction_ended(self) -> float:
+        """The share of jobs that ended, from 0.0 to 1.0."""
+        return self.ended / self.total if self.total else 0.0
+
+    @property
+    def finished(self) -> bool:
+        return self.status.is_final
+
+    def as_json(self) -> dict[str, Any]:
+        """The stable JSON form (``pdoflow status --json``)."""
+        return {
+            "id": str(self.id),
+            "status": self.status.value,
+            "jobs": {s.value: self.jobs.get(s, 0) for s in JobStatus},
+        }
+
+
+@dataclass(frozen=True)
+class ControlResult:
+    """A posting after pause, resume, cancel, retry or a status change:
+    its status, and how many jobs were ended (cancel) or requeued (retry).
+    """
+
+    id: uuid.UUID
+    status: PostingStatus
+    jobs_changed: int
+
+
+@dataclass(frozen=True)
+class JobResult:
+    """A job's end and its return value (``stored`` False: none was kept,
+    because the job is not done or its posting does not store results)."""
+
+    job_id: uuid.UUID
+    status: JobStatus
+    stored: bool
+    value: Any
+    error: str | None
+
+
+def as_uuid(value: uuid.UUID | str, what: str = "posting") -> uuid.UUID:
+    """A posting (or job) id from a UUID or its text; KeyError if not one."""
+    if isinstance(value, uuid.UUID):
+        return value
+    try:
+        return uuid.UUID(value)
+    except (ValueError, TypeError, AttributeError):
+        raise KeyError(f"{shown(value)} is not a {what} id") from None
