@@ -43,6 +43,7 @@ from pdoflowd.daemon.pool import Pool
 from pdoflowd.daemon.scoreboard import Scoreboard
 from pdoflowd.daemon.session import Event, SessionEvent
 from pdoflowd.daemon.sessionkeeper import SessionKeeper
+from pdoflowd.daemon.timers import Every
 from pdoflowd.exitcodes import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, EXIT_SCHEMA
 
 log = logging.getLogger("pdoflowd.daemon.supervisor")
@@ -113,8 +114,12 @@ class Supervisor:
         self.stop_deadline = 0.0
         self.exit_code = EXIT_OK
         self.announced_ready = False
-        self.next_watchdog = 0.0
-        self.next_status = 0.0
+        self.watchdog_timer = (
+            Every(self.notifier.watchdog_s)
+            if self.notifier.watchdog_s
+            else None
+        )
+        self.status_timer = Every(_STATUS_INTERVAL_S)
         self.last_status = ""
         self.http: HttpServer | None = None
         self._signal_r, self._signal_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -461,19 +466,18 @@ class Supervisor:
 
     def periodic_chores(self) -> None:
         now = time.monotonic()
-        if self.notifier.watchdog_s and now >= self.next_watchdog:
-            if self.healthy():
-                self.notifier.watchdog()
-            self.next_watchdog = now + self.notifier.watchdog_s
-        if self.stop_mode is not None and now >= self.next_status:
-            self.next_status = now + _STATUS_INTERVAL_S
-            left = max(0.0, self.stop_deadline - now)
-            self.notifier.status(
-                f"draining: {self.pool.busy_count()} jobs running, "
-                f"{left:.0f} s left"
-            )
-        elif self.announced_ready and now >= self.next_status:
-            self.next_status = now + _STATUS_INTERVAL_S
+        watchdog = self.watchdog_timer
+        # Its time comes round either way; the ping goes only while healthy.
+        if watchdog is not None and watchdog.due(now) and self.healthy():
+            self.notifier.watchdog()
+        if self.stop_mode is not None:
+            if self.status_timer.due(now):
+                left = max(0.0, self.stop_deadline - now)
+                self.notifier.status(
+                    f"draining: {self.pool.busy_count()} jobs running, "
+                    f"{left:.0f} s left"
+                )
+        elif self.announced_ready and self.status_timer.due(now):
             text = self.status_text()
             if text != self.last_status:
                 self.last_status = text
