@@ -197,6 +197,13 @@ class Takeback:
     running_s: float | None = None
 
 
+@dataclass(frozen=True)
+class ReportPipe:
+    """The selector's data for a worker's report pipe."""
+
+    pid: int
+
+
 @dataclass
 class Slot:
     """A place in the pool, kept across the workers that fill it."""
@@ -323,7 +330,7 @@ class Pool:
         )
         self.workers[pid] = handle
         slot.worker_pid = pid
-        self.selector.register(report_r, selectors.EVENT_READ, pid)
+        self.selector.register(report_r, selectors.EVENT_READ, ReportPipe(pid))
         log.debug("worker %d started in slot %d", pid, slot.index)
 
     # ------------------------------------------------------------ reports

@@ -20,6 +20,7 @@ speak to systemd.
 from __future__ import annotations
 
 import contextlib
+import enum
 import logging
 import os
 import random
@@ -37,6 +38,12 @@ from pdoflowd.daemon.scoreboard import Scoreboard
 from pdoflowd.daemon.session import SessionEvent, SessionHandle
 
 log = logging.getLogger("pdoflowd.daemon.sessionkeeper")
+
+
+class SessionPipe(enum.Enum):
+    """The selector's data for the database session's event pipe."""
+
+    EVENTS = "session events"
 
 
 class SessionKeeper:
@@ -94,7 +101,7 @@ class SessionKeeper:
             inherited_fds=self.inherited_fds(),
         )
         self.selector.register(
-            self.handle.event_fd, selectors.EVENT_READ, "session"
+            self.handle.event_fd, selectors.EVENT_READ, SessionPipe.EVENTS
         )
         log.debug("database session %d started", pid)
 

@@ -39,10 +39,10 @@ from pdoflowd.config import (
 from pdoflowd.daemon import metrics
 from pdoflowd.daemon.httpserver import EndpointError, HttpServer, tls_context
 from pdoflowd.daemon.notify import Notifier
-from pdoflowd.daemon.pool import Pool
+from pdoflowd.daemon.pool import Pool, ReportPipe
 from pdoflowd.daemon.scoreboard import Scoreboard
 from pdoflowd.daemon.session import Event, SessionEvent
-from pdoflowd.daemon.sessionkeeper import SessionKeeper
+from pdoflowd.daemon.sessionkeeper import SessionKeeper, SessionPipe
 from pdoflowd.daemon.timers import Every
 from pdoflowd.exitcodes import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, EXIT_SCHEMA
 
@@ -66,6 +66,12 @@ _HANDLED_SIGNALS = (
 class StopMode(enum.Enum):
     GRACEFUL = "graceful"
     FAST = "fast"
+
+
+class WakeUp(enum.Enum):
+    """The selector's data for the signal wake-up pipe."""
+
+    SIGNALS = "signals"
 
 
 class Supervisor:
@@ -129,7 +135,9 @@ class Supervisor:
     def run(self) -> int:
         """Run until stopped; return the process exit code."""
         self.install_signal_handlers()
-        self.selector.register(self._signal_r, selectors.EVENT_READ, "signal")
+        self.selector.register(
+            self._signal_r, selectors.EVENT_READ, WakeUp.SIGNALS
+        )
         try:
             if not self.open_endpoint():
                 return self.exit_code
@@ -455,12 +463,13 @@ class Supervisor:
 
     def dispatch(self, key: selectors.SelectorKey, events: int) -> None:
         """Hand one ready file to its owner."""
-        if key.data == "signal":
+        data: object = key.data
+        if data is WakeUp.SIGNALS:
             self.dispatch_signals()
-        elif key.data == "session":
+        elif data is SessionPipe.EVENTS:
             self.on_session_events(self.keeper.read())
-        elif isinstance(key.data, int):
-            self.pool.read_report(key.data)
+        elif isinstance(data, ReportPipe):
+            self.pool.read_report(data.pid)
         elif self.http is not None:
             self.http.handle(key, events)
 
