@@ -134,22 +134,30 @@ class Supervisor:
 
     def run(self) -> int:
         """Run until stopped; return the process exit code."""
+        try:
+            if self.begin():
+                while self.step():
+                    pass
+        finally:
+            self.finish()
+        return self.exit_code
+
+    def begin(self) -> bool:
+        """Take the signals, open the endpoint, start the database session
+        and wait for it; False when the daemon cannot go on (the exit code
+        says why) or was stopped meanwhile."""
         self.install_signal_handlers()
         self.selector.register(
             self._signal_r, selectors.EVENT_READ, WakeUp.SIGNALS
         )
-        try:
-            if not self.open_endpoint():
-                return self.exit_code
-            if not self.start_database():
-                return self.exit_code
-            self.loop()
-        finally:
-            self.stop_session()
-            if self.http is not None:
-                self.http.close()
-            self.selector.close()
-        return self.exit_code
+        return self.open_endpoint() and self.start_database()
+
+    def finish(self) -> None:
+        """Let the session finish, close the endpoint and the selector."""
+        self.stop_session()
+        if self.http is not None:
+            self.http.close()
+        self.selector.close()
 
     def open_endpoint(self) -> bool:
         """Serve /metrics, /livez and /readyz from this loop, if enabled."""
@@ -437,29 +445,30 @@ class Supervisor:
 
     # ------------------------------------------------------------ the loop
 
-    def loop(self) -> None:
-        while True:
-            if self.stop_mode is None and self.keeper.schema_problem is None:
-                self.pool.spawn_due()
-            if self.stop_mode is not None and not self.pool.workers:
-                return
-            ready = self.selector.select(_TICK_S)
-            began = time.monotonic()
-            self.scoreboard.beat()
-            for key, events in ready:
-                self.dispatch(key, events)
-            if self.http is not None:
-                self.http.expire()
-            self.reap()
-            self.pool.enforce_timeouts()
-            self.enforce_stop_deadline()
-            if self.stop_mode is None:
-                self.pool.roll()
-            self.keep_session()
-            self.keeper.flush()
-            self.periodic_chores()
-            self.update_readiness()
-            self.metrics.observe_loop_tick(time.monotonic() - began)
+    def step(self) -> bool:
+        """One pass of the loop; False once a stop has ended every worker."""
+        if self.stop_mode is None and self.keeper.schema_problem is None:
+            self.pool.spawn_due()
+        if self.stop_mode is not None and not self.pool.workers:
+            return False
+        ready = self.selector.select(_TICK_S)
+        began = time.monotonic()
+        self.scoreboard.beat()
+        for key, events in ready:
+            self.dispatch(key, events)
+        if self.http is not None:
+            self.http.expire()
+        self.reap()
+        self.pool.enforce_timeouts()
+        self.enforce_stop_deadline()
+        if self.stop_mode is None:
+            self.pool.roll()
+        self.keep_session()
+        self.keeper.flush()
+        self.periodic_chores()
+        self.update_readiness()
+        self.metrics.observe_loop_tick(time.monotonic() - began)
+        return True
 
     def dispatch(self, key: selectors.SelectorKey, events: int) -> None:
         """Hand one ready file to its owner."""
