@@ -10,7 +10,9 @@ growing and shrinking the pool, and ending workers: a job past its timeout
 stop past its deadline. Why a worker ended is one :class:`WorkerEnd`, in
 an :class:`Ending` with what it needs. It must not touch the database,
 speak to systemd, handle signals or decide when to stop: the supervisor
-does, and calls in.
+does, and calls in. It runs past 600 lines because it is one worker's
+whole life as its parent sees it: why a worker ends stays beside the
+code that ends it and the code that counts it.
 """
 
 from __future__ import annotations
@@ -117,10 +119,6 @@ class Ending:
         return self.retire_reason or timed_out or "exited"
 
 
-def _retiring(end: Ending | None) -> str | None:
-    return None if end is None else end.retire_reason
-
-
 @dataclass
 class WorkerHandle:
     """The supervisor's view of one live worker process."""
@@ -145,48 +143,41 @@ class WorkerHandle:
         else:
             self.end = replace(self.end, retiring=reason)
 
-    def boot_failed(self, error: str) -> None:
-        if error:  # an empty word says nothing: its exit status tells
-            self.end = Ending(
-                WorkerEnd.BOOT_FAILED,
-                error,
-                killed=self.end is not None and self.end.killed,
-                retiring=_retiring(self.end),
-            )
-
-    def time_out(self, job: int, reason: str, kill_at: float) -> None:
+    def ends(
+        self,
+        why: WorkerEnd,
+        detail: str,
+        *,
+        job: int | None = None,
+        kill_at: float = 0.0,
+        killed: bool = False,
+    ) -> None:
+        """It ends for ``why``, keeping the reason of a retirement."""
+        retiring = None if self.end is None else self.end.retire_reason
         self.end = Ending(
-            WorkerEnd.TIMED_OUT,
-            reason,
+            why,
+            detail,
             job=job,
             kill_at=kill_at,
-            retiring=_retiring(self.end),
+            killed=killed,
+            retiring=retiring,
         )
+
+    def boot_failed(self, error: str) -> None:
+        if error:  # an empty word says nothing: its exit status tells
+            killed = self.end is not None and self.end.killed
+            self.ends(WorkerEnd.BOOT_FAILED, error, killed=killed)
 
     def timeout_over(self) -> None:
         """It recorded the timeout itself and went on: no end after all."""
-        reason = _retiring(self.end)
+        reason = None if self.end is None else self.end.retire_reason
         self.end = None if reason is None else Ending(WorkerEnd.RETIRED, reason)
-
-    def cancel(self, job: int) -> None:
-        self.end = Ending(
-            WorkerEnd.CANCELLED,
-            "cancelled",
-            job=job,
-            killed=True,
-            retiring=_retiring(self.end),
-        )
 
     def kill_on_stop(self, reason: str) -> None:
         if self.end is not None and self.end.why is WorkerEnd.BOOT_FAILED:
             self.end = replace(self.end, killed=True)
         else:
-            self.end = Ending(
-                WorkerEnd.KILLED_ON_STOP,
-                reason,
-                killed=True,
-                retiring=_retiring(self.end),
-            )
+            self.ends(WorkerEnd.KILLED_ON_STOP, reason, killed=True)
 
 
 @dataclass(frozen=True)
@@ -525,8 +516,11 @@ class Pool:
                 and not handle.forced
             ):
                 limit = view.deadline - view.started
-                handle.time_out(
-                    running, f"timeout after {limit:g} s", now + grace
+                handle.ends(
+                    WorkerEnd.TIMED_OUT,
+                    f"timeout after {limit:g} s",
+                    job=running,
+                    kill_at=now + grace,
                 )
                 signal_process(handle.pid, signal.SIGTERM)
 
@@ -552,7 +546,9 @@ class Pool:
                 or handle.forced
             ):
                 continue  # not running it (any more), or ending already
-            handle.cancel(view.job_id)
+            handle.ends(
+                WorkerEnd.CANCELLED, "cancelled", job=view.job_id, killed=True
+            )
             log.info(
                 "ending worker %d: its job %d was cancelled",
                 handle.pid,
