@@ -4,7 +4,10 @@ A real :class:`Supervisor` is built here and driven one pass of its loop
 at a time (``step``), so a test can look at its pool between passes: real
 workers forked from this process, real signals sent to it (its handlers
 are installed here, and put back afterwards), a real database session
-against a real PostgreSQL. Intervals are shrunk through the config.
+against a real PostgreSQL. Intervals are shrunk through the config. The
+last part pins, without processes, how the pool words and counts a
+worker's end when two causes meet, which real processes reach only by
+races.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import pytest
 from harness import children_of, daemon_config
 from pdoflowd.client import Client
 from pdoflowd.config import Config, parse, resolve_password
-from pdoflowd.daemon.pool import WorkerEnd, WorkerHandle
+from pdoflowd.daemon.pool import Ending, WorkerEnd, WorkerHandle
 from pdoflowd.daemon.scoreboard import WorkerState
 from pdoflowd.daemon.supervisor import Supervisor
 from pdoflowd.exitcodes import EXIT_OK
@@ -340,3 +343,99 @@ def test_sigttin_and_sigttou_grow_and_shrink_the_pool(
     assert [s.index for s in sup.pool.slots] == [0]
     assert len(sup.pool.workers) == 1
     assert driven.stop(signal.SIGTERM) == EXIT_OK
+
+
+# ---------------------------------------------------------------- ends, pure
+
+KILLED = 9  # a wait status: killed by SIGKILL
+
+
+def handle() -> WorkerHandle:
+    return WorkerHandle(
+        slot=0, pid=1, wake_fd=-1, report_fd=-1, generation=0, started=0.0
+    )
+
+
+def test_a_timeout_overtaking_a_reload_is_counted_as_the_reload() -> None:
+    worker = handle()
+    worker.retire("reload")
+    worker.ends(WorkerEnd.TIMED_OUT, "timeout after 2 s", job=7, kill_at=5.0)
+    end = worker.end
+    assert end is not None and end.why is WorkerEnd.TIMED_OUT
+    assert worker.forced
+    assert end.retire_reason == "reload"  # so no second worker is rolled
+    assert end.reason(KILLED) == "timeout after 2 s"
+    assert end.takeback_outcome == "timeout"
+    assert end.on_purpose
+    assert end.restart_reason() == "reload"
+
+
+def test_a_timeout_the_worker_recorded_itself_leaves_its_retirement() -> None:
+    worker = handle()
+    worker.retire("reload")
+    worker.ends(WorkerEnd.TIMED_OUT, "timeout after 2 s", job=7, kill_at=5.0)
+    worker.timeout_over()
+    assert worker.end is not None
+    assert (worker.end.why, worker.end.detail) == (WorkerEnd.RETIRED, "reload")
+    assert not worker.forced
+    bare = handle()
+    bare.ends(WorkerEnd.TIMED_OUT, "timeout after 2 s", job=7, kill_at=5.0)
+    bare.timeout_over()
+    assert bare.end is None
+
+
+def test_a_boot_failure_keeps_its_words_over_the_kill_at_the_stop() -> None:
+    for first_the_kill in (True, False):
+        worker = handle()
+        if first_the_kill:
+            worker.kill_on_stop("daemon stopped fast: job killed")
+        worker.boot_failed("No module named 'x'")
+        if not first_the_kill:
+            assert not worker.forced
+            worker.kill_on_stop("daemon stopped fast: job killed")
+        end = worker.end
+        assert end is not None and end.why is WorkerEnd.BOOT_FAILED
+        assert worker.forced  # killed once, not at every pass
+        assert (
+            end.reason(KILLED) == "worker could not start: No module named 'x'"
+        )
+
+
+def test_a_boot_failure_without_words_is_told_by_its_exit_status() -> None:
+    worker = handle()
+    worker.boot_failed("")
+    assert worker.end is None
+
+
+def test_a_cancel_is_counted_as_such_even_on_a_retiring_worker() -> None:
+    worker = handle()
+    worker.retire("max_jobs")
+    worker.ends(WorkerEnd.CANCELLED, "cancelled", job=3, killed=True)
+    end = worker.end
+    assert end is not None
+    assert end.reason(KILLED) == "cancelled"
+    assert end.takeback_outcome == "worker_died"
+    assert end.restart_reason() == "cancelled"
+    assert end.retire_reason == "max_jobs"
+
+
+def test_a_kill_at_the_stop_is_no_end_on_purpose() -> None:
+    worker = handle()
+    worker.retire("max_memory")
+    worker.kill_on_stop("drain budget exceeded: job killed after 10 s")
+    end = worker.end
+    assert end is not None and end.why is WorkerEnd.KILLED_ON_STOP
+    assert end.reason(KILLED) == "drain budget exceeded: job killed after 10 s"
+    assert not end.on_purpose  # a crash, unless it exited cleanly first
+    assert end.restart_reason() == "max_memory"
+
+
+def test_an_end_without_a_word_is_told_by_the_wait_status() -> None:
+    assert Ending(WorkerEnd.DIED).reason(KILLED) == (
+        "worker died: signal 9 (SIGKILL)"
+    )
+    assert Ending(WorkerEnd.EXITED).restart_reason() == "exited"
+    retired = Ending(WorkerEnd.RETIRED, "max_jobs")
+    assert retired.reason(0) == "worker died: exit code 0"
+    assert retired.restart_reason() == "max_jobs"
+    assert not retired.on_purpose
