@@ -12,21 +12,27 @@ the daemon imports it; it must not reach past the client into the queue.
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from devtools.daemonproc import (
+    DaemonExited,
+    DaemonProcess,
+    NotifySocket,
+    NotifyTimeout,
+    checkout_environ,
+    pdoflowd_command,
+    write_config,
+)
 from devtools.devcluster import LocalCluster, free_port
 from pdoflowd.client import Client, PostingState, WaitTimeout
 from pdoflowd.status import JobStatus
@@ -42,11 +48,11 @@ WORKERS = 2
 SIGMA = 1.5
 TRIES = 3
 _READY_TIMEOUT_S = 30.0
+_READY_POLL_S = 0.1
 _POSTING_TIMEOUT_S = 40.0
 _STOP_TIMEOUT_S = 15.0
 _PROGRESS_INTERVAL_S = 0.5
 _DATABASE = "pdoflowd_demo"
-_PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 
 _print_lock = threading.Lock()
 
@@ -66,16 +72,6 @@ def _step(text: str) -> None:
 
 class DemoError(RuntimeError):
     """A step of the demo failed; the message says which and why."""
-
-
-def _toml(sections: Mapping[str, Mapping[str, Any]]) -> str:
-    lines = []
-    for section, values in sections.items():
-        lines.append(f"[{section}]")
-        # JSON strings, numbers, booleans and arrays are valid TOML too.
-        lines += [f"{key} = {json.dumps(v)}" for key, v in values.items()]
-        lines.append("")
-    return "\n".join(lines)
 
 
 def demo_config(dsn: str, metrics_port: int) -> dict[str, dict[str, Any]]:
@@ -135,23 +131,7 @@ def _show_metrics(port: int) -> None:
         _step(f"GET {base}/readyz: {page.status} {page.read().decode()}")
 
 
-def _pdoflowd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "pdoflowd", *args]
-
-
-def _daemon_environ(notify_path: Path | None) -> dict[str, str]:
-    environ = dict(os.environ)
-    # The workers import this checkout's devtools.demo, installed or not.
-    environ["PYTHONPATH"] = os.pathsep.join(
-        filter(None, [str(_PACKAGE_ROOT), environ.get("PYTHONPATH")])
-    )
-    environ.pop("NOTIFY_SOCKET", None)
-    if notify_path is not None:
-        environ["NOTIFY_SOCKET"] = str(notify_path)
-    return environ
-
-
-class DaemonProcess:
+class _Daemon(DaemonProcess):
     """``pdoflowd run`` as a subprocess, its log shown indented.
 
     It runs in a session of its own, so a Ctrl-C reaches only the demo,
@@ -159,77 +139,49 @@ class DaemonProcess:
     """
 
     def __init__(self, config_path: Path, notify_path: Path) -> None:
-        self.config_path = config_path
-        self.notify_path = notify_path
-        self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.notify.bind(str(notify_path))
         self.ready_logged = threading.Event()
-        self.proc: subprocess.Popen[bytes] | None = None
-        self._log_copier = threading.Thread(target=self._copy_log, daemon=True)
-
-    def start(self) -> int:
-        """Start ``pdoflowd run``; return its pid."""
-        self.proc = subprocess.Popen(
-            _pdoflowd("run", "--config", str(self.config_path)),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            env=_daemon_environ(self.notify_path),
-            start_new_session=True,
+        super().__init__(
+            pdoflowd_command("run", "--config", str(config_path)),
+            NotifySocket(notify_path, errors="replace"),
+            output=self._show,
+            new_session=True,
         )
-        self._log_copier.start()
-        return self.proc.pid
 
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
+    def _show(self, line: str) -> None:
+        if "] ready: " in line:
+            self.ready_logged.set()
+        _say(f"    | {line}")
 
-    def _copy_log(self) -> None:
-        assert self.proc is not None and self.proc.stdout is not None
-        for raw in self.proc.stdout:
-            line = raw.decode(errors="replace").rstrip()
-            if "] ready: " in line:
-                self.ready_logged.set()
-            _say(f"    | {line}")
-
-    def wait_ready(self, timeout: float) -> str:
+    def ready_status(self, timeout: float) -> str:
         """Wait for READY=1 (or, failing that, the log's "ready:" line).
 
         Returns the STATUS= text the daemon sent with READY=1.
         """
-        assert self.proc is not None
         deadline = time.monotonic() + timeout
-        self.notify.settimeout(0.1)
         while True:
             try:
-                message = self.notify.recv(65536).decode(errors="replace")
-            except TimeoutError:
-                message = ""
-            fields = message.split("\n")
-            if "READY=1" in fields:
-                status = [f for f in fields if f.startswith("STATUS=")]
-                return status[0].removeprefix("STATUS=") if status else ""
-            if self.ready_logged.is_set():
-                return "(no READY=1 seen; the log says ready)"
-            code = self.proc.poll()
-            if code is not None:
-                self._log_copier.join(5)
-                raise DemoError(f"pdoflowd run exited with {code} before ready")
-            if time.monotonic() >= deadline:
-                raise DemoError(f"pdoflowd run was not ready in {timeout:g} s")
+                ready = self.wait_for("READY=1", _READY_POLL_S)
+            except DaemonExited as exited:
+                raise DemoError(
+                    f"pdoflowd run exited with {exited.code} before ready"
+                ) from None
+            except NotifyTimeout:
+                if self.ready_logged.is_set():
+                    return "(no READY=1 seen; the log says ready)"
+                if time.monotonic() >= deadline:
+                    raise DemoError(
+                        f"pdoflowd run was not ready in {timeout:g} s"
+                    ) from None
+            else:
+                return ready.fields.get("STATUS", "")
 
-    def stop(self) -> int:
+    def stop(
+        self, signum: int = signal.SIGTERM, timeout: float = _STOP_TIMEOUT_S
+    ) -> int:
         """SIGTERM, wait for the drain, return the exit status."""
-        assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            code = self.proc.wait(_STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            _step(f"no exit {_STOP_TIMEOUT_S:g} s after SIGTERM: SIGKILL")
-            # The session holds the workers too.
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            code = self.proc.wait()
-        self._log_copier.join(5)
+        code = super().stop(signum, timeout)
+        if self.killed:
+            _step(f"no exit {timeout:g} s after SIGTERM: SIGKILL")
         return code
 
     def close(self) -> None:
@@ -237,9 +189,7 @@ class DaemonProcess:
         if self.running:
             _step("stopping pdoflowd with SIGTERM")
             _step(f"pdoflowd exited with status {self.stop()}")
-        if self.proc is not None and self.proc.stdout is not None:
-            self.proc.stdout.close()
-        self.notify.close()
+        super().close()
 
 
 class _Progress:
@@ -267,10 +217,10 @@ def _ended(state: PostingState) -> int:
 
 def _run_migrate(config_path: Path) -> None:
     migrated = subprocess.run(
-        _pdoflowd("migrate", "--config", str(config_path)),
+        pdoflowd_command("migrate", "--config", str(config_path)),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
-        env=_daemon_environ(None),
+        env=checkout_environ(),
         check=False,
         timeout=60,
     )
@@ -331,7 +281,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     base_dir = Path(tempfile.mkdtemp(prefix="pdoflowd-demo-"))
     cluster: LocalCluster | None = None
-    daemon: DaemonProcess | None = None
+    daemon: _Daemon | None = None
     try:
         cluster = LocalCluster(base_dir / "pg")
         _step(
@@ -344,7 +294,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         config_path = base_dir / "pdoflowd.toml"
         metrics_port = free_port()
-        config_path.write_text(_toml(demo_config(dsn, metrics_port)))
+        write_config(config_path, demo_config(dsn, metrics_port))
         _step(f"config {config_path}:")
         for line in config_path.read_text().splitlines():
             _say(f"    {line}" if line else "")
@@ -354,9 +304,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         _step(f"pdoflowd run --config {config_path}")
         started = time.monotonic()
-        daemon = DaemonProcess(config_path, base_dir / "notify.sock")
-        pid = daemon.start()
-        status = daemon.wait_ready(_READY_TIMEOUT_S)
+        daemon = _Daemon(config_path, base_dir / "notify.sock")
+        pid = daemon.start().pid
+        status = daemon.ready_status(_READY_TIMEOUT_S)
         waited = time.monotonic() - started
         _step(f"ready after {waited:.1f} s (pid {pid}): {status}")
 

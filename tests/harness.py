@@ -1,7 +1,8 @@
 """Drive the real daemon as a subprocess: config, start, signals, stop.
 
 Readiness is learnt the way systemd learns it: the harness binds a real
-AF_UNIX datagram socket, passes it as NOTIFY_SOCKET, and reads READY=1.
+AF_UNIX datagram socket, passes it as NOTIFY_SOCKET, and reads READY=1
+(devtools.daemonproc, shared with the benchmark and the demo).
 """
 
 from __future__ import annotations
@@ -10,10 +11,8 @@ import contextlib
 import os
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -25,32 +24,19 @@ import psycopg
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
+# SESSION_NAME and children_of stay importable from the harness.
+from devtools.daemonproc import SESSION_NAME as SESSION_NAME
+from devtools.daemonproc import (
+    DaemonProcess,
+    NotifySocket,
+    pdoflowd_command,
+    write_config,
+)
+from devtools.daemonproc import children_of as children_of
 from pdoflowd.db import migrate
 
 TESTS_DIR = Path(__file__).resolve().parent
 REPO_ROOT = TESTS_DIR.parent
-
-
-def toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    raise TypeError(value)
-
-
-def write_config(path: Path, sections: Mapping[str, Mapping[str, Any]]) -> Path:
-    lines = []
-    for section, values in sections.items():
-        lines.append(f"[{section}]")
-        lines += [f"{k} = {toml_value(v)}" for k, v in values.items()]
-        lines.append("")
-    path.write_text("\n".join(lines))
-    return path
 
 
 def daemon_config(
@@ -79,35 +65,10 @@ def daemon_config(
     return sections
 
 
-SESSION_NAME = "pdoflowd-db"
-
-
-def children_of(pid: int) -> list[int]:
-    """Live child processes of ``pid`` (from /proc)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat.rsplit(")", 1)[1].split()
-        if int(fields[1]) == pid and fields[0] != "Z":
-            found.append(int(entry.name))
-    return sorted(found)
-
-
-def _is_session(pid: int) -> bool:
-    """Whether ``pid`` is a daemon's database session (by its name)."""
-    try:
-        return Path(f"/proc/{pid}/comm").read_text().strip() == SESSION_NAME
-    except OSError:
-        return False
-
-
-class Daemon:
-    """One ``pdoflowd run`` subprocess with a notify socket of its own."""
+class Daemon(DaemonProcess):
+    """One ``pdoflowd run`` subprocess with a notify socket of its own
+    (``notify``, when given: the test's own), its config, log and socket
+    in ``tmp`` under ``name``."""
 
     def __init__(
         self,
@@ -117,75 +78,40 @@ class Daemon:
         effects_dsn: str = "",
         env: Mapping[str, str] | None = None,
         name: str = "daemon",
+        notify: NotifySocket | None = None,
     ) -> None:
         self.tmp = tmp
         self.config_path = write_config(tmp / f"{name}.toml", config)
-        self.log_path = tmp / f"{name}.log"
-        self.notify_path = tmp / f"{name}.notify"
-        self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.notify.bind(str(self.notify_path))
-        self.messages: list[str] = []
         environ = dict(os.environ)
         environ.update(
             {
                 "PYTHONPATH": os.pathsep.join([str(TESTS_DIR), str(REPO_ROOT)]),
-                "NOTIFY_SOCKET": str(self.notify_path),
                 "PDOFLOWD_TEST_EFFECTS_DSN": effects_dsn,
             }
         )
-        environ.update(env or {})
-        self.env = environ
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> Daemon:
-        log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "pdoflowd",
-                "run",
-                "--config",
-                str(self.config_path),
-            ],
-            env=self.env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=self.tmp,
+        super().__init__(
+            pdoflowd_command("run", "--config", str(self.config_path)),
+            NotifySocket(tmp / f"{name}.notify") if notify is None else notify,
+            output=tmp / f"{name}.log",
+            env=environ,
+            cwd=tmp,
         )
-        log.close()
-        return self
+        self.env.update(env or {})
 
     @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
+    def messages(self) -> list[str]:
+        """Every notification read so far, as sent."""
+        return [message.text for message in self.notify.received]
 
     def read_notifications(self, timeout: float) -> Iterator[str]:
-        self.notify.settimeout(timeout)
-        try:
-            while True:
-                data = self.notify.recv(65536).decode()
-                self.messages.append(data)
-                yield data
-        except (TimeoutError, BlockingIOError):
-            return
+        """Notifications as they come, until none for ``timeout`` s."""
+        while (message := self.notify.receive(timeout)) is not None:
+            yield message.text
 
     def wait_for_message(self, needle: str, timeout: float = 30.0) -> str:
-        deadline = time.monotonic() + timeout
-        for old in self.messages:
-            if needle in old.split("\n"):
-                return old
-        while time.monotonic() < deadline:
-            for message in self.read_notifications(0.2):
-                if needle in message.split("\n"):
-                    return message
-            if self.proc is not None and self.proc.poll() is not None:
-                raise AssertionError(
-                    f"daemon exited ({self.proc.returncode}) before "
-                    f"{needle}:\n{self.log()}"
-                )
-        raise AssertionError(f"no {needle} within {timeout} s:\n{self.log()}")
+        """The first notification (already read or new) carrying the
+        ``KEY=value`` ``needle``."""
+        return self.wait_for(needle, timeout).text
 
     def wait_for_text(self, text: str, timeout: float = 30.0) -> str:
         """The first message (already read or new) containing ``text``."""
@@ -199,56 +125,9 @@ class Daemon:
             for _ in self.read_notifications(0.2):
                 pass
 
-    def wait_ready(self, timeout: float = 30.0) -> Daemon:
-        self.wait_for_message("READY=1", timeout)
-        return self
-
-    def workers(self) -> list[int]:
-        """The worker processes (children other than the database
-        session)."""
-        return [pid for pid in children_of(self.pid) if not _is_session(pid)]
-
-    def session_pid(self) -> int | None:
-        """The database session process, if one is running."""
-        sessions = [pid for pid in children_of(self.pid) if _is_session(pid)]
-        return sessions[0] if sessions else None
-
-    def send(self, signum: int) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signum)
-
-    def wait(self, timeout: float = 30.0) -> int:
-        assert self.proc is not None
-        return self.proc.wait(timeout)
-
-    def stop(self, signum: int = signal.SIGTERM, timeout: float = 30.0) -> int:
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else 0
-        self.send(signum)
-        return self.wait(timeout)
-
     def kill_host(self) -> None:
         """SIGKILL the supervisor and every worker at once: a dead host."""
-        victims = [self.pid, *children_of(self.pid)]
-        for pid in victims:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        self.wait(10)
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def close(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-        for pid in children_of(self.pid) if self.proc else []:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        self.notify.close()
+        self.kill()
 
 
 def wait_until(

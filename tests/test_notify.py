@@ -10,109 +10,18 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
-import struct
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from devtools.daemonproc import NotifySocket
 from harness import Daemon, daemon_config, wait_until, write_config
 from pdoflowd.client import Client
 from pdoflowd.daemon import notify
-
-_UCRED = struct.Struct("3i")  # pid, uid, gid
-
-
-@dataclass(frozen=True)
-class Datagram:
-    """One sd_notify message and the pid the kernel says sent it."""
-
-    pid: int
-    fields: dict[str, str]
-
-    def __contains__(self, assignment: str) -> bool:
-        key, _, value = assignment.partition("=")
-        return self.fields.get(key) == value
-
-
-class NotifySocket:
-    """What systemd listens on: a datagram socket that learns senders."""
-
-    def __init__(self, address: str) -> None:
-        self.address = address
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-        bind_to = "\0" + address[1:] if address.startswith("@") else address
-        self.sock.bind(bind_to)
-        self.received: list[Datagram] = []
-
-    def poll(self, timeout: float) -> list[Datagram]:
-        """Datagrams arriving within ``timeout`` seconds (kept as well)."""
-        got: list[Datagram] = []
-        deadline = time.monotonic() + timeout
-        while (left := deadline - time.monotonic()) > 0:
-            self.sock.settimeout(left)
-            try:
-                data, ancillary, _, _ = self.sock.recvmsg(
-                    65536, socket.CMSG_SPACE(_UCRED.size)
-                )
-            except TimeoutError:
-                break
-            pid = 0
-            for level, kind, payload in ancillary:
-                if (
-                    level == socket.SOL_SOCKET
-                    and kind == socket.SCM_CREDENTIALS
-                ):
-                    pid = _UCRED.unpack(payload[: _UCRED.size])[0]
-            fields = dict(
-                line.split("=", 1)
-                for line in data.decode().split("\n")
-                if "=" in line
-            )
-            got.append(Datagram(pid, fields))
-        self.received += got
-        return got
-
-    def wait_for(
-        self,
-        assignment: str,
-        timeout: float = 30.0,
-        daemon: Daemon | None = None,
-        after: Datagram | None = None,
-    ) -> Datagram:
-        """The first datagram carrying ``KEY=value`` (after ``after``)."""
-        deadline = time.monotonic() + timeout
-        seen = self.received.index(after) + 1 if after is not None else 0
-        while True:
-            for message in self.received[seen:]:
-                if assignment in message:
-                    return message
-            seen = len(self.received)
-            if time.monotonic() >= deadline:
-                break
-            self.poll(0.1)
-            exited = daemon is not None and daemon.proc is not None
-            if exited and daemon.proc.poll() is not None and not self.poll(0.2):
-                raise AssertionError(
-                    f"daemon exited ({daemon.proc.returncode}) before"
-                    f" {assignment}:\n{daemon.log()}"
-                )
-        log = daemon.log() if daemon is not None else ""
-        raise AssertionError(f"no {assignment} within {timeout} s\n{log}")
-
-    def after(self, message: Datagram) -> list[Datagram]:
-        return self.received[self.received.index(message) + 1 :]
-
-    def close(self) -> None:
-        self.sock.close()
-        if not self.address.startswith("@"):
-            Path(self.address).unlink(missing_ok=True)
 
 
 @pytest.fixture(params=["path", "abstract"])
@@ -125,7 +34,7 @@ def notify_address(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 @pytest.fixture
 def start(tmp_path: Path, dsn: str) -> Iterator[Any]:
     """Start a daemon whose NOTIFY_SOCKET is one the test reads."""
-    running: list[tuple[Daemon, NotifySocket]] = []
+    running: list[Daemon] = []
 
     def start(
         address: str | None = None,
@@ -134,21 +43,20 @@ def start(tmp_path: Path, dsn: str) -> Iterator[Any]:
         **overrides: Any,
     ) -> tuple[Daemon, NotifySocket]:
         address = address or str(tmp_path / f"notify{len(running)}.sock")
-        listener = NotifySocket(address)
         daemon = Daemon(
             tmp_path,
             daemon_config(database or dsn, **overrides),
-            env={"NOTIFY_SOCKET": address, **(env or {})},
+            env=env,
             name=f"daemon{len(running)}",
+            notify=NotifySocket(address),
         )
-        running.append((daemon, listener))
+        running.append(daemon)
         daemon.start()
-        return daemon, listener
+        return daemon, daemon.notify
 
     yield start
-    for daemon, listener in running:
+    for daemon in running:
         daemon.close()
-        listener.close()
 
 
 def worker_pids(daemon: Daemon, count: int) -> list[int]:
