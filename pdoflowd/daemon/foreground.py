@@ -33,7 +33,7 @@ from pdoflowd.daemon.worker import JobTimeout, Worker, WorkerSpec
 from pdoflowd.db import queue, upkeep
 from pdoflowd.entrypoints import EntryPointRefused
 from pdoflowd.exitcodes import EXIT_ERRORED
-from pdoflowd.status import JobStatus
+from pdoflowd.status import JobStatus, OutcomeKind
 
 Connect = Callable[[], psycopg.Connection[Any]]
 
@@ -299,7 +299,7 @@ def _run(
         seconds = time.monotonic() - begin
         interrupted = (outcome.error or "").startswith("KeyboardInterrupt")
         if interrupted:
-            outcome = queue.Outcome(job.id, job.attempt, "released")
+            outcome = queue.Outcome(job.id, job.attempt, OutcomeKind.RELEASED)
         worker.pending.append(outcome)
         worker.flush()
         worker.settle()

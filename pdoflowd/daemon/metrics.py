@@ -37,6 +37,7 @@ from prometheus_client.registry import Collector
 
 from pdoflowd.daemon.httpserver import Response
 from pdoflowd.daemon.scoreboard import WorkerState
+from pdoflowd.status import OutcomeKind
 
 __all__ = [
     "CONTENT_TYPE",
@@ -161,12 +162,14 @@ def outcome_of(kind: str, status: str, *, timed_out: bool = False) -> str:
     will be retried from one that used the last try).
     """
     status = str(getattr(status, "value", status))
-    if kind not in ("done", "failed", "timeout", "refused", "released"):
-        raise ValueError(f"unknown outcome kind {kind!r}")
-    if timed_out or kind == "timeout":
+    try:
+        known = OutcomeKind(kind)
+    except ValueError:
+        raise ValueError(f"unknown outcome kind {kind!r}") from None
+    if timed_out or known is OutcomeKind.TIMEOUT:
         return "timeout"
-    if kind in ("done", "released", "refused"):
-        return kind
+    if known in (OutcomeKind.DONE, OutcomeKind.RELEASED, OutcomeKind.REFUSED):
+        return str(known.value)
     return "failed" if status == "waiting" else "errored_out"
 
 

@@ -43,7 +43,7 @@ from pdoflowd.daemon.scoreboard import Scoreboard, WorkerState
 from pdoflowd.db import queue
 from pdoflowd.exitcodes import EXIT_OK, EXIT_WORKER_BOOT_FAILED
 from pdoflowd.redaction import redact
-from pdoflowd.status import JobStatus
+from pdoflowd.status import JobStatus, OutcomeKind
 
 log = logging.getLogger("pdoflowd.daemon.worker")
 
@@ -447,7 +447,9 @@ class Worker:
         """Give back claimed jobs that were never started (no try used)."""
         for job in jobs:
             self.tally.note_run(job.id, job.entry_point)
-            self.pending.append(queue.Outcome(job.id, job.attempt, "released"))
+            self.pending.append(
+                queue.Outcome(job.id, job.attempt, OutcomeKind.RELEASED)
+            )
 
     def flush_due(self) -> bool:
         window = self.config.workers.outcome_flush_ms / 1000
@@ -570,7 +572,7 @@ class Worker:
         timeout = self.timeout_for(job)
         begin = time.monotonic()
         error = tb = None
-        kind = "failed"
+        kind = OutcomeKind.FAILED
         call = jobcontext.JobCall(
             job,
             owner=self.claim_token(),
@@ -585,10 +587,10 @@ class Worker:
             call.run(function)
         except JobTimeout:
             error = f"timeout after {timeout:g} s"
-            kind = "timeout"
+            kind = OutcomeKind.TIMEOUT
         except entrypoints.EntryPointRefused as exc:
             error = f"refused: {exc}"
-            kind = "refused"
+            kind = OutcomeKind.REFUSED
         except BaseException as exc:
             error = f"{type(exc).__name__}: {exc}"
             tb = traceback.format_exc()
@@ -605,14 +607,14 @@ class Worker:
             job.entry_point,
             elapsed,
             waited_s=max(0.0, waited),
-            timed_out=kind == "timeout",
+            timed_out=kind is OutcomeKind.TIMEOUT,
         )
         self.report_done(job, error, elapsed)
         if error is None:
             return queue.Outcome(
                 job.id,
                 job.attempt,
-                "done",
+                OutcomeKind.DONE,
                 started_at,
                 completed_at,
                 result=call.result_json,
