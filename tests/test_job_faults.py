@@ -28,13 +28,9 @@ from harness import REPO_ROOT, TESTS_DIR, Daemon, wait_until, write_config
 from pdoflowd import current_job
 from pdoflowd.client import Client
 from pdoflowd.config import Config, DatabaseConfig, JobsConfig
-from pdoflowd.daemon.metrics import (
-    JobRun,
-    PoolMetrics,
-    batch_report,
-    merge_reports,
-)
+from pdoflowd.daemon.metrics import PoolMetrics
 from pdoflowd.daemon.scoreboard import Scoreboard
+from pdoflowd.daemon.tally import JobRun, batch_report, merge_reports
 from pdoflowd.daemon.worker import Worker, WorkerSpec
 from pdoflowd.db import queue
 from pdoflowd.exitcodes import EXIT_ERRORED

@@ -41,14 +41,16 @@ from pdoflowd.daemon.httpserver import (
 )
 from pdoflowd.daemon.metrics import (
     OUTCOMES,
-    JobRun,
     MetricsEndpoint,
     PoolMetrics,
     Readiness,
+    readiness,
+)
+from pdoflowd.daemon.tally import (
+    JobRun,
     WorkerTally,
     batch_report,
     outcome_of,
-    readiness,
 )
 from pdoflowd.db import upkeep
 from pdoflowd.status import OutcomeKind

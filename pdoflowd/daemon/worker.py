@@ -8,7 +8,8 @@ fenced by the owner token of their claim (a fresh one per claim sent,
 written to the scoreboard first, so a claim whose reply is lost belongs to
 no live worker and is taken back). It tells the supervisor what it runs
 through the
-scoreboard and sends it a line on its report pipe when something changes.
+scoreboard and sends it a report (:mod:`~pdoflowd.daemon.reports`) on its
+report pipe when something changes.
 It must not import the supervisor, speak to systemd, or outlive its parent
 by more than its current job.
 """
@@ -20,7 +21,6 @@ import ctypes
 import datetime as dt
 import functools
 import importlib
-import json
 import logging
 import os
 import random
@@ -38,8 +38,9 @@ import psycopg
 
 from pdoflowd import entrypoints, jobcontext, policy
 from pdoflowd.config import Config, connection_kwargs
-from pdoflowd.daemon import logs, metrics
+from pdoflowd.daemon import logs, reports
 from pdoflowd.daemon.scoreboard import Scoreboard, WorkerState
+from pdoflowd.daemon.tally import WorkerTally
 from pdoflowd.db import queue
 from pdoflowd.exitcodes import EXIT_OK, EXIT_WORKER_BOOT_FAILED
 from pdoflowd.redaction import redact
@@ -118,13 +119,13 @@ class Worker:
             str, Callable[..., Any] | entrypoints.EntryPointRefused
         ] = {}
         self.rng = random.Random()
-        self.tally = metrics.WorkerTally()
+        self.tally = WorkerTally()
         # Whether a claim not yet started may have been cancelled.
         self.claims_in_doubt = False
         # Report lines the pipe has not taken yet (the first may be begun),
         # and a metrics report not yet begun, to merge later ones into.
         self.outbox = bytearray()
-        self.held_metrics: dict[str, Any] | None = None
+        self.held_metrics: reports.MetricsReport | None = None
         self.reports_dropped = 0
         self.drops_logged = 0
 
@@ -162,8 +163,8 @@ class Worker:
             raise JobTimeout
         self.stop_requested = True
 
-    def report(self, event: str, **fields: Any) -> None:
-        """Send one line to the supervisor, never waiting for it to read.
+    def send(self, report: reports.Report) -> None:
+        """Send one report to the supervisor, never waiting for it to read.
 
         What the pipe cannot take now (its supervisor is busy or stopped)
         waits in the outbox and goes out, whole and in order, with a later
@@ -172,7 +173,15 @@ class Worker:
         dropped and counted; metrics reports are merged instead (see
         :meth:`send_metrics`).
         """
-        line = (json.dumps({"event": event, **fields}) + "\n").encode()
+        self._post(reports.encode(report))
+
+    def report(self, event: str, **fields: Any) -> None:
+        """Send a line ``{"event": event, **fields}`` as :meth:`send` does:
+        for a probe of the pipe. The worker's own reports are typed, and
+        the supervisor refuses an event it does not know."""
+        self._post(reports.encode_message({"event": event, **fields}))
+
+    def _post(self, line: bytes) -> None:
         if len(self.outbox) + len(line) > _OUTBOX_BYTES:
             self.reports_dropped += 1
         else:
@@ -185,15 +194,13 @@ class Worker:
         """Send what the tally noted; never lost to a supervisor not reading.
 
         A report the pipe cannot take yet is held, and later ones merged
-        into it (metrics.merge_reports), so the counters stay exact and
+        into it (MetricsReport.merged), so the counters stay exact and
         the held report bounded.
         """
-        report = self.tally.take_report(recorded)
+        report = self.tally.take(recorded)
         if report is not None:
             held = self.held_metrics
-            self.held_metrics = (
-                report if held is None else metrics.merge_reports(held, report)
-            )
+            self.held_metrics = report if held is None else held.merged(report)
         self.deliver_reports()
 
     def deliver_reports(self, wait_s: float = 0.0) -> bool:
@@ -207,7 +214,7 @@ class Worker:
         deadline = time.monotonic() + wait_s
         while True:
             if not self.outbox and self.held_metrics is not None:
-                self.outbox += (json.dumps(self.held_metrics) + "\n").encode()
+                self.outbox += reports.encode(self.held_metrics)
                 self.held_metrics = None
             if not self.outbox:
                 if self.reports_dropped > self.drops_logged:
@@ -292,7 +299,7 @@ class Worker:
                 log.warning(
                     "%s failed, retrying in %.1f s: %s", what, delay, exc
                 )
-                self.report("db_error", operation=what)
+                self.send(reports.DbError(what))
                 if self.stop_requested and (
                     what != "record outcomes" or self.orphaned()
                 ):
@@ -322,7 +329,7 @@ class Worker:
 
     def run(self) -> None:
         """Claim and run jobs until asked to stop or due to retire."""
-        self.report("ready")
+        self.send(reports.Ready())
         while not self.stop_requested:
             if self.retirement_due():
                 return
@@ -381,10 +388,10 @@ class Worker:
         if workers.max_jobs_per_worker and (
             self.jobs_run >= workers.max_jobs_per_worker
         ):
-            self.report("retiring", reason="max_jobs")
+            self.send(reports.Retiring("max_jobs"))
             return True
         if workers.max_memory_mb and (_rss_mb() > workers.max_memory_mb):
-            self.report("retiring", reason="max_memory")
+            self.send(reports.Retiring("max_memory"))
             return True
         return False
 
@@ -701,7 +708,7 @@ def main(spec: WorkerSpec) -> NoReturn:
             raise
         except Exception as exc:
             log.error("worker could not start: %s", exc)
-            worker.report("boot_failed", reason=redact(str(exc)))
+            worker.send(reports.BootFailed(redact(str(exc))))
             code = EXIT_WORKER_BOOT_FAILED
         else:
             try:
