@@ -1,7 +1,8 @@
-"""The statuses of postings and jobs, as stored in the database.
+"""The statuses of postings and jobs, and the kinds of a claim's end.
 
-This module owns the vocabulary only: which states exist and which are final.
-It must not know how states change; that is the queue's SQL and the policies.
+This module owns the vocabulary only: which states exist and which are
+final, and how a worker may say a claimed job's attempt ended. It must not
+know how states change; that is the queue's SQL and the policies.
 """
 
 from __future__ import annotations
@@ -47,3 +48,22 @@ class PostingStatus(str, enum.Enum):
             PostingStatus.ERRORED_OUT,
             PostingStatus.CANCELLED,
         )
+
+
+class OutcomeKind(str, enum.Enum):
+    """How a claimed job's attempt ended, as its outcome is written.
+
+    The values are what the SQL function ``pdoflowd.end_job`` receives
+    (see schema.sql), and the ``outcome`` label values of the same name in
+    the metrics: they must not change. ``done``: the function returned.
+    ``failed`` and ``timeout``: it raised, or ran past its timeout (a try
+    used; the job waits again while tries remain). ``refused``: its entry
+    point names nothing a job may run (errored out at once). ``released``:
+    never started (back to waiting, no try used).
+    """
+
+    DONE = "done"
+    FAILED = "failed"
+    TIMEOUT = "timeout"
+    REFUSED = "refused"
+    RELEASED = "released"

@@ -1,6 +1,7 @@
 """Faults around a job that a worker must survive: a job timed out inside
 its own statement, a supervisor that stops reading its workers' reports,
-and a job run by hand (``pdoflow execute-job``) past its timeout.
+and a job run by hand (``pdoflow execute-job``) past its timeout or cut
+short by Ctrl-C.
 
 Everything is real: the daemon and ``pdoflow`` run as subprocesses, the
 timeouts are signals, the supervisor is stopped with SIGSTOP.
@@ -28,16 +29,12 @@ from harness import REPO_ROOT, TESTS_DIR, Daemon, wait_until, write_config
 from pdoflowd import current_job
 from pdoflowd.client import Client
 from pdoflowd.config import Config, DatabaseConfig, JobsConfig
-from pdoflowd.daemon.metrics import (
-    JobRun,
-    PoolMetrics,
-    batch_report,
-    merge_reports,
-)
+from pdoflowd.daemon.metrics import PoolMetrics
 from pdoflowd.daemon.scoreboard import Scoreboard
+from pdoflowd.daemon.tally import JobRun, batch_report, merge_reports
 from pdoflowd.daemon.worker import Worker, WorkerSpec
 from pdoflowd.db import queue
-from pdoflowd.exitcodes import EXIT_ERRORED
+from pdoflowd.exitcodes import EXIT_ERRORED, EXIT_INTERRUPTED
 from pdoflowd.jobcontext import JobCall
 from pdoflowd.status import JobStatus, PostingStatus
 from scrape import parse_scrape, scrape_sum
@@ -398,4 +395,60 @@ def test_execute_job_abandons_a_job_deaf_to_its_timeout_after_the_grace(
     )
     assert row["error"] == "timeout after 0.5 s"
     assert client.status(posting.id).status is PostingStatus.FINISHED
+    assert daemon_rows_stopped(dsn) == [True]
+
+
+def test_execute_job_cut_short_by_ctrl_c_gives_the_job_back(
+    dsn: str, tmp_path: Path
+) -> None:
+    config = write_config(
+        tmp_path / "pdoflowd.toml",
+        {"jobs": {"allowed_modules": ["featurejobs"]}},
+    )
+    posting = Client(dsn).post("featurejobs.wait_for_flag", [["never", 60]])
+    job_id = posting.job_ids[0]
+    environ = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("PG") and k != "PDOFLOW_DSN"
+    }
+    environ["PYTHONPATH"] = os.pathsep.join([str(TESTS_DIR), str(REPO_ROOT)])
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "pdoflowd.cli",
+            "--dsn",
+            dsn,
+            "execute-job",
+            str(job_id),
+            "--config",
+            str(config),
+        ],
+        env=environ,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        # The job reports its progress once it runs, then waits.
+        wait_until(lambda: job_row(dsn, job_id)["progress"] == 0.5, 20)
+        child.send_signal(signal.SIGINT)
+        out, err = child.communicate(timeout=20)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert child.returncode == EXIT_INTERRUPTED, err
+    assert "): waiting after " in out
+    assert "interrupted; the job is waiting again" in err
+    assert "Traceback" not in err
+    row = job_row(dsn, job_id)
+    assert (
+        row["status"],
+        row["attempt"],
+        row["tries_remaining"],
+        row["error"],
+        row["owner"],
+    ) == ("waiting", 1, 3, None, None)
     assert daemon_rows_stopped(dsn) == [True]

@@ -41,16 +41,19 @@ from pdoflowd.daemon.httpserver import (
 )
 from pdoflowd.daemon.metrics import (
     OUTCOMES,
-    JobRun,
     MetricsEndpoint,
     PoolMetrics,
     Readiness,
+    readiness,
+)
+from pdoflowd.daemon.tally import (
+    JobRun,
     WorkerTally,
     batch_report,
     outcome_of,
-    readiness,
 )
 from pdoflowd.db import upkeep
+from pdoflowd.status import OutcomeKind
 from scrape import (
     Scrape,
     parse_scrape,
@@ -100,6 +103,13 @@ def test_outcome_label_follows_kind_and_resulting_status(
 def test_outcome_label_of_an_unknown_kind_is_an_error() -> None:
     with pytest.raises(ValueError, match="unknown outcome kind"):
         outcome_of("vanished", "done")
+
+
+def test_every_outcome_kind_has_an_outcome_label() -> None:
+    for kind in OutcomeKind:
+        for status in ("waiting", "errored_out", "done"):
+            assert outcome_of(kind, status) in OUTCOMES
+            assert type(outcome_of(kind, status)) is str
 
 
 # ------------------------------------------------------------ worker reports

@@ -4,6 +4,7 @@ times on the database's clock, and outcomes the database refuses."""
 from __future__ import annotations
 
 import datetime as dt
+import re
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +17,7 @@ from psycopg import sql
 from harness import Daemon, daemon_config, wait_until
 from pdoflowd.client import Client
 from pdoflowd.db import migrate, queue, upkeep
-from pdoflowd.status import JobStatus
+from pdoflowd.status import JobStatus, OutcomeKind
 
 DAEMON = uuid.uuid4()
 
@@ -70,6 +71,24 @@ def test_the_retry_rule(
         (kind, tries, posting),
     ).fetchone()
     assert row == expected
+
+
+def test_every_outcome_kind_is_one_end_job_knows() -> None:
+    schema = (Path(migrate.__file__).parent / "schema.sql").read_text()
+    match = re.search(
+        r"CREATE FUNCTION pdoflowd\.end_job\(.*?\$\$(.*?)\$\$", schema, re.S
+    )
+    assert match is not None
+    for kind in OutcomeKind:
+        assert f"'{kind.value}'" in match.group(1), kind
+
+
+def test_an_outcome_given_a_plain_kind_holds_the_enum() -> None:
+    outcome = queue.Outcome(1, 1, "timeout")  # type: ignore[arg-type]
+    assert outcome.kind is OutcomeKind.TIMEOUT
+    assert queue.Outcome(1, 1, OutcomeKind.TIMEOUT) == outcome
+    with pytest.raises(ValueError):
+        queue.Outcome(1, 1, "vanished")  # type: ignore[arg-type]
 
 
 def test_every_statement_that_ends_claims_follows_the_one_rule(

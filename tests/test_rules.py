@@ -28,12 +28,11 @@ import pytest
 from devtools.devcluster import free_port
 from pdoflowd.daemon.httpserver import HttpServer
 from pdoflowd.daemon.metrics import (
-    JobRun,
     MetricsEndpoint,
     PoolMetrics,
-    batch_report,
     readiness,
 )
+from pdoflowd.daemon.tally import JobRun, batch_report
 
 ROOT = Path(__file__).resolve().parent.parent
 RULES = ROOT / "packaging" / "prometheus" / "pdoflowd-rules.yml"

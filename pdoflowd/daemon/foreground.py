@@ -4,15 +4,18 @@ Owns ``pdoflow execute-job``'s work: it resolves the job's entry point
 as a worker would (see entrypoints) before claiming anything, registers this
 process as a short-lived daemon (with a heartbeat, so that a run which
 dies is rescued like a lost host's), claims the job with a fresh owner
-token, and then uses the worker's own code to run it and to record its
-outcome, fenced like any other; it enforces the job's timeout as the
-supervisor does a worker's. It must not run more than the one job.
+token, and then runs it and records its outcome with the worker's own
+parts (:mod:`~pdoflowd.daemon.runner`), fenced like any other; it enforces
+the job's timeout as the supervisor does a worker's, and gives the job
+back unharmed when Ctrl-C cuts its run short. It must not run more than
+the one job.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import os
 import signal
 import socket
@@ -22,25 +25,33 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 
-from pdoflowd import __version__
-from pdoflowd.config import Config, DaemonConfig, connection_kwargs
-from pdoflowd.daemon.scoreboard import Scoreboard
-from pdoflowd.daemon.worker import JobTimeout, Worker, WorkerSpec
+from pdoflowd import __version__, policy
+from pdoflowd.config import Config, DaemonConfig, JobsConfig, connection_kwargs
+from pdoflowd.daemon.runner import (
+    Interrupted,
+    JobRunner,
+    JobTimeout,
+    OutcomeBuffer,
+)
+from pdoflowd.daemon.worker import RECONNECT_DELAY_S
 from pdoflowd.db import queue, upkeep
 from pdoflowd.entrypoints import EntryPointRefused
 from pdoflowd.exitcodes import EXIT_ERRORED
 from pdoflowd.status import JobStatus
 
+log = logging.getLogger("pdoflowd.daemon.foreground")
+
 Connect = Callable[[], psycopg.Connection[Any]]
+T = TypeVar("T")
 
 # The exit status of a run ended by its watchdog: the job was deaf to its
 # timeout (pdoflow's EXIT_ERRORED: the job did not get done).
 # How often the alarm looks again while the job is not (or no longer) in
-# its call: a job's deadline is set by the worker's code as it starts it.
+# its call: a job's deadline is set by the runner as it starts it.
 _ALARM_RECHECK_S = 0.01
 
 
@@ -77,6 +88,42 @@ def _register(
         lease_s=lease_s,
         live_owners=(owner,),
     )
+
+
+class _Database:
+    """This run's connection, reconnected with backoff as a worker's is
+    (there is no stop to heed here: Ctrl-C ends the wait)."""
+
+    def __init__(self, config: Config, password: str | None) -> None:
+        self.config = config
+        self.password = password
+        self.conn: psycopg.Connection[Any] | None = None
+
+    def connect(self) -> psycopg.Connection[Any]:
+        if self.conn is None or self.conn.closed:
+            kwargs = connection_kwargs(self.config.database, self.password)
+            self.conn = psycopg.connect(autocommit=True, **kwargs)  # type: ignore[arg-type]
+        return self.conn
+
+    def drop(self) -> None:
+        if self.conn is not None:
+            with contextlib.suppress(Exception):
+                self.conn.close()
+        self.conn = None
+
+    def with_database(self, what: str, action: Callable[[], T]) -> T:
+        failures = 0
+        while True:
+            try:
+                return action()
+            except psycopg.OperationalError as exc:
+                self.drop()
+                failures += 1
+                delay = policy.backoff_delay(failures, *RECONNECT_DELAY_S)
+                log.warning(
+                    "%s failed, retrying in %.1f s: %s", what, delay, exc
+                )
+                time.sleep(delay)
 
 
 class _Heartbeat(threading.Thread):
@@ -123,13 +170,23 @@ class _TimeoutEnforcer:
     """
 
     def __init__(
-        self, worker: Worker, job: queue.ClaimedJob, connect: Connect
+        self,
+        runner: JobRunner,
+        job: queue.ClaimedJob,
+        connect: Connect,
+        *,
+        daemon_id: uuid.UUID,
+        owner: uuid.UUID,
+        jobs: JobsConfig,
     ) -> None:
-        self.worker = worker
+        self.runner = runner
         self.job = job
         self.connect = connect
-        self.timeout = worker.timeout_for(job)
-        self.grace = worker.config.jobs.timeout_grace_s
+        self.daemon_id = daemon_id
+        self.owner = owner
+        self.error_threshold = jobs.posting_error_threshold
+        self.timeout = runner.timeout_for(job)
+        self.grace = jobs.timeout_grace_s
         self.lock = threading.Lock()
         self.ended = False
         self.watchdog = threading.Timer(self.timeout + self.grace, self.abandon)
@@ -157,13 +214,13 @@ class _TimeoutEnforcer:
                 signal.signal(signal.SIGALRM, previous or signal.SIG_DFL)
 
     def on_alarm(self, signum: int, frame: object) -> None:
-        deadline = self.worker.deadline
+        deadline = self.runner.deadline
         now = time.monotonic()
         if not deadline or now < deadline:
             left = deadline - now if deadline else _ALARM_RECHECK_S
             signal.setitimer(signal.ITIMER_REAL, max(left, _ALARM_RECHECK_S))
             return
-        self.worker.deadline = 0.0
+        self.runner.deadline = 0.0
         raise JobTimeout
 
     def abandon(self) -> None:
@@ -171,13 +228,12 @@ class _TimeoutEnforcer:
             if self.ended:
                 return
             reason = f"timeout after {self.timeout:g} s"
-            spec = self.worker.spec
             try:
                 with self.connect() as conn:
                     requeued = queue.requeue_owner(
                         conn,
-                        daemon_id=spec.daemon_id,
-                        owner=self.worker.claim_token(),
+                        daemon_id=self.daemon_id,
+                        owner=self.owner,
                         running_job_id=self.job.id,
                         reason=reason,
                     )
@@ -190,11 +246,9 @@ class _TimeoutEnforcer:
                         queue.settle_postings(
                             conn,
                             errored,
-                            error_threshold=(
-                                self.worker.config.jobs.posting_error_threshold
-                            ),
+                            error_threshold=self.error_threshold,
                         )
-                    upkeep.mark_daemon_stopped(conn, spec.daemon_id)
+                    upkeep.mark_daemon_stopped(conn, self.daemon_id)
                 recorded = "the timeout was recorded (a try used)"
             except psycopg.Error as exc:
                 recorded = (
@@ -229,36 +283,20 @@ def execute_job(
     config = dataclasses.replace(
         config, database=dataclasses.replace(config.database, dsn=dsn)
     )
-    wake_r, wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-    spec = WorkerSpec(
-        slot=0,
-        daemon_id=uuid.uuid4(),
-        config=config,
-        password=password,
-        scoreboard=Scoreboard(1),
-        wake_fd=wake_r,
-        report_fd=-1,
-        parent_pid=os.getppid(),
-        inherited_fds=(),
-    )
-    worker = Worker(spec)
-    # The one claim of this run, under one owner token.
-    worker.token = uuid.uuid4()
+    database = _Database(config, password)
     try:
-        return _run(worker, spec, job_uuid)
+        return _run(database, config, password, job_uuid)
     finally:
-        worker.drop_connection()
-        os.close(wake_r)
-        os.close(wake_w)
+        database.drop()
 
 
-def _check_runnable(worker: Worker, entry_point: str) -> None:
+def _check_runnable(runner: JobRunner, entry_point: str) -> None:
     """Refuse, before claiming, what the worker would refuse to run.
 
     An import that fails is left to the run, which records it as a failure.
     """
     try:
-        worker.resolve(entry_point)
+        runner.resolve(entry_point)
     except EntryPointRefused as refusal:
         raise JobRefused(f"refused: {refusal}; nothing was run") from None
     except Exception:
@@ -266,44 +304,65 @@ def _check_runnable(worker: Worker, entry_point: str) -> None:
 
 
 def _run(
-    worker: Worker, spec: WorkerSpec, job_uuid: uuid.UUID
+    database: _Database,
+    config: Config,
+    password: str | None,
+    job_uuid: uuid.UUID,
 ) -> ForegroundRun:
-    config = spec.config
-    conn = worker.connect()
+    runner = JobRunner(config, password, database.connect)
+    outcomes = OutcomeBuffer(
+        database,
+        flush_window_s=config.workers.outcome_flush_ms / 1000,
+        error_threshold=config.jobs.posting_error_threshold,
+    )
+    daemon_id = uuid.uuid4()
+    # The one claim of this run, under one owner token.
+    owner = outcomes.new_claim()
+    conn = database.connect()
     target = queue.job_target(conn, job_uuid)
     if target is None:
         raise KeyError(f"no job {job_uuid}")
-    _check_runnable(worker, target.entry_point)
+    _check_runnable(runner, target.entry_point)
     if target.status is JobStatus.EXECUTING:
         raise JobRefused(f"job {job_uuid} is executing already")
-    kwargs = connection_kwargs(config.database, spec.password)
-    owner = worker.claim_token()
+    kwargs = connection_kwargs(config.database, password)
     heartbeat = _Heartbeat(
         lambda: psycopg.connect(autocommit=True, **kwargs),  # type: ignore[arg-type]
-        spec.daemon_id,
+        daemon_id,
         owner,
         config.daemon,
     )
-    _register(conn, spec.daemon_id, owner, config.daemon.host_lease_s)
+    _register(conn, daemon_id, owner, config.daemon.host_lease_s)
     heartbeat.start()
     try:
         job = queue.claim_job(
-            conn, job_uuid=job_uuid, owner=owner, daemon_id=spec.daemon_id
+            conn, job_uuid=job_uuid, owner=owner, daemon_id=daemon_id
         )
         if job is None:
             raise JobRefused(f"job {job_uuid} is executing already")
         begin = time.monotonic()
-        enforcer = _TimeoutEnforcer(worker, job, heartbeat.connect)
+        enforcer = _TimeoutEnforcer(
+            runner,
+            job,
+            heartbeat.connect,
+            daemon_id=daemon_id,
+            owner=owner,
+            jobs=config.jobs,
+        )
         with enforcer.enforced():
-            outcome = worker.run_job(job)
+            result = runner.run(job, owner)
         seconds = time.monotonic() - begin
-        interrupted = (outcome.error or "").startswith("KeyboardInterrupt")
-        if interrupted:
-            outcome = queue.Outcome(job.id, job.attempt, "released")
-        worker.pending.append(outcome)
-        worker.flush()
-        worker.settle()
-        after = queue.job_target(worker.connect(), job_uuid)
+        interrupted = isinstance(result, Interrupted)
+        # Cut short by Ctrl-C: the job waits again, no try used.
+        outcome = (
+            result.given_back
+            if isinstance(result, Interrupted)
+            else result.outcome
+        )
+        outcomes.add(outcome)
+        outcomes.flush()
+        outcomes.settle()
+        after = queue.job_target(database.connect(), job_uuid)
         assert after is not None
         return ForegroundRun(job, outcome, after.status, seconds, interrupted)
     finally:
@@ -313,10 +372,10 @@ def _run(
             # A claim whose outcome was not written goes back unharmed;
             # after a written outcome this changes nothing.
             queue.requeue_owner(
-                worker.connect(),
-                daemon_id=spec.daemon_id,
+                database.connect(),
+                daemon_id=daemon_id,
                 owner=owner,
                 running_job_id=None,
                 reason="pdoflow execute-job ended",
             )
-            upkeep.mark_daemon_stopped(worker.connect(), spec.daemon_id)
+            upkeep.mark_daemon_stopped(database.connect(), daemon_id)

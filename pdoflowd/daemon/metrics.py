@@ -1,24 +1,23 @@
-"""pdoflowd's Prometheus metrics and its /metrics, /livez and /readyz pages.
+"""pdoflowd's Prometheus registry: what the pool did, counted exactly.
 
 Owns the supervisor's private registry and what feeds it. A worker keeps a
-:class:`WorkerTally` and sends one line (:func:`batch_report`) on its report
-pipe after each claim and after each flush of outcomes; the supervisor
-applies it (:meth:`PoolMetrics.apply_worker_report`) and counts itself what
-only it sees: jobs taken back from dead workers, restarts, database errors,
-the pool, and the queue gauges it reads from PostgreSQL. So counters stay
-exact across workers that die or are replaced. It must not touch the
-database, block, or start threads: it runs inside the supervisor's loop.
+:class:`~pdoflowd.daemon.tally.WorkerTally` and sends a metrics report
+(:mod:`~pdoflowd.daemon.reports`) on its report pipe after each claim and
+after each flush of outcomes; the supervisor applies it
+(:meth:`PoolMetrics.apply`) and counts itself what only it sees: jobs taken
+back from dead workers, restarts, database errors, the pool, and the queue
+gauges it reads from PostgreSQL. So counters stay exact across workers
+that die or are replaced. The pages that serve the registry and readiness
+are :mod:`~pdoflowd.daemon.endpoint`'s. It must not touch the database,
+block, or start threads: it runs inside the supervisor's loop.
 """
 
 from __future__ import annotations
 
-import http
-import math
 import os
 import re
-import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any, NamedTuple, Protocol
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -35,7 +34,16 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from pdoflowd.daemon.httpserver import Response
+from pdoflowd.daemon import reports
+
+# The pages' names are re-exported: the supervisor takes them from here.
+from pdoflowd.daemon.endpoint import (
+    CONTENT_TYPE,
+    MetricsEndpoint,
+    Readiness,
+    readiness,
+)
+from pdoflowd.daemon.reports import OUTCOMES, DbError, MetricsReport
 from pdoflowd.daemon.scoreboard import WorkerState
 
 __all__ = [
@@ -46,40 +54,19 @@ __all__ = [
     "REPORT_EVENTS",
     "RESTART_REASONS",
     "WORKER_STATES",
-    "JobRun",
     "MetricsEndpoint",
     "PoolMetrics",
     "Readiness",
-    "WorkerTally",
-    "batch_report",
-    "merge_reports",
     "metric_names",
-    "outcome_of",
+    "operation_label",
     "readiness",
 ]
 
-REPORT_VERSION = 1
-METRICS_EVENT = "metrics"
-DB_ERROR_EVENT = "db_error"
-REPORT_EVENTS = frozenset({METRICS_EVENT, DB_ERROR_EVENT})
-
-OUTCOMES = (
-    "done",
-    "failed",
-    "errored_out",
-    "timeout",
-    "worker_died",
-    "released",
-    "refused",
+# The events of report lines PoolMetrics counts (apply_worker_report), as
+# the plain strings of their "event" key.
+REPORT_EVENTS = frozenset(
+    {reports.ReportEvent.METRICS.value, reports.ReportEvent.DB_ERROR.value}
 )
-"""What became of one claimed job's attempt; every attempt has exactly one.
-
-done: the function returned. failed: it raised and the job will be retried.
-errored_out: it raised and no try is left. timeout: it ran past its
-timeout, retried or not. worker_died: its worker (or host) died under it.
-released: it was given back without being started. refused: its entry point
-names nothing a job may run (see entrypoints); it errored out unrun.
-"""
 
 OTHER_FUNCTION = "other"
 WORKER_STATES = tuple(s.name.lower() for s in WorkerState if s.value)
@@ -105,8 +92,6 @@ DB_OPERATIONS = (
 )
 QUEUE_STATUSES = ("waiting", "executing")
 
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-
 # Seconds. Jobs run from milliseconds to hours; a claim should take
 # milliseconds; a job may wait from milliseconds to days.
 DURATION_BUCKETS = (
@@ -122,322 +107,10 @@ CLAIM_BUCKETS = (
     0.5, 1, 2.5, 5, 10,
 )  # fmt: skip
 
-_DURATION_DIGITS = 6  # microseconds: enough, and short on the pipe
 _OPERATION = re.compile(r"[^a-z0-9]+")
 
 
-# ------------------------------------------------------------ worker side
-
-
-class JobRun(NamedTuple):
-    """One job whose outcome the database accepted, as a worker reports it.
-
-    ``duration_s`` is None when the function was never called (released or
-    refused jobs).
-    """
-
-    outcome: str
-    function: str
-    duration_s: float | None
-
-
-class RecordedLike(Protocol):
-    """What :meth:`WorkerTally.take_report` needs of a recorded outcome."""
-
-    @property
-    def job_id(self) -> int: ...
-
-    @property
-    def kind(self) -> str: ...
-
-    @property
-    def status(self) -> str: ...
-
-
-def outcome_of(kind: str, status: str, *, timed_out: bool = False) -> str:
-    """The outcome label of an outcome ``kind`` the database recorded.
-
-    ``status`` is the job's status after the write (it tells a failure that
-    will be retried from one that used the last try).
-    """
-    status = str(getattr(status, "value", status))
-    if kind not in ("done", "failed", "timeout", "refused", "released"):
-        raise ValueError(f"unknown outcome kind {kind!r}")
-    if timed_out or kind == "timeout":
-        return "timeout"
-    if kind in ("done", "released", "refused"):
-        return kind
-    return "failed" if status == "waiting" else "errored_out"
-
-
-def _seconds(value: float) -> float:
-    return round(max(0.0, value), _DURATION_DIGITS)
-
-
-def batch_report(
-    *,
-    claimed: int = 0,
-    claim_s: Iterable[float] = (),
-    wait_s: Iterable[float] = (),
-    runs: Iterable[JobRun] = (),
-) -> dict[str, Any]:
-    """The message a worker sends after a claim or a flush commits.
-
-    ``claimed``: jobs claimed; ``claim_s``: how long each claim statement
-    took (empty claims included); ``wait_s``: for each job started, how long
-    it had been runnable; ``runs``: the jobs whose outcome was recorded.
-    Durations are grouped by outcome and function, so a batch of a few
-    hundred jobs of one function costs one name and a list of numbers.
-    """
-    outcomes: dict[str, dict[str, list[Any]]] = {}
-    for run in runs:
-        if run.outcome not in OUTCOMES:
-            raise ValueError(f"unknown outcome {run.outcome!r}")
-        group = outcomes.setdefault(run.outcome, {}).setdefault(
-            run.function, [0, []]
-        )
-        group[0] += 1
-        if run.duration_s is not None:
-            group[1].append(_seconds(run.duration_s))
-    return {
-        "event": METRICS_EVENT,
-        "v": REPORT_VERSION,
-        "claimed": claimed,
-        "claim_s": [_seconds(s) for s in claim_s],
-        "wait_s": [_seconds(s) for s in wait_s],
-        "outcomes": outcomes,
-    }
-
-
-class _Run(NamedTuple):
-    function: str
-    duration_s: float | None
-    timed_out: bool
-
-
-class WorkerTally:
-    """What one worker saw since its last report (lives in the worker).
-
-    Call :meth:`note_claim` after each claim commits and :meth:`note_run`
-    for each job run, refused or released; after each claim that returned
-    jobs send ``take_report()``, after each flush ``take_report(recorded)``,
-    and while idle send ``take_report()`` whenever :meth:`due` says so.
-    """
-
-    def __init__(
-        self,
-        *,
-        max_age_s: float = 5.0,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self.max_age_s = max_age_s
-        self.clock = clock
-        self._claimed = 0
-        self._claim_s: list[float] = []
-        self._wait_s: list[float] = []
-        self._runs: dict[int, _Run] = {}
-        self._since = 0.0
-
-    def note_claim(self, seconds: float, claimed: int) -> None:
-        """A claim statement took ``seconds`` and returned ``claimed`` jobs."""
-        if not self._since:
-            self._since = self.clock()
-        self._claimed += claimed
-        self._claim_s.append(seconds)
-
-    def note_run(
-        self,
-        job_id: int,
-        function: str,
-        seconds: float | None = None,
-        *,
-        waited_s: float | None = None,
-        timed_out: bool = False,
-    ) -> None:
-        """A job ended its attempt in this worker; outcome to be recorded.
-
-        ``function`` is the job's entry point, ``seconds`` how long the
-        function ran (None: not called), ``waited_s`` how long the job had
-        been runnable when it started, ``timed_out`` whether it hit its
-        timeout.
-        """
-        self._runs[job_id] = _Run(function, seconds, timed_out)
-        if waited_s is not None:
-            self._wait_s.append(waited_s)
-
-    def due(self) -> bool:
-        """An unreported claim is older than ``max_age_s`` (for idle times:
-        runs are reported by the flush that records them)."""
-        return bool(self._since) and (
-            self.clock() - self._since >= self.max_age_s
-        )
-
-    def take_report(
-        self, recorded: Iterable[RecordedLike] | None = None
-    ) -> dict[str, Any] | None:
-        """The report of everything noted, or None when nothing was.
-
-        ``recorded``: the outcomes the flush that just committed wrote. Runs
-        noted before that flush but absent from it were fenced off (their
-        jobs had been taken back) and are dropped: whoever took them back
-        counts them. Without ``recorded`` (a claim, or idle), runs and their
-        queue waits are kept for the next flush.
-        """
-        runs: list[JobRun] = []
-        wait_s: list[float] = []
-        if recorded is not None:
-            for outcome in recorded:
-                noted = self._runs.get(outcome.job_id)
-                function = noted.function if noted else ""
-                label = outcome_of(
-                    outcome.kind,
-                    outcome.status,
-                    timed_out=bool(noted and noted.timed_out),
-                )
-                duration = noted.duration_s if noted else None
-                runs.append(JobRun(label, function, duration))
-            self._runs.clear()
-            wait_s, self._wait_s = self._wait_s, []
-        report = None
-        if runs or wait_s or self._claimed or self._claim_s:
-            report = batch_report(
-                claimed=self._claimed,
-                claim_s=self._claim_s,
-                wait_s=wait_s,
-                runs=runs,
-            )
-        self._claimed = 0
-        self._claim_s = []
-        self._since = 0.0
-        return report
-
-
-def merge_reports(
-    first: Mapping[str, Any],
-    second: Mapping[str, Any],
-    *,
-    max_samples: int = 10000,
-) -> dict[str, Any]:
-    """One metrics report that counts what both reports count.
-
-    For a report a worker could not send yet (its supervisor was not
-    reading): the next one is merged into it rather than queued behind it.
-    Counts add up exactly; each list of durations keeps at most
-    ``max_samples`` (the earliest), so a report held for long stays
-    bounded while every counter stays exact.
-    """
-
-    def samples(key: str) -> list[float]:
-        return [*first.get(key, ()), *second.get(key, ())][:max_samples]
-
-    outcomes: dict[str, dict[str, list[Any]]] = {}
-    for report in (first, second):
-        for outcome, by_function in report.get("outcomes", {}).items():
-            into = outcomes.setdefault(outcome, {})
-            for function, (count, durations) in by_function.items():
-                count_so_far, kept = into.get(function, (0, []))
-                into[function] = [
-                    count_so_far + count,
-                    [*kept, *durations][:max_samples],
-                ]
-    return {
-        "event": METRICS_EVENT,
-        "v": REPORT_VERSION,
-        "claimed": first.get("claimed", 0) + second.get("claimed", 0),
-        "claim_s": samples("claim_s"),
-        "wait_s": samples("wait_s"),
-        "outcomes": outcomes,
-    }
-
-
-# ------------------------------------------------------------ readiness
-
-
-class Readiness(NamedTuple):
-    """Whether the daemon should be sent work, and if not, why not."""
-
-    ready: bool
-    reasons: tuple[str, ...]
-
-
-def readiness(
-    *,
-    started: bool,
-    draining: bool,
-    live_workers: int,
-    database_reachable: bool,
-) -> Readiness:
-    """The readiness policy behind /readyz: every reason not to be ready."""
-    reasons = []
-    if draining:
-        reasons.append("draining: the daemon is stopping")
-    if not started:
-        reasons.append("starting: not all workers have connected yet")
-    if not database_reachable:
-        reasons.append("database unreachable")
-    if live_workers <= 0:
-        reasons.append("no live worker")
-    return Readiness(not reasons, tuple(reasons))
-
-
-# ------------------------------------------------------------ supervisor side
-
-
-class _Observations(NamedTuple):
-    claimed: int
-    claim_s: list[float]
-    wait_s: list[float]
-    outcomes: list[tuple[str, str, int, list[float]]]
-
-
-def _number(value: object, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{what}: expected a number, got {value!r}")
-    number = float(value)
-    if not math.isfinite(number) or number < 0:
-        raise ValueError(f"{what}: expected a finite number >= 0, got {value}")
-    return number
-
-
-def _count(value: object, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{what}: expected a count, got {value!r}")
-    return value
-
-
-def _numbers(value: object, what: str) -> list[float]:
-    if not isinstance(value, list):
-        raise ValueError(f"{what}: expected a list, got {value!r}")
-    return [_number(v, what) for v in value]
-
-
-def _parse_metrics_report(report: Mapping[str, Any]) -> _Observations:
-    if report.get("v") != REPORT_VERSION:
-        raise ValueError(f"unknown report version {report.get('v')!r}")
-    outcomes = report.get("outcomes", {})
-    if not isinstance(outcomes, dict):
-        raise ValueError(f"outcomes: expected an object, got {outcomes!r}")
-    groups = []
-    for outcome, by_function in outcomes.items():
-        if outcome not in OUTCOMES:
-            raise ValueError(f"unknown outcome {outcome!r}")
-        if not isinstance(by_function, dict):
-            raise ValueError(f"outcomes.{outcome}: expected an object")
-        for function, group in by_function.items():
-            where = f"outcomes.{outcome}.{function}"
-            if not isinstance(group, list) or len(group) != 2:
-                raise ValueError(f"{where}: expected [count, [durations]]")
-            count = _count(group[0], where)
-            durations = _numbers(group[1], where)
-            if len(durations) > count:
-                raise ValueError(f"{where}: more durations than jobs")
-            groups.append((outcome, str(function), count, durations))
-    return _Observations(
-        _count(report.get("claimed", 0), "claimed"),
-        _numbers(report.get("claim_s", []), "claim_s"),
-        _numbers(report.get("wait_s", []), "wait_s"),
-        groups,
-    )
+# ------------------------------------------------------------ the registry
 
 
 def operation_label(operation: str) -> str:
@@ -661,29 +334,43 @@ class PoolMetrics:
 
     # ---------------------------------------------------------- feeding
 
-    def apply_worker_report(self, report: Mapping[str, Any]) -> None:
-        """Count one line a worker sent (an event in REPORT_EVENTS).
+    def apply(self, report: MetricsReport | DbError) -> None:
+        """Count one report a worker sent: what it claimed and recorded,
+        or a failed database operation."""
+        if isinstance(report, DbError):
+            self.count_db_error(report.operation)
+            return
+        if report.claimed:
+            self.jobs_claimed.inc(report.claimed)
+        for seconds in report.claim_s:
+            self.claim_duration.observe(seconds)
+        for seconds in report.wait_s:
+            self.queue_wait.observe(seconds)
+        for outcome, by_function in report.outcomes.items():
+            for function, group in by_function.items():
+                self._count_outcome(
+                    outcome, function, group.count, group.durations_s
+                )
+
+    def apply_worker_report(self, message: Mapping[str, Any]) -> None:
+        """Count one line a worker sent, as its JSON object (an event in
+        REPORT_EVENTS): :func:`reports.from_message`, then :meth:`apply`.
 
         A malformed report raises ValueError and changes nothing.
         """
-        event = report.get("event")
-        if event == DB_ERROR_EVENT:
-            self.count_db_error(str(report.get("operation", "")))
-            return
-        if event != METRICS_EVENT:
-            raise ValueError(f"not a metrics report: event {event!r}")
-        seen = _parse_metrics_report(report)
-        if seen.claimed:
-            self.jobs_claimed.inc(seen.claimed)
-        for seconds in seen.claim_s:
-            self.claim_duration.observe(seconds)
-        for seconds in seen.wait_s:
-            self.queue_wait.observe(seconds)
-        for outcome, function, count, durations in seen.outcomes:
-            self._count_outcome(outcome, function, count, durations)
+        report = reports.from_message(message)
+        if not isinstance(report, (MetricsReport, DbError)):
+            raise ValueError(
+                f"not a metrics report: event {report.event.value!r}"
+            )
+        self.apply(report)
 
     def _count_outcome(
-        self, outcome: str, function: str, count: int, durations: list[float]
+        self,
+        outcome: str,
+        function: str,
+        count: int,
+        durations: Iterable[float],
     ) -> None:
         if not count:
             return
@@ -791,43 +478,3 @@ def metric_names(registry: CollectorRegistry) -> frozenset[str]:
             suffixes = _SAMPLE_SUFFIXES.get(family.type, ("",))
             names.update(family.name + suffix for suffix in suffixes)
     return frozenset(names)
-
-
-# ------------------------------------------------------------ the pages
-
-
-class MetricsEndpoint:
-    """The HTTP handler: /metrics, /livez and /readyz.
-
-    ``readiness`` is asked at every /readyz; ``before_scrape`` (e.g. to
-    refresh the worker gauges from the scoreboard) runs before every
-    /metrics.
-    """
-
-    def __init__(
-        self,
-        metrics: PoolMetrics,
-        readiness: Callable[[], Readiness],
-        before_scrape: Callable[[], None] | None = None,
-    ) -> None:
-        self.metrics = metrics
-        self.readiness = readiness
-        self.before_scrape = before_scrape
-
-    def __call__(self, method: str, path: str) -> Response:
-        if path == "/metrics":
-            if self.before_scrape is not None:
-                self.before_scrape()
-            return Response(200, self.metrics.render(), CONTENT_TYPE)
-        if path == "/livez":
-            return Response(200, b"ok: the supervisor loop is running\n")
-        if path == "/readyz":
-            ready, reasons = self.readiness()
-            if ready:
-                return Response(200, b"ready\n")
-            body = "".join(f"not ready: {r}\n" for r in reasons)
-            return Response(http.HTTPStatus.SERVICE_UNAVAILABLE, body.encode())
-        return Response(
-            http.HTTPStatus.NOT_FOUND,
-            b"not found; try /metrics, /livez or /readyz\n",
-        )

@@ -1,49 +1,55 @@
-"""One worker process: connect, claim, run, record, report.
+"""One worker process: the shell around the job runner.
 
 Owns the life of a forked worker: it drops what belongs to the supervisor
-(systemd's sockets, signal wake-up fd, other workers' pipes), connects to
-PostgreSQL after the fork, claims batches of jobs, imports and calls their
-entry points, buffers outcomes for at most the flush window and writes them
-fenced by the owner token of their claim (a fresh one per claim sent,
-written to the scoreboard first, so a claim whose reply is lost belongs to
-no live worker and is taken back). It tells the supervisor what it runs
-through the
-scoreboard and sends it a line on its report pipe when something changes.
+(systemd's sockets, signal wake-up fd, other workers' pipes), handles its
+signals (SIGTERM: stop, or the running job's timeout; CLAIMS_SIGNAL),
+connects to PostgreSQL after the fork and reconnects with backoff, claims
+batches of jobs (each claim under a fresh owner token, written to the
+scoreboard first, so a claim whose reply is lost belongs to no live worker
+and is taken back), hands each job to the :mod:`~pdoflowd.daemon.runner`
+and its outcomes to the runner's buffer, and retires at
+``max_jobs_per_worker`` or ``max_memory_mb``. It tells the supervisor what
+it runs through the scoreboard and sends it a report
+(:mod:`~pdoflowd.daemon.reports`) on its pipe when something changes.
 It must not import the supervisor, speak to systemd, or outlive its parent
-by more than its current job.
+by more than its current job; how a job is run and its outcome written is
+the runner's.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
-import datetime as dt
 import functools
 import importlib
-import json
 import logging
 import os
 import random
 import select
 import signal
 import time
-import traceback
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import FrameType
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import psycopg
 
-from pdoflowd import entrypoints, jobcontext, policy
+from pdoflowd import policy
 from pdoflowd.config import Config, connection_kwargs
-from pdoflowd.daemon import logs, metrics
+from pdoflowd.daemon import logs, reports
+from pdoflowd.daemon.runner import (
+    RECORD_OUTCOMES,
+    JobRunner,
+    JobTimeout,
+    OutcomeBuffer,
+)
 from pdoflowd.daemon.scoreboard import Scoreboard, WorkerState
+from pdoflowd.daemon.tally import WorkerTally
 from pdoflowd.db import queue
 from pdoflowd.exitcodes import EXIT_OK, EXIT_WORKER_BOOT_FAILED
 from pdoflowd.redaction import redact
-from pdoflowd.status import JobStatus
 
 log = logging.getLogger("pdoflowd.daemon.worker")
 
@@ -54,8 +60,6 @@ log = logging.getLogger("pdoflowd.daemon.worker")
 # when the last check (or the claim) is older than CLAIM_RECHECK_S.
 CLAIMS_SIGNAL = signal.SIGUSR1
 CLAIM_RECHECK_S = 1.0
-# How much of the reason an outcome was refused is kept in its error.
-_REFUSAL_TEXT_CHARS = 500
 
 _PR_SET_PDEATHSIG = 1
 # Lines other than metrics reports that may wait for a supervisor that
@@ -64,8 +68,10 @@ _OUTBOX_BYTES = 65536
 # How long an exiting worker waits for its last reports to be read.
 _EXIT_DELIVERY_S = 5.0
 # The first and the longest wait between tries to reach the database.
-_RECONNECT_DELAY_S = (0.1, 5.0)
+RECONNECT_DELAY_S = (0.1, 5.0)
 _SYSTEMD_VARIABLES = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -83,16 +89,8 @@ class WorkerSpec:
     inherited_fds: tuple[int, ...]
 
 
-class JobTimeout(BaseException):
-    """Raised inside a job that ran past its deadline (SIGTERM at deadline)."""
-
-
 class _Stop(Exception):
     """The worker was asked to stop or lost its parent."""
-
-
-def _utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
 
 
 class Worker:
@@ -103,28 +101,31 @@ class Worker:
         self.config = spec.config
         self.pid = os.getpid()
         self.stop_requested = False
-        self.deadline = 0.0
         self.jobs_run = 0
         self.mean_job_s: float | None = None
         self.conn: psycopg.Connection[Any] | None = None
-        # The owner token of the current claim (None before the first).
-        self.token: uuid.UUID | None = None
-        self.pending: list[queue.Outcome] = []
-        self.pending_since = 0.0
-        # Postings with jobs this worker ended, not yet settled.
-        self.unsettled: set[int] = set()
-        # Each entry point's function, or why it may not run (both final).
-        self.functions: dict[
-            str, Callable[..., Any] | entrypoints.EntryPointRefused
-        ] = {}
         self.rng = random.Random()
-        self.tally = metrics.WorkerTally()
+        self.tally = WorkerTally()
+        self.runner = JobRunner(
+            spec.config,
+            spec.password,
+            self.connect,
+            on_start=self._job_started,
+            rng=self.rng,
+        )
+        self.outcomes = OutcomeBuffer(
+            self,
+            flush_window_s=self.config.workers.outcome_flush_ms / 1000,
+            error_threshold=self.config.jobs.posting_error_threshold,
+            on_flush=lambda: self.mark(WorkerState.FLUSHING),
+            on_recorded=self.send_metrics,
+        )
         # Whether a claim not yet started may have been cancelled.
         self.claims_in_doubt = False
         # Report lines the pipe has not taken yet (the first may be begun),
         # and a metrics report not yet begun, to merge later ones into.
         self.outbox = bytearray()
-        self.held_metrics: dict[str, Any] | None = None
+        self.held_metrics: reports.MetricsReport | None = None
         self.reports_dropped = 0
         self.drops_logged = 0
 
@@ -157,13 +158,14 @@ class Worker:
         self.claims_in_doubt = True
 
     def _on_term(self, signum: int, frame: FrameType | None) -> None:
-        if self.deadline and time.monotonic() >= self.deadline:
-            self.deadline = 0.0
+        deadline = self.runner.deadline
+        if deadline and time.monotonic() >= deadline:
+            self.runner.deadline = 0.0
             raise JobTimeout
         self.stop_requested = True
 
-    def report(self, event: str, **fields: Any) -> None:
-        """Send one line to the supervisor, never waiting for it to read.
+    def send(self, report: reports.Report) -> None:
+        """Send one report to the supervisor, never waiting for it to read.
 
         What the pipe cannot take now (its supervisor is busy or stopped)
         waits in the outbox and goes out, whole and in order, with a later
@@ -172,7 +174,15 @@ class Worker:
         dropped and counted; metrics reports are merged instead (see
         :meth:`send_metrics`).
         """
-        line = (json.dumps({"event": event, **fields}) + "\n").encode()
+        self._post(reports.encode(report))
+
+    def report(self, event: str, **fields: Any) -> None:
+        """Send a line ``{"event": event, **fields}`` as :meth:`send` does:
+        for a probe of the pipe. The worker's own reports are typed, and
+        the supervisor refuses an event it does not know."""
+        self._post(reports.encode_message({"event": event, **fields}))
+
+    def _post(self, line: bytes) -> None:
         if len(self.outbox) + len(line) > _OUTBOX_BYTES:
             self.reports_dropped += 1
         else:
@@ -185,15 +195,13 @@ class Worker:
         """Send what the tally noted; never lost to a supervisor not reading.
 
         A report the pipe cannot take yet is held, and later ones merged
-        into it (metrics.merge_reports), so the counters stay exact and
+        into it (MetricsReport.merged), so the counters stay exact and
         the held report bounded.
         """
-        report = self.tally.take_report(recorded)
+        report = self.tally.take(recorded)
         if report is not None:
             held = self.held_metrics
-            self.held_metrics = (
-                report if held is None else metrics.merge_reports(held, report)
-            )
+            self.held_metrics = report if held is None else held.merged(report)
         self.deliver_reports()
 
     def deliver_reports(self, wait_s: float = 0.0) -> bool:
@@ -207,7 +215,7 @@ class Worker:
         deadline = time.monotonic() + wait_s
         while True:
             if not self.outbox and self.held_metrics is not None:
-                self.outbox += (json.dumps(self.held_metrics) + "\n").encode()
+                self.outbox += reports.encode(self.held_metrics)
                 self.held_metrics = None
             if not self.outbox:
                 if self.reports_dropped > self.drops_logged:
@@ -246,9 +254,12 @@ class Worker:
             state=state,
             job_id=job_id,
             started=started,
-            deadline=self.deadline,
-            owner=self.token,
+            deadline=self.runner.deadline,
+            owner=self.outcomes.owner,
         )
+
+    def _job_started(self, job: queue.ClaimedJob, began: float) -> None:
+        self.mark(WorkerState.RUNNING, job.id, began)
 
     def boot(self) -> None:
         """Import preload modules (raise on failure), then connect.
@@ -275,7 +286,7 @@ class Worker:
 
     # ------------------------------------------------------------ database
 
-    def with_database(self, what: str, action: Callable[[], Any]) -> Any:
+    def with_database(self, what: str, action: Callable[[], T]) -> T:
         """Run ``action`` until it succeeds, reconnecting with backoff.
 
         Gives up (raises :class:`_Stop`) only when asked to stop while the
@@ -288,13 +299,13 @@ class Worker:
             except psycopg.OperationalError as exc:
                 self.drop_connection()
                 failures += 1
-                delay = policy.backoff_delay(failures, *_RECONNECT_DELAY_S)
+                delay = policy.backoff_delay(failures, *RECONNECT_DELAY_S)
                 log.warning(
                     "%s failed, retrying in %.1f s: %s", what, delay, exc
                 )
-                self.report("db_error", operation=what)
+                self.send(reports.DbError(what))
                 if self.stop_requested and (
-                    what != "record outcomes" or self.orphaned()
+                    what != RECORD_OUTCOMES or self.orphaned()
                 ):
                     # Unwritten outcomes of an orphan are left to the rescue
                     # of its dead daemon's jobs.
@@ -322,7 +333,7 @@ class Worker:
 
     def run(self) -> None:
         """Claim and run jobs until asked to stop or due to retire."""
-        self.report("ready")
+        self.send(reports.Ready())
         while not self.stop_requested:
             if self.retirement_due():
                 return
@@ -333,7 +344,7 @@ class Worker:
                 "claim", functools.partial(self.claim, limit)
             )
             if not batch:
-                self.settle()
+                self.outcomes.settle()
                 if self.tally.due():
                     self.send_metrics()
                 self.mark(WorkerState.IDLE)
@@ -345,10 +356,10 @@ class Worker:
                 continue
             self.send_metrics()
             self.run_batch(batch)
-            self.flush()
+            self.outcomes.flush()
             if len(batch) < limit:
                 # The queue is running dry: its postings may be complete.
-                self.settle()
+                self.outcomes.settle()
 
     def claim(self, limit: int) -> list[queue.ClaimedJob]:
         conn = self.connect()
@@ -356,13 +367,12 @@ class Worker:
         # the statement leaves: one whose reply is lost owns jobs under a
         # token no live worker holds, which the sweep takes back. Outcomes
         # are written under their claim's token, all before the next claim.
-        assert not self.pending
-        self.token = uuid.uuid4()
+        owner = self.outcomes.new_claim()
         self.mark(WorkerState.CLAIMING)
         began = time.monotonic()
         jobs = queue.claim(
             conn,
-            owner=self.token,
+            owner=owner,
             daemon_id=self.spec.daemon_id,
             limit=limit,
             provides=self.config.workers.provides,
@@ -371,20 +381,15 @@ class Worker:
         self.tally.note_claim(time.monotonic() - began, len(jobs))
         return jobs
 
-    def claim_token(self) -> uuid.UUID:
-        """The owner token of the claim whose jobs this worker holds."""
-        assert self.token is not None, "no claim yet"
-        return self.token
-
     def retirement_due(self) -> bool:
         workers = self.config.workers
         if workers.max_jobs_per_worker and (
             self.jobs_run >= workers.max_jobs_per_worker
         ):
-            self.report("retiring", reason="max_jobs")
+            self.send(reports.Retiring("max_jobs"))
             return True
         if workers.max_memory_mb and (_rss_mb() > workers.max_memory_mb):
-            self.report("retiring", reason="max_memory")
+            self.send(reports.Retiring("max_memory"))
             return True
         return False
 
@@ -412,270 +417,47 @@ class Worker:
                 checked_at = time.monotonic()
                 if job.id in lost:
                     continue
-            self.pending.append(self.run_job(job))
-            if not self.pending_since:
-                self.pending_since = time.monotonic()
-            if self.flush_due():
-                self.flush()
+            self.outcomes.add(self.run_job(job))
+            if self.outcomes.flush_due():
+                self.outcomes.flush()
 
     def drop_lost_claims(self, jobs: list[queue.ClaimedJob]) -> set[int]:
         """Give up the claims among ``jobs`` (none started) that are no
-        longer this worker's, cancelled or taken back since; return their
-        job ids: they must not start."""
+        longer this worker's; return their job ids: they must not start."""
         self.claims_in_doubt = False
-        held: set[int] = self.with_database(
-            "claim",
-            lambda: queue.held_claims(
-                self.connect(), owner=self.claim_token(), jobs=jobs
-            ),
-        )
-        lost = [(j.id, j.attempt) for j in jobs if j.id not in held]
-        if lost:
-            log.info(
-                "%d claimed job(s) not started: cancelled or taken back",
-                len(lost),
-            )
-            self.with_database(
-                "record outcomes",
-                lambda: queue.give_up_claims(
-                    self.connect(), owner=self.claim_token(), claims=lost
-                ),
-            )
-        return {job_id for job_id, _ in lost}
+        return self.outcomes.drop_lost_claims(jobs)
 
     def release(self, jobs: list[queue.ClaimedJob]) -> None:
         """Give back claimed jobs that were never started (no try used)."""
         for job in jobs:
             self.tally.note_run(job.id, job.entry_point)
-            self.pending.append(queue.Outcome(job.id, job.attempt, "released"))
-
-    def flush_due(self) -> bool:
-        window = self.config.workers.outcome_flush_ms / 1000
-        return window == 0 or time.monotonic() - self.pending_since >= window
-
-    def flush(self) -> None:
-        """Write buffered outcomes (fenced); note their postings to settle.
-
-        Settling waits for a short batch, an empty claim or the worker's
-        exit, where a posting is likely to be complete, and saves a
-        statement per flush while a queue drains; a job errored out settles
-        at once, so a posting past its error threshold stops being claimed.
-        What a worker leaves unsettled, the supervisor's maintenance does.
-        """
-        if not self.pending:
-            return
-        self.mark(WorkerState.FLUSHING)
-        outcomes, self.pending, self.pending_since = self.pending, [], 0.0
-        recorded: list[queue.RecordedOutcome] = self.with_database(
-            "record outcomes", lambda: self.record(outcomes)
-        )
-        self.send_metrics(recorded)
-        written = {r.job_id for r in recorded}
-        fenced = [
-            (o.job_id, o.attempt) for o in outcomes if o.job_id not in written
-        ]
-        if fenced:
-            log.warning(
-                "%d outcome(s) fenced off: their jobs were cancelled or "
-                "taken back",
-                len(fenced),
-            )
-            # A cancel leaves these claims to their runs, which are over.
-            self.with_database(
-                "record outcomes",
-                lambda: queue.give_up_claims(
-                    self.connect(), owner=self.claim_token(), claims=fenced
-                ),
-            )
-        finals = [
-            r
-            for r in recorded
-            if r.status in (JobStatus.DONE, JobStatus.ERRORED_OUT)
-        ]
-        self.unsettled.update(r.posting_id for r in finals)
-        if any(r.status is JobStatus.ERRORED_OUT for r in finals):
-            self.settle()
-
-    def record(
-        self, outcomes: list[queue.Outcome]
-    ) -> list[queue.RecordedOutcome]:
-        """Write outcomes in one statement; should the database refuse it
-        for what some outcome holds (a result jsonb cannot store, say), one
-        by one, each refused one as :meth:`queue.Outcome.as_refused`
-        makes it. One bad value so neither holds up the others nor sends
-        its job back to run again without using a try.
-        """
-        conn = self.connect()
-        try:
-            return queue.record_outcomes(
-                conn, owner=self.claim_token(), outcomes=outcomes
-            )
-        except psycopg.OperationalError:
-            raise
-        except Exception as exc:
-            if len(outcomes) == 1:
-                return self.record_refused(outcomes[0], exc)
-        # Some outcome cannot be stored as it is: find which.
-        recorded = []
-        for outcome in outcomes:
-            try:
-                recorded += queue.record_outcomes(
-                    conn, owner=self.claim_token(), outcomes=[outcome]
-                )
-            except psycopg.OperationalError:
-                raise
-            except Exception as exc:
-                recorded += self.record_refused(outcome, exc)
-        return recorded
-
-    def record_refused(
-        self, outcome: queue.Outcome, exc: Exception
-    ) -> list[queue.RecordedOutcome]:
-        problem = _problem(exc)
-        log.error(
-            "the outcome of job %d could not be stored as it was: %s",
-            outcome.job_id,
-            problem,
-        )
-        return queue.record_outcomes(
-            self.connect(),
-            owner=self.claim_token(),
-            outcomes=[outcome.as_refused(problem)],
-        )
-
-    def settle(self) -> None:
-        """Finish or error out the postings this worker's outcomes ended.
-
-        Runs after those outcomes committed (see queue.settle_postings).
-        """
-        if not self.unsettled:
-            return
-        postings, self.unsettled = self.unsettled, set()
-        threshold = self.config.jobs.posting_error_threshold
-        self.with_database(
-            "settle postings",
-            lambda: queue.settle_postings(
-                self.connect(), postings, error_threshold=threshold
-            ),
-        )
+        self.outcomes.release(jobs)
 
     # ------------------------------------------------------------ one job
 
-    def timeout_for(self, job: queue.ClaimedJob) -> float:
-        return job.timeout_s or self.config.jobs.timeout_s
-
     def run_job(self, job: queue.ClaimedJob) -> queue.Outcome:
-        """Run one claimed job and say what became of it."""
-        started_at = _utcnow()
-        timeout = self.timeout_for(job)
-        begin = time.monotonic()
-        error = tb = None
-        kind = "failed"
-        call = jobcontext.JobCall(
-            job,
-            owner=self.claim_token(),
-            config=self.config,
-            password=self.spec.password,
-            draw=self.rng.random(),
-        )
-        try:
-            self.deadline = begin + timeout if timeout else 0.0
-            self.mark(WorkerState.RUNNING, job.id, begin)
-            function = self.resolve(job.entry_point)
-            call.run(function)
-        except JobTimeout:
-            error = f"timeout after {timeout:g} s"
-            kind = "timeout"
-        except entrypoints.EntryPointRefused as exc:
-            error = f"refused: {exc}"
-            kind = "refused"
-        except BaseException as exc:
-            error = f"{type(exc).__name__}: {exc}"
-            tb = traceback.format_exc()
-        finally:
-            self.deadline = 0.0
-        elapsed = time.monotonic() - begin
-        call.save_profile(self.connect)
+        """Run one claimed job; note it for the metrics and retirement."""
+        result = self.runner.run(job, self.outcomes.claim_token())
         self.jobs_run += 1
-        self.mean_job_s = policy.mean_update(self.mean_job_s, elapsed, 0.2)
-        completed_at = _utcnow()
-        waited = (started_at - job.runnable_since).total_seconds()
+        self.mean_job_s = policy.mean_update(
+            self.mean_job_s, result.elapsed_s, 0.2
+        )
         self.tally.note_run(
             job.id,
             job.entry_point,
-            elapsed,
-            waited_s=max(0.0, waited),
-            timed_out=kind == "timeout",
+            result.elapsed_s,
+            waited_s=result.waited_s,
+            timed_out=result.timed_out,
         )
-        self.report_done(job, error, elapsed)
-        if error is None:
-            return queue.Outcome(
-                job.id,
-                job.attempt,
-                "done",
-                started_at,
-                completed_at,
-                result=call.result_json,
-            )
-        delay = policy.retry_delay(
-            job.attempt,
-            self.config.jobs.retry_delay_s,
-            self.config.jobs.retry_delay_max_s,
-        )
-        return queue.Outcome(
-            job.id,
-            job.attempt,
-            kind,
-            started_at,
-            completed_at,
-            error=error,
-            traceback=tb,
-            retry_delay_s=delay,
-        )
-
-    def report_done(
-        self, job: queue.ClaimedJob, error: str | None, elapsed: float
-    ) -> None:
-        if error is not None:
-            log.info("job %s (%s) failed: %s", job.uuid, job.entry_point, error)
-
-    def resolve(self, entry_point: str) -> Callable[..., Any]:
-        """The function to call, or raise :class:`EntryPointRefused`.
-
-        Both answers are kept for the worker's life; an import that failed
-        is tried again by the next job (the module may yet be deployed).
-        """
-        found = self.functions.get(entry_point)
-        if found is None:
-            try:
-                found = entrypoints.resolve(
-                    entry_point,
-                    self.config.jobs.allowed_modules,
-                    allow_unmarked=self.config.jobs.allow_unmarked,
-                )
-            except entrypoints.EntryPointRefused as refusal:
-                found = refusal
-            self.functions[entry_point] = found
-        if isinstance(found, entrypoints.EntryPointRefused):
-            raise entrypoints.EntryPointRefused(*found.args)
-        return found
+        return result.outcome
 
     def close(self) -> None:
         self.mark(WorkerState.EXITING)
         try:
-            self.flush()
-            self.settle()
+            self.outcomes.flush()
+            self.outcomes.settle()
         finally:
             self.drop_connection()
-
-
-def _problem(exc: Exception) -> str:
-    """What the database (or the driver) said was wrong, in one line."""
-    text = str(exc)
-    if isinstance(exc, psycopg.Error) and exc.diag.message_primary:
-        text = exc.diag.message_primary
-    first_line = text.splitlines()[0] if text else ""
-    return f"{type(exc).__name__}: {first_line}"[:_REFUSAL_TEXT_CHARS]
 
 
 def _rss_mb() -> float:
@@ -699,7 +481,7 @@ def main(spec: WorkerSpec) -> NoReturn:
             raise
         except Exception as exc:
             log.error("worker could not start: %s", exc)
-            worker.report("boot_failed", reason=redact(str(exc)))
+            worker.send(reports.BootFailed(redact(str(exc))))
             code = EXIT_WORKER_BOOT_FAILED
         else:
             try:

@@ -22,7 +22,7 @@ from pdoflowd.db.common import (
     one_statement,
     storable_text,
 )
-from pdoflowd.status import JobStatus, PostingStatus
+from pdoflowd.status import JobStatus, OutcomeKind, PostingStatus
 
 # ---------------------------------------------------------------- claiming
 
@@ -143,7 +143,8 @@ class Outcome:
 
     ``kind`` is ``done``, ``failed`` or ``timeout`` (uses a try; waits again
     while tries remain), ``refused`` (errored out at once, no retry) or
-    ``released`` (never started: back to waiting, no try used). ``result``
+    ``released`` (never started: back to waiting, no try used); given as
+    its plain value, it is made an :class:`OutcomeKind`. ``result``
     is the JSON text of a done job's return value, when its posting keeps
     results. A job that waits again may run ``retry_delay_s`` seconds after
     the database's time when the outcome is written, not the worker's.
@@ -151,13 +152,17 @@ class Outcome:
 
     job_id: int
     attempt: int
-    kind: str
+    kind: OutcomeKind
     started_at: dt.datetime | None = None
     completed_at: dt.datetime | None = None
     error: str | None = None
     traceback: str | None = None
     retry_delay_s: float | None = None
     result: str | None = None
+
+    def __post_init__(self) -> None:
+        # Frozen: the one place the kind is set, checked and typed.
+        object.__setattr__(self, "kind", OutcomeKind(self.kind))
 
     def as_refused(self, problem: str) -> Outcome:
         """This outcome as it can still be written after the database
@@ -166,13 +171,13 @@ class Outcome:
         (its return value is lost); any other keeps its kind, so a run still
         uses its try and a job never started still uses none.
         """
-        if self.kind == "done":
-            kind = "refused"
+        if self.kind is OutcomeKind.DONE:
+            kind = OutcomeKind.REFUSED
             what = "the return value" if self.result is not None else "it"
             error = f"done, but {what} could not be stored: {problem}"
         else:
             kind = self.kind
-            original = (self.error or self.kind)[:_REFUSED_ERROR_CHARS]
+            original = (self.error or self.kind.value)[:_REFUSED_ERROR_CHARS]
             error = (
                 f"{original} (stored without its details, which the"
                 f" database refused: {problem})"
@@ -199,7 +204,7 @@ class RecordedOutcome:
 
     job_id: int
     posting_id: int
-    kind: str
+    kind: OutcomeKind
     status: JobStatus
 
 
@@ -272,7 +277,11 @@ RETURNING j.id, j.posting_id, o.kind, j.status
 
 
 def _outcome_json(o: Outcome) -> dict[str, Any]:
-    row: dict[str, Any] = {"id": o.job_id, "attempt": o.attempt, "kind": o.kind}
+    row: dict[str, Any] = {
+        "id": o.job_id,
+        "attempt": o.attempt,
+        "kind": o.kind.value,
+    }
     if o.started_at is not None:
         row["started"] = o.started_at.timestamp()
     if o.completed_at is not None:
@@ -310,7 +319,9 @@ def record_outcomes(
     with one_statement(conn):
         rows = conn.execute(_RECORD_OUTCOMES, params).fetchall()
     return [
-        RecordedOutcome(job_id, posting_id, kind, JobStatus(status))
+        RecordedOutcome(
+            job_id, posting_id, OutcomeKind(kind), JobStatus(status)
+        )
         for job_id, posting_id, kind, status in rows
     ]
 
