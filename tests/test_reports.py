@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from pdoflowd.daemon import metrics, reports
+from pdoflowd.daemon import reports
 from pdoflowd.daemon.reports import (
     Attempts,
     BootFailed,
@@ -126,9 +126,3 @@ def test_merged_reports_add_counts_and_keep_the_first_samples() -> None:
             "released": {"g": Attempts(1, ())},
         },
     )
-
-
-def test_the_supervisor_still_sees_report_events_as_plain_strings() -> None:
-    # supervisor.on_report tests `message.get("event") in REPORT_EVENTS`.
-    assert sorted(metrics.REPORT_EVENTS) == ["db_error", "metrics"]
-    assert all(type(event) is str for event in metrics.REPORT_EVENTS)

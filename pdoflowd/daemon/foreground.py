@@ -29,15 +29,15 @@ from typing import Any, TypeVar
 
 import psycopg
 
-from pdoflowd import __version__, policy
+from pdoflowd import __version__
 from pdoflowd.config import Config, DaemonConfig, JobsConfig, connection_kwargs
 from pdoflowd.daemon.runner import (
     Interrupted,
     JobRunner,
     JobTimeout,
     OutcomeBuffer,
+    with_reconnects,
 )
-from pdoflowd.daemon.worker import RECONNECT_DELAY_S
 from pdoflowd.db import queue, upkeep
 from pdoflowd.entrypoints import EntryPointRefused
 from pdoflowd.exitcodes import EXIT_ERRORED
@@ -112,18 +112,13 @@ class _Database:
         self.conn = None
 
     def with_database(self, what: str, action: Callable[[], T]) -> T:
-        failures = 0
-        while True:
-            try:
-                return action()
-            except psycopg.OperationalError as exc:
-                self.drop()
-                failures += 1
-                delay = policy.backoff_delay(failures, *RECONNECT_DELAY_S)
-                log.warning(
-                    "%s failed, retrying in %.1f s: %s", what, delay, exc
-                )
-                time.sleep(delay)
+        return with_reconnects(
+            what, action, drop=self.drop, wait=_sleep, logger=log
+        )
+
+
+def _sleep(delay: float, exc: Exception) -> None:
+    time.sleep(delay)
 
 
 class _Heartbeat(threading.Thread):

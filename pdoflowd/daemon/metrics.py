@@ -51,7 +51,6 @@ __all__ = [
     "DB_OPERATIONS",
     "OTHER_FUNCTION",
     "OUTCOMES",
-    "REPORT_EVENTS",
     "RESTART_REASONS",
     "WORKER_STATES",
     "MetricsEndpoint",
@@ -61,12 +60,6 @@ __all__ = [
     "operation_label",
     "readiness",
 ]
-
-# The events of report lines PoolMetrics counts (apply_worker_report), as
-# the plain strings of their "event" key.
-REPORT_EVENTS = frozenset(
-    {reports.ReportEvent.METRICS.value, reports.ReportEvent.DB_ERROR.value}
-)
 
 OTHER_FUNCTION = "other"
 WORKER_STATES = tuple(s.name.lower() for s in WorkerState if s.value)
@@ -353,8 +346,8 @@ class PoolMetrics:
                 )
 
     def apply_worker_report(self, message: Mapping[str, Any]) -> None:
-        """Count one line a worker sent, as its JSON object (an event in
-        REPORT_EVENTS): :func:`reports.from_message`, then :meth:`apply`.
+        """Count one metrics or db_error report given as its JSON object:
+        :func:`reports.from_message`, then :meth:`apply`.
 
         A malformed report raises ValueError and changes nothing.
         """

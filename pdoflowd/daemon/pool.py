@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import enum
 import errno
-import json
 import logging
 import os
 import random
@@ -33,8 +32,8 @@ from dataclasses import dataclass, replace
 
 from pdoflowd import policy
 from pdoflowd.config import Config
-from pdoflowd.daemon import worker
-from pdoflowd.daemon.metrics import REPORT_EVENTS, PoolMetrics
+from pdoflowd.daemon import reports, worker
+from pdoflowd.daemon.metrics import PoolMetrics
 from pdoflowd.daemon.scoreboard import Scoreboard, WorkerState
 
 log = logging.getLogger("pdoflowd.daemon.pool")
@@ -358,25 +357,20 @@ class Pool:
         return True
 
     def on_report(self, handle: WorkerHandle, line: bytes) -> None:
-        """Decode one line of a worker's report and act on it: the one
-        place that knows the report protocol."""
+        """Act on one line of a worker's report (:mod:`reports` decodes)."""
         try:
-            message = json.loads(line)
-        except ValueError:
-            log.warning("unreadable report from worker %d", handle.pid)
+            report = reports.decode(line)
+        except ValueError as exc:
+            log.warning("bad report from worker %d: %s", handle.pid, exc)
             return
-        event = message.get("event")
-        if event == "ready":
+        if isinstance(report, reports.Ready):
             handle.ready = True
-        elif event == "boot_failed":
-            handle.boot_failed(str(message.get("reason")))
-        elif event == "retiring":
-            handle.retire(str(message.get("reason")))
-        elif event in REPORT_EVENTS:
-            try:
-                self.metrics.apply_worker_report(message)
-            except ValueError as exc:
-                log.warning("bad report from worker %d: %s", handle.pid, exc)
+        elif isinstance(report, reports.BootFailed):
+            handle.boot_failed(report.reason)
+        elif isinstance(report, reports.Retiring):
+            handle.retire(report.reason)
+        else:
+            self.metrics.apply(report)
 
     # ------------------------------------------------------------ ends
 

@@ -38,6 +38,7 @@ from pdoflowd.db import queue
 from pdoflowd.status import JobStatus, OutcomeKind
 
 __all__ = [
+    "RECONNECT_DELAY_S",
     "RECORD_OUTCOMES",
     "Database",
     "Interrupted",
@@ -45,6 +46,7 @@ __all__ = [
     "JobTimeout",
     "OutcomeBuffer",
     "RunResult",
+    "with_reconnects",
 ]
 
 log = logging.getLogger("pdoflowd.daemon.runner")
@@ -74,6 +76,36 @@ class Database(Protocol):
         """Run ``action`` until it succeeds, reconnecting as the process
         sees fit; ``what`` names the operation (see RECORD_OUTCOMES)."""
         ...
+
+
+# The first and the longest wait between tries to reach the database.
+RECONNECT_DELAY_S = (0.1, 5.0)
+
+
+def with_reconnects(
+    what: str,
+    action: Callable[[], T],
+    *,
+    drop: Callable[[], None],
+    wait: Callable[[float, Exception], None],
+    logger: logging.Logger = log,
+) -> T:
+    """Run ``action`` until it succeeds: the one retry loop of a process
+    that runs jobs. After a lost connection it drops it, logs, and waits by
+    the one backoff; ``wait(delay, error)`` may raise to give up instead.
+    """
+    failures = 0
+    while True:
+        try:
+            return action()
+        except psycopg.OperationalError as exc:
+            drop()
+            failures += 1
+            delay = policy.backoff_delay(failures, *RECONNECT_DELAY_S)
+            logger.warning(
+                "%s failed, retrying in %.1f s: %s", what, delay, exc
+            )
+            wait(delay, exc)
 
 
 def _utcnow() -> dt.datetime:

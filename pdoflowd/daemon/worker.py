@@ -44,6 +44,7 @@ from pdoflowd.daemon.runner import (
     JobRunner,
     JobTimeout,
     OutcomeBuffer,
+    with_reconnects,
 )
 from pdoflowd.daemon.scoreboard import Scoreboard, WorkerState
 from pdoflowd.daemon.tally import WorkerTally
@@ -67,8 +68,6 @@ _PR_SET_PDEATHSIG = 1
 _OUTBOX_BYTES = 65536
 # How long an exiting worker waits for its last reports to be read.
 _EXIT_DELIVERY_S = 5.0
-# The first and the longest wait between tries to reach the database.
-RECONNECT_DELAY_S = (0.1, 5.0)
 _SYSTEMD_VARIABLES = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
 
 T = TypeVar("T")
@@ -292,25 +291,20 @@ class Worker:
         Gives up (raises :class:`_Stop`) only when asked to stop while the
         database is unreachable.
         """
-        failures = 0
-        while True:
-            try:
-                return action()
-            except psycopg.OperationalError as exc:
-                self.drop_connection()
-                failures += 1
-                delay = policy.backoff_delay(failures, *RECONNECT_DELAY_S)
-                log.warning(
-                    "%s failed, retrying in %.1f s: %s", what, delay, exc
-                )
-                self.send(reports.DbError(what))
-                if self.stop_requested and (
-                    what != RECORD_OUTCOMES or self.orphaned()
-                ):
-                    # Unwritten outcomes of an orphan are left to the rescue
-                    # of its dead daemon's jobs.
-                    raise _Stop(what) from exc
-                self.sleep(delay)
+
+        def wait(delay: float, exc: Exception) -> None:
+            self.send(reports.DbError(what))
+            if self.stop_requested and (
+                what != RECORD_OUTCOMES or self.orphaned()
+            ):
+                # Unwritten outcomes of an orphan are left to the rescue
+                # of its dead daemon's jobs.
+                raise _Stop(what) from exc
+            self.sleep(delay)
+
+        return with_reconnects(
+            what, action, drop=self.drop_connection, wait=wait, logger=log
+        )
 
     def orphaned(self) -> bool:
         return os.getppid() != self.spec.parent_pid
