@@ -9,9 +9,12 @@ a process the supervisor forks (holding no connection when it does), with
 statement and lock timeouts on its session and a TCP user timeout and
 keepalives on its connection, so a poster's lock or a network path that
 drops packets costs this process time, never the supervisor's loop: the
-loop only exchanges lines with it over two pipes, and gunicorn-style holds
-no database at all. It heartbeats only while the supervisor's pulse is
-fresh, so a frozen supervisor is a lost daemon, and its jobs are rescued.
+loop only exchanges lines with it over two pipes
+(:mod:`~pdoflowd.daemon.sessionpipe`), and gunicorn-style holds no
+database at all; the supervisor's side of it is
+:class:`~pdoflowd.daemon.sessionkeeper.SessionHandle`. It heartbeats only
+while the supervisor's pulse is fresh, so a frozen supervisor is a lost
+daemon, and its jobs are rescued.
 It must not fork, speak to systemd, or run jobs.
 """
 
@@ -19,8 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import enum
-import json
 import logging
 import os
 import select
@@ -37,6 +38,13 @@ from pdoflowd import __version__, policy
 from pdoflowd.config import Config, connection_kwargs
 from pdoflowd.daemon import logs
 from pdoflowd.daemon.scoreboard import Scoreboard, WorkerState
+from pdoflowd.daemon.sessionpipe import (
+    Event,
+    Request,
+    TakeBack,
+    decode_lines,
+    encode,
+)
 from pdoflowd.db import common, queue, upkeep
 from pdoflowd.db.migrate import SchemaNotCurrent, check_current
 from pdoflowd.status import JobStatus
@@ -50,86 +58,6 @@ PROCESS_NAME = b"pdoflowd-db"
 _SYSTEMD_VARIABLES = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
 _RECONNECT_DELAY_S = (0.5, 10.0)
 _LONGEST_WAIT_S = 1.0
-
-
-class Request(enum.Enum):
-    """What the supervisor asks of its database session."""
-
-    TAKE_BACK = "take_back"
-    STOP = "stop"
-
-
-class Event(enum.Enum):
-    """What the database session tells the supervisor."""
-
-    CONNECTED = "connected"
-    DISCONNECTED = "disconnected"
-    SCHEMA_NOT_CURRENT = "schema_not_current"
-    NOTIFIED = "notified"
-    TAKEN_BACK = "taken_back"
-    RESCUED = "rescued"
-    DB_ERROR = "db_error"
-    QUEUE = "queue"
-    CANCELLED = "cancelled"
-    CLAIMS_CANCELLED = "claims_cancelled"
-
-
-@dataclass(frozen=True)
-class TakeBack:
-    """Jobs to take back from a worker that ended: those claimed under
-    ``owner``; ``running`` is the one it was running, which uses a try."""
-
-    seq: int
-    owner: uuid.UUID
-    running: int | None
-    reason: str
-
-    def as_line(self) -> dict[str, Any]:
-        return {
-            "request": Request.TAKE_BACK.value,
-            "seq": self.seq,
-            "owner": str(self.owner),
-            "running": self.running,
-            "reason": self.reason,
-        }
-
-    @classmethod
-    def from_line(cls, line: dict[str, Any]) -> TakeBack:
-        return cls(
-            int(line["seq"]),
-            uuid.UUID(str(line["owner"])),
-            None if line["running"] is None else int(line["running"]),
-            str(line["reason"]),
-        )
-
-
-@dataclass(frozen=True)
-class SessionEvent:
-    """One line from the database session: its kind and its fields."""
-
-    kind: Event
-    fields: dict[str, Any] = field(default_factory=dict)
-
-
-def encode(message: dict[str, Any]) -> bytes:
-    """One message as one line; whole messages below PIPE_BUF stay whole."""
-    return (json.dumps(message, separators=(",", ":")) + "\n").encode()
-
-
-def decode_lines(buffer: bytes) -> tuple[list[dict[str, Any]], bytes]:
-    """The whole lines in ``buffer`` as messages, and what is left."""
-    *lines, rest = buffer.split(b"\n")
-    messages = []
-    for line in lines:
-        try:
-            message = json.loads(line)
-        except ValueError:
-            log.warning("unreadable line between supervisor and session")
-            continue
-        if isinstance(message, dict):
-            messages.append(message)
-    return messages, rest
-
 
 # ---------------------------------------------------------------- the process
 
@@ -557,140 +485,3 @@ def main(spec: SessionSpec) -> NoReturn:
         with contextlib.suppress(Exception):
             logging.shutdown()
     os._exit(code)
-
-
-# ---------------------------------------------------------------- the handle
-
-
-class SessionHandle:
-    """The supervisor's side: fork the session, ask it, read what it says.
-
-    Every take-back asked for is kept until the session says it is done,
-    and asked again of a new session if this one ends first.
-    """
-
-    def __init__(self) -> None:
-        self.pid: int | None = None
-        self.request_fd = -1
-        self.event_fd = -1
-        self.connected = False
-        self.pending: dict[int, TakeBack] = {}
-        self.next_seq = 0
-        self.stop_sent = False
-        self._buffer = b""
-        self._unsent = b""
-
-    def start(
-        self,
-        *,
-        daemon_id: uuid.UUID,
-        hostname: str,
-        config: Config,
-        password: str | None,
-        scoreboard: Scoreboard,
-        inherited_fds: tuple[int, ...],
-    ) -> int:
-        """Fork the session (the caller holds no connection); its pid."""
-        request_r, request_w = os.pipe2(os.O_CLOEXEC)
-        event_r, event_w = os.pipe2(os.O_CLOEXEC)
-        os.set_blocking(request_w, False)
-        os.set_blocking(event_r, False)
-        spec = SessionSpec(
-            daemon_id=daemon_id,
-            hostname=hostname,
-            config=config,
-            password=password,
-            scoreboard=scoreboard,
-            request_fd=request_r,
-            event_fd=event_w,
-            parent_pid=os.getpid(),
-            inherited_fds=tuple(
-                fd for fd in (*inherited_fds, request_w, event_r) if fd >= 0
-            ),
-        )
-        pid = os.fork()
-        if pid == 0:
-            main(spec)
-        os.close(request_r)
-        os.close(event_w)
-        self.pid, self.request_fd, self.event_fd = pid, request_w, event_r
-        self.connected = False
-        self.stop_sent = False
-        self._buffer = self._unsent = b""
-        for take_back in sorted(self.pending.values(), key=lambda t: t.seq):
-            self._send(take_back.as_line())
-        return pid
-
-    def fds(self) -> tuple[int, ...]:
-        """This side's pipe ends, which no other child may keep."""
-        return tuple(fd for fd in (self.request_fd, self.event_fd) if fd >= 0)
-
-    def take_back(
-        self, owner: uuid.UUID, running: int | None, reason: str
-    ) -> TakeBack:
-        """Ask for a dead worker's jobs back; returns the request."""
-        self.next_seq += 1
-        request = TakeBack(self.next_seq, owner, running, reason)
-        self.pending[request.seq] = request
-        self._send(request.as_line())
-        return request
-
-    def stop(self) -> None:
-        """Ask the session to finish the take-backs, mark the daemon
-        stopped and exit."""
-        if not self.stop_sent:
-            self.stop_sent = True
-            self._send({"request": Request.STOP.value})
-
-    def _send(self, message: dict[str, Any]) -> None:
-        self._unsent += encode(message)
-        self.flush()
-
-    def flush(self) -> None:
-        """Write what waits for room in the pipe, never blocking (lines
-        are cut only where the pipe is full; the session reads on)."""
-        while self._unsent and self.request_fd >= 0:
-            try:
-                written = os.write(self.request_fd, self._unsent)
-            except (BlockingIOError, BrokenPipeError):
-                return
-            self._unsent = self._unsent[written:]
-
-    def read(self) -> list[SessionEvent]:
-        """What the session said since the last read."""
-        if self.event_fd < 0:
-            return []
-        chunks = []
-        while True:
-            try:
-                data = os.read(self.event_fd, 65536)
-            except BlockingIOError:
-                break
-            if not data:
-                break
-            chunks.append(data)
-        messages, self._buffer = decode_lines(self._buffer + b"".join(chunks))
-        events = []
-        for message in messages:
-            try:
-                kind = Event(message.pop("event"))
-            except (KeyError, ValueError):
-                continue
-            if kind is Event.CONNECTED:
-                self.connected = True
-            elif kind is Event.DISCONNECTED:
-                self.connected = False
-            elif kind is Event.TAKEN_BACK:
-                self.pending.pop(int(message.get("seq", -1)), None)
-            events.append(SessionEvent(kind, message))
-        return events
-
-    def ended(self) -> list[SessionEvent]:
-        """The session exited (reaped): its last words; forget its pipes."""
-        events = self.read()
-        for fd in self.fds():
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        self.pid, self.request_fd, self.event_fd = None, -1, -1
-        self.connected = False
-        return events

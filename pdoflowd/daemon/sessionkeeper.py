@@ -1,7 +1,7 @@
 """Keeping the database session running, on the supervisor's side.
 
 Owns the session process's life as the supervisor sees it: forking it
-(through :class:`~pdoflowd.daemon.session.SessionHandle`, holding no
+(through :class:`SessionHandle`, holding no
 connection), starting another when it ends on its own (after a backoff
 that grows with its crashes), ending it on a reload so that the next one
 starts on the new config and password, asking it to finish on a stop and
@@ -30,12 +30,21 @@ import socket
 import time
 import uuid
 from collections.abc import Callable
+from typing import Any
 
 from pdoflowd import policy
 from pdoflowd.config import Config
 from pdoflowd.daemon.pool import Takeback, signal_process
 from pdoflowd.daemon.scoreboard import Scoreboard
-from pdoflowd.daemon.session import SessionEvent, SessionHandle
+from pdoflowd.daemon.session import SessionSpec, main
+from pdoflowd.daemon.sessionpipe import (
+    Event,
+    Request,
+    SessionEvent,
+    TakeBack,
+    decode_lines,
+    encode,
+)
 
 log = logging.getLogger("pdoflowd.daemon.sessionkeeper")
 
@@ -193,3 +202,137 @@ class SessionKeeper:
     def taken_back(self, seq: int) -> Takeback:
         """How to count the jobs of a take-back the session has done."""
         return self.takebacks.pop(seq, Takeback())
+
+
+class SessionHandle:
+    """The supervisor's side: fork the session, ask it, read what it says.
+
+    Every take-back asked for is kept until the session says it is done,
+    and asked again of a new session if this one ends first.
+    """
+
+    def __init__(self) -> None:
+        self.pid: int | None = None
+        self.request_fd = -1
+        self.event_fd = -1
+        self.connected = False
+        self.pending: dict[int, TakeBack] = {}
+        self.next_seq = 0
+        self.stop_sent = False
+        self._buffer = b""
+        self._unsent = b""
+
+    def start(
+        self,
+        *,
+        daemon_id: uuid.UUID,
+        hostname: str,
+        config: Config,
+        password: str | None,
+        scoreboard: Scoreboard,
+        inherited_fds: tuple[int, ...],
+    ) -> int:
+        """Fork the session (the caller holds no connection); its pid."""
+        request_r, request_w = os.pipe2(os.O_CLOEXEC)
+        event_r, event_w = os.pipe2(os.O_CLOEXEC)
+        os.set_blocking(request_w, False)
+        os.set_blocking(event_r, False)
+        spec = SessionSpec(
+            daemon_id=daemon_id,
+            hostname=hostname,
+            config=config,
+            password=password,
+            scoreboard=scoreboard,
+            request_fd=request_r,
+            event_fd=event_w,
+            parent_pid=os.getpid(),
+            inherited_fds=tuple(
+                fd for fd in (*inherited_fds, request_w, event_r) if fd >= 0
+            ),
+        )
+        pid = os.fork()
+        if pid == 0:
+            main(spec)
+        os.close(request_r)
+        os.close(event_w)
+        self.pid, self.request_fd, self.event_fd = pid, request_w, event_r
+        self.connected = False
+        self.stop_sent = False
+        self._buffer = self._unsent = b""
+        for take_back in sorted(self.pending.values(), key=lambda t: t.seq):
+            self._send(take_back.as_line())
+        return pid
+
+    def fds(self) -> tuple[int, ...]:
+        """This side's pipe ends, which no other child may keep."""
+        return tuple(fd for fd in (self.request_fd, self.event_fd) if fd >= 0)
+
+    def take_back(
+        self, owner: uuid.UUID, running: int | None, reason: str
+    ) -> TakeBack:
+        """Ask for a dead worker's jobs back; returns the request."""
+        self.next_seq += 1
+        request = TakeBack(self.next_seq, owner, running, reason)
+        self.pending[request.seq] = request
+        self._send(request.as_line())
+        return request
+
+    def stop(self) -> None:
+        """Ask the session to finish the take-backs, mark the daemon
+        stopped and exit."""
+        if not self.stop_sent:
+            self.stop_sent = True
+            self._send({"request": Request.STOP.value})
+
+    def _send(self, message: dict[str, Any]) -> None:
+        self._unsent += encode(message)
+        self.flush()
+
+    def flush(self) -> None:
+        """Write what waits for room in the pipe, never blocking (lines
+        are cut only where the pipe is full; the session reads on)."""
+        while self._unsent and self.request_fd >= 0:
+            try:
+                written = os.write(self.request_fd, self._unsent)
+            except (BlockingIOError, BrokenPipeError):
+                return
+            self._unsent = self._unsent[written:]
+
+    def read(self) -> list[SessionEvent]:
+        """What the session said since the last read."""
+        if self.event_fd < 0:
+            return []
+        chunks = []
+        while True:
+            try:
+                data = os.read(self.event_fd, 65536)
+            except BlockingIOError:
+                break
+            if not data:
+                break
+            chunks.append(data)
+        messages, self._buffer = decode_lines(self._buffer + b"".join(chunks))
+        events = []
+        for message in messages:
+            try:
+                kind = Event(message.pop("event"))
+            except (KeyError, ValueError):
+                continue
+            if kind is Event.CONNECTED:
+                self.connected = True
+            elif kind is Event.DISCONNECTED:
+                self.connected = False
+            elif kind is Event.TAKEN_BACK:
+                self.pending.pop(int(message.get("seq", -1)), None)
+            events.append(SessionEvent(kind, message))
+        return events
+
+    def ended(self) -> list[SessionEvent]:
+        """The session exited (reaped): its last words; forget its pipes."""
+        events = self.read()
+        for fd in self.fds():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.pid, self.request_fd, self.event_fd = None, -1, -1
+        self.connected = False
+        return events

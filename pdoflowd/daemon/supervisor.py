@@ -41,8 +41,8 @@ from pdoflowd.daemon.httpserver import EndpointError, HttpServer, tls_context
 from pdoflowd.daemon.notify import Notifier
 from pdoflowd.daemon.pool import Pool, ReportPipe
 from pdoflowd.daemon.scoreboard import Scoreboard
-from pdoflowd.daemon.session import Event, SessionEvent
 from pdoflowd.daemon.sessionkeeper import SessionKeeper, SessionPipe
+from pdoflowd.daemon.sessionpipe import Event, SessionEvent
 from pdoflowd.daemon.timers import Every
 from pdoflowd.exitcodes import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, EXIT_SCHEMA
 
