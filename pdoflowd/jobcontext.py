@@ -30,7 +30,7 @@ from pdoflowd.arguments import (
     encode_value,
 )
 from pdoflowd.config import Config, DatabaseConfig, connection_kwargs
-from pdoflowd.db import profiles, queue
+from pdoflowd.db import onejob, profiles, queue
 from pdoflowd.sharedvars import SharedVariables
 
 __all__ = [
@@ -215,7 +215,7 @@ class JobContext:
                 check_text(note, "note", "the note")
             except ValueNotStorable as exc:
                 raise ValueError(exc.problem) from None
-        return queue.set_progress(
+        return onejob.set_progress(
             self._connect(),
             job_id=self._job.id,
             owner=self._owner,

@@ -38,7 +38,7 @@ from pdoflowd.daemon.runner import (
     OutcomeBuffer,
     with_reconnects,
 )
-from pdoflowd.db import queue, upkeep
+from pdoflowd.db import onejob, queue, upkeep
 from pdoflowd.entrypoints import EntryPointRefused
 from pdoflowd.exitcodes import EXIT_ERRORED
 from pdoflowd.status import JobStatus
@@ -314,7 +314,7 @@ def _run(
     # The one claim of this run, under one owner token.
     owner = outcomes.new_claim()
     conn = database.connect()
-    target = queue.job_target(conn, job_uuid)
+    target = onejob.job_target(conn, job_uuid)
     if target is None:
         raise KeyError(f"no job {job_uuid}")
     _check_runnable(runner, target.entry_point)
@@ -330,7 +330,7 @@ def _run(
     _register(conn, daemon_id, owner, config.daemon.host_lease_s)
     heartbeat.start()
     try:
-        job = queue.claim_job(
+        job = onejob.claim_job(
             conn, job_uuid=job_uuid, owner=owner, daemon_id=daemon_id
         )
         if job is None:
@@ -357,7 +357,7 @@ def _run(
         outcomes.add(outcome)
         outcomes.flush()
         outcomes.settle()
-        after = queue.job_target(database.connect(), job_uuid)
+        after = onejob.job_target(database.connect(), job_uuid)
         assert after is not None
         return ForegroundRun(job, outcome, after.status, seconds, interrupted)
     finally:

@@ -1,11 +1,12 @@
 """The queue's hot path: claiming jobs and recording how they ended.
 
 Owns the SQL a worker runs per job: the ``FOR UPDATE SKIP LOCKED`` claim
-(and ``execute-job``'s claim of one named job), outcomes recorded in one
-statement and fenced by the claim's owner token and attempt, giving claims
-back, taking back a dead worker's jobs, settling postings, cancelled runs,
-and a job's reported progress. Callers pass plain values and their own
-connection; nothing here knows of processes or configuration.
+(its columns and ownership shared with ``execute-job``'s claim in
+:mod:`~pdoflowd.db.onejob`), outcomes recorded in one statement and fenced
+by the claim's owner token and attempt, giving claims back, taking back a
+dead worker's jobs, settling postings, and cancelled runs. Callers pass
+plain values and their own connection; nothing here knows of processes or
+configuration.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ class ClaimedJob:
 # instead of walking jobs_claim in order and stopping at the limit.
 # What a claim sets on a job it takes, and what it returns: shared by the
 # worker's claim and ``execute-job``'s, so the two cannot drift apart.
-_TAKE_OWNERSHIP = """
+TAKE_OWNERSHIP = """
 SET status = 'executing',
     owner = %(owner)s,
     daemon_id = %(daemon_id)s,
@@ -65,7 +66,7 @@ SET status = 'executing',
     progress_note = NULL,
     progress_at = NULL
 """
-_CLAIMED_COLUMNS = """
+CLAIMED_COLUMNS = """
 RETURNING j.id, j.uuid, j.posting_id, p.uuid, p.entry_point, j.priority,
           j.attempt, j.tries_remaining, j.posargs::text, j.kwargs::text,
           p.timeout_s, j.created_at, coalesce(j.run_after, j.created_at),
@@ -95,12 +96,12 @@ WITH candidate AS (
 )
 UPDATE pdoflowd.jobs AS j
 """
-    + _TAKE_OWNERSHIP
+    + TAKE_OWNERSHIP
     + """
 FROM candidate, pdoflowd.postings AS p
 WHERE j.id = candidate.id AND p.id = j.posting_id
 """
-    + _CLAIMED_COLUMNS
+    + CLAIMED_COLUMNS
 )
 
 
@@ -550,92 +551,3 @@ def cancelled_among(conn: Connection, job_ids: Iterable[int]) -> set[int]:
     with one_statement(conn):
         rows = conn.execute(_CANCELLED_AMONG, {"ids": ids}).fetchall()
     return {r[0] for r in rows}
-
-
-# ---------------------------------------------------------------- one job
-
-
-@dataclass(frozen=True)
-class JobTarget:
-    """What a job would run, and where it stands."""
-
-    entry_point: str
-    status: JobStatus
-
-
-_JOB_TARGET = """
-SELECT p.entry_point, j.status
-FROM pdoflowd.jobs AS j JOIN pdoflowd.postings AS p ON p.id = j.posting_id
-WHERE j.uuid = %(uuid)s
-"""
-
-
-def job_target(conn: Connection, job_uuid: UUID) -> JobTarget | None:
-    """A job's entry point and status, or None when there is no such job."""
-    row = conn.execute(_JOB_TARGET, {"uuid": job_uuid}).fetchone()
-    return None if row is None else JobTarget(row[0], JobStatus(row[1]))
-
-
-_CLAIM_JOB = (
-    """
-UPDATE pdoflowd.jobs AS j
-"""
-    + _TAKE_OWNERSHIP
-    + """
-FROM pdoflowd.postings AS p
-WHERE j.uuid = %(uuid)s AND p.id = j.posting_id AND j.status <> 'executing'
-  AND NOT EXISTS (
-      SELECT FROM pdoflowd.daemons AS d
-      WHERE d.id = %(daemon_id)s AND d.stopped_at IS NOT NULL)
-"""
-    + _CLAIMED_COLUMNS
-)
-
-
-def claim_job(
-    conn: Connection, *, job_uuid: UUID, owner: UUID, daemon_id: UUID
-) -> ClaimedJob | None:
-    """Claim one job by its id, whatever its posting's status, unless it is
-    executing already (then None); commits at once. For running a job by
-    hand: the claim is fenced like any other."""
-    with one_statement(conn):
-        row = conn.execute(
-            _CLAIM_JOB,
-            {"uuid": job_uuid, "owner": owner, "daemon_id": daemon_id},
-        ).fetchone()
-    return None if row is None else ClaimedJob(*row)
-
-
-_SET_PROGRESS = """
-UPDATE pdoflowd.jobs
-SET progress = %(progress)s, progress_note = %(note)s, progress_at = now()
-WHERE id = %(id)s AND owner = %(owner)s AND attempt = %(attempt)s
-  AND status = 'executing'
-"""
-
-
-def set_progress(
-    conn: Connection,
-    *,
-    job_id: int,
-    owner: UUID,
-    attempt: int,
-    progress: float,
-    note: str | None,
-) -> bool:
-    """Record a running job's progress (0 to 1) under its claim's fence.
-
-    False when the job is no longer this claim's (cancelled, rescued).
-    """
-    with one_statement(conn):
-        cursor = conn.execute(
-            _SET_PROGRESS,
-            {
-                "id": job_id,
-                "owner": owner,
-                "attempt": attempt,
-                "progress": progress,
-                "note": note,
-            },
-        )
-    return cursor.rowcount == 1
