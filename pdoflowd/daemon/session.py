@@ -21,7 +21,6 @@ It must not fork, speak to systemd, or run jobs.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
 import os
 import select
@@ -36,7 +35,7 @@ import psycopg
 
 from pdoflowd import __version__, policy
 from pdoflowd.config import Config, connection_kwargs
-from pdoflowd.daemon import logs
+from pdoflowd.daemon import forked, logs
 from pdoflowd.daemon.scoreboard import Scoreboard, WorkerState
 from pdoflowd.daemon.sessionpipe import (
     Event,
@@ -51,11 +50,8 @@ from pdoflowd.status import JobStatus
 
 log = logging.getLogger("pdoflowd.daemon.session")
 
-_PR_SET_NAME = 15
-_PR_SET_PDEATHSIG = 1
 # The process name the session takes (ps, top, /proc/PID/comm).
 PROCESS_NAME = b"pdoflowd-db"
-_SYSTEMD_VARIABLES = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
 _RECONNECT_DELAY_S = (0.5, 10.0)
 _LONGEST_WAIT_S = 1.0
 
@@ -441,12 +437,17 @@ class Session:
 
 def _detach(spec: SessionSpec) -> None:
     """Undo what the fork inherited that belongs to the supervisor."""
-    signal.set_wakeup_fd(-1)
-    for fd in spec.inherited_fds:
-        with contextlib.suppress(OSError):
-            os.close(fd)
-    for name in _SYSTEMD_VARIABLES:
-        os.environ.pop(name, None)
+    forked.leave_supervisor(
+        spec.inherited_fds,
+        set_signals=_set_signals,
+        on_parent_death=signal.SIGKILL,
+        name=PROCESS_NAME,
+    )
+    os.set_blocking(spec.request_fd, False)
+    logs.set_process_label("database session")
+
+
+def _set_signals() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     for signum in (
         signal.SIGINT,
@@ -457,12 +458,6 @@ def _detach(spec: SessionSpec) -> None:
     ):
         signal.signal(signum, signal.SIG_IGN)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        libc.prctl(_PR_SET_NAME, ctypes.c_char_p(PROCESS_NAME), 0, 0, 0)
-    os.set_blocking(spec.request_fd, False)
-    logs.set_process_label("database session")
 
 
 def main(spec: SessionSpec) -> NoReturn:

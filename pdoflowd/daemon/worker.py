@@ -19,7 +19,6 @@ the runner's.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import functools
 import importlib
 import logging
@@ -38,7 +37,7 @@ import psycopg
 
 from pdoflowd import policy
 from pdoflowd.config import Config, connection_kwargs
-from pdoflowd.daemon import logs, reports
+from pdoflowd.daemon import forked, logs, reports
 from pdoflowd.daemon.runner import (
     RECORD_OUTCOMES,
     JobRunner,
@@ -62,13 +61,11 @@ log = logging.getLogger("pdoflowd.daemon.worker")
 CLAIMS_SIGNAL = signal.SIGUSR1
 CLAIM_RECHECK_S = 1.0
 
-_PR_SET_PDEATHSIG = 1
 # Lines other than metrics reports that may wait for a supervisor that
 # does not read (a few hundred); beyond that they are dropped.
 _OUTBOX_BYTES = 65536
 # How long an exiting worker waits for its last reports to be read.
 _EXIT_DELIVERY_S = 5.0
-_SYSTEMD_VARIABLES = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
 
 T = TypeVar("T")
 
@@ -132,26 +129,24 @@ class Worker:
 
     def detach_from_supervisor(self) -> None:
         """Undo what the fork inherited that belongs to the supervisor."""
-        signal.set_wakeup_fd(-1)
-        for fd in self.spec.inherited_fds:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        for name in _SYSTEMD_VARIABLES:
-            os.environ.pop(name, None)
+        forked.leave_supervisor(
+            self.spec.inherited_fds,
+            set_signals=self._set_signals,
+            on_parent_death=signal.SIGTERM,
+        )
+        if os.getppid() != self.spec.parent_pid:
+            raise _Stop("the supervisor exited before the worker started")
+        # A busy or stopped supervisor must not stop the jobs (see report).
+        os.set_blocking(self.spec.report_fd, False)
+        logs.set_process_label(f"worker {self.spec.slot}")
+
+    def _set_signals(self) -> None:
         signal.signal(signal.SIGTERM, self._on_term)
         signal.signal(CLAIMS_SIGNAL, self._on_claims_changed)
         for signum in (signal.SIGINT, signal.SIGQUIT, signal.SIGHUP):
             signal.signal(signum, signal.SIG_IGN)
         for signum in (signal.SIGTTIN, signal.SIGTTOU, signal.SIGCHLD):
             signal.signal(signum, signal.SIG_DFL)
-        with contextlib.suppress(OSError, AttributeError):
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-        if os.getppid() != self.spec.parent_pid:
-            raise _Stop("the supervisor exited before the worker started")
-        # A busy or stopped supervisor must not stop the jobs (see report).
-        os.set_blocking(self.spec.report_fd, False)
-        logs.set_process_label(f"worker {self.spec.slot}")
 
     def _on_claims_changed(self, signum: int, frame: FrameType | None) -> None:
         self.claims_in_doubt = True
