@@ -11,6 +11,7 @@ figure without the rest of ``python -m bench`` around it.
 
 from __future__ import annotations
 
+import argparse
 import random
 import sys
 import tempfile
@@ -63,7 +64,14 @@ def show(label: str, samples: list[float]) -> None:
 
 
 def main(argv: list[str]) -> int:
-    count = int(argv[0]) if argv else 30
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.pickup",
+        description="Pickup latency of single-job postings, alone.",
+    )
+    parser.add_argument(
+        "count", nargs="?", type=int, default=30, help="postings per phase"
+    )
+    count = parser.parse_args(argv).count
     work = Path(tempfile.mkdtemp(prefix="pdoflowd-pickup-"))
     cluster = devcluster.LocalCluster(work / "pg")
     cluster.init()
