@@ -17,7 +17,7 @@ from typing import Any, NamedTuple, Protocol
 
 from pdoflowd.daemon import reports
 from pdoflowd.daemon.reports import OUTCOMES, Attempts, MetricsReport
-from pdoflowd.status import OutcomeKind
+from pdoflowd.status import OutcomeKind, outcome_kind
 
 __all__ = [
     "JobRun",
@@ -57,21 +57,30 @@ class RecordedLike(Protocol):
     def status(self) -> str: ...
 
 
+# The labels of the kinds whose label is their own (read per outcome: a
+# dict lookup, not the enum's value property).
+_OWN_LABELS = {
+    kind: str(kind.value)
+    for kind in (OutcomeKind.DONE, OutcomeKind.RELEASED, OutcomeKind.REFUSED)
+}
+
+
 def outcome_of(kind: str, status: str, *, timed_out: bool = False) -> str:
     """The outcome label of an outcome ``kind`` the database recorded.
 
     ``status`` is the job's status after the write (it tells a failure that
     will be retried from one that used the last try).
     """
-    status = str(getattr(status, "value", status))
     try:
-        known = OutcomeKind(kind)
+        known = outcome_kind(kind)
     except ValueError:
         raise ValueError(f"unknown outcome kind {kind!r}") from None
     if timed_out or known is OutcomeKind.TIMEOUT:
         return "timeout"
-    if known in (OutcomeKind.DONE, OutcomeKind.RELEASED, OutcomeKind.REFUSED):
-        return str(known.value)
+    label = _OWN_LABELS.get(known)
+    if label is not None:
+        return label
+    # A JobStatus is a str: it compares equal to its value.
     return "failed" if status == "waiting" else "errored_out"
 
 

@@ -23,7 +23,12 @@ from pdoflowd.db.common import (
     one_statement,
     storable_text,
 )
-from pdoflowd.status import JobStatus, OutcomeKind, PostingStatus
+from pdoflowd.status import (
+    JobStatus,
+    OutcomeKind,
+    PostingStatus,
+    outcome_kind,
+)
 
 # ---------------------------------------------------------------- claiming
 
@@ -163,7 +168,7 @@ class Outcome:
 
     def __post_init__(self) -> None:
         # Frozen: the one place the kind is set, checked and typed.
-        object.__setattr__(self, "kind", OutcomeKind(self.kind))
+        object.__setattr__(self, "kind", outcome_kind(self.kind))
 
     def as_refused(self, problem: str) -> Outcome:
         """This outcome as it can still be written after the database
@@ -321,7 +326,7 @@ def record_outcomes(
         rows = conn.execute(_RECORD_OUTCOMES, params).fetchall()
     return [
         RecordedOutcome(
-            job_id, posting_id, OutcomeKind(kind), JobStatus(status)
+            job_id, posting_id, outcome_kind(kind), JobStatus(status)
         )
         for job_id, posting_id, kind, status in rows
     ]
