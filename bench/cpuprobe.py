@@ -1,0 +1,72 @@
+"""CPU per no-op job alone: ``python -m bench.cpuprobe [N] [--workers W]``.
+
+Starts a throwaway PostgreSQL and ``pdoflowd run`` (batch 100), drains a
+warm-up posting of 2,000 no-op jobs, then one of N (default 40,000), and
+prints what the drain cost the daemon's processes (the supervisor, the
+database session and the workers, from /proc) per job, and the jobs per
+second. A probe to compare two checkouts run after run, without the rest
+of ``python -m bench`` around it: run it alternately in each, several
+times, since one run on a shared machine is noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from psycopg.conninfo import make_conninfo
+
+from bench import cpu, database
+from bench.daemon import Daemon, DaemonSettings
+from devtools import devcluster
+from pdoflowd.client import Client
+from pdoflowd.db import migrate
+
+_WARM_UP_JOBS = 2000
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.cpuprobe",
+        description="CPU per no-op job of the daemon's processes, alone.",
+    )
+    parser.add_argument("jobs", nargs="?", type=int, default=40_000)
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args(argv)
+    work = Path(tempfile.mkdtemp(prefix="pdoflowd-cpuprobe-"))
+    cluster = devcluster.LocalCluster(work / "pg")
+    cluster.init()
+    cluster.start()
+    try:
+        admin = cluster.dsn()
+        devcluster.create_database(admin, "cpuprobe")
+        dsn = make_conninfo(admin, dbname="cpuprobe")
+        migrate.upgrade(dsn)
+        client = Client(dsn)
+        settings = DaemonSettings(args.workers, 100)
+        with Daemon(work / "daemon", dsn, settings) as daemon:
+            warm = client.post(
+                database.NOOP, [[i] for i in range(_WARM_UP_JOBS)]
+            )
+            client.wait(warm.id, timeout=300, poll_interval=0.05)
+            before = cpu.tree_seconds(daemon.pid)
+            began = time.monotonic()
+            drain = client.post(database.NOOP, [[i] for i in range(args.jobs)])
+            client.wait(drain.id, timeout=900, poll_interval=0.02)
+            wall = time.monotonic() - began
+            spent = cpu.tree_seconds(daemon.pid) - before
+    finally:
+        cluster.stop()
+    print(
+        f"{settings.label()}, {args.jobs:,} no-op jobs:"
+        f" {spent * 1e6 / args.jobs:.1f} us of daemon CPU per job,"
+        f" {args.jobs / wall:,.0f} jobs/s"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
