@@ -18,7 +18,6 @@ from typing import Any
 from devtools.daemonproc import (
     DaemonProcess,
     NotifySocket,
-    children_of,
     pdoflowd_command,
     write_config,
 )
@@ -111,10 +110,6 @@ class Daemon(DaemonProcess):
             output=work_dir / f"pdoflowd-{stamp}.log",
             new_session=True,
         )
-
-    def workers(self) -> list[int]:
-        """Every child process, the database session among them."""
-        return children_of(self.pid)
 
     def __enter__(self) -> Daemon:
         self.start().wait_ready(_READY_TIMEOUT_S)
