@@ -31,18 +31,8 @@ from pdoflowd.client import Client
 from pdoflowd.config import Config, parse, resolve_password
 from pdoflowd.daemon.pool import Ending, WorkerEnd, WorkerHandle
 from pdoflowd.daemon.scoreboard import WorkerState
-from pdoflowd.daemon.supervisor import Supervisor
+from pdoflowd.daemon.supervisor import HANDLED_SIGNALS, Supervisor
 from pdoflowd.exitcodes import EXIT_OK
-
-_SIGNALS = (
-    signal.SIGTERM,
-    signal.SIGINT,
-    signal.SIGQUIT,
-    signal.SIGHUP,
-    signal.SIGTTIN,
-    signal.SIGTTOU,
-    signal.SIGCHLD,
-)
 
 
 class Driven:
@@ -110,7 +100,7 @@ def supervise(
     """``supervise(reload_to=None, **overrides)``: a begun supervisor."""
     monkeypatch.setenv("PDOFLOWD_TEST_EFFECTS_DSN", effects_dsn)
     _forget_effects_connection()
-    saved = {signum: signal.getsignal(signum) for signum in _SIGNALS}
+    saved = {signum: signal.getsignal(signum) for signum in HANDLED_SIGNALS}
     made: list[Driven] = []
 
     def make(

@@ -52,7 +52,8 @@ log = logging.getLogger("pdoflowd.daemon.supervisor")
 _TICK_S = 0.1
 _STATUS_INTERVAL_S = 1.0
 _SCOREBOARD_SLOTS = 1024
-_HANDLED_SIGNALS = (
+# The signals the supervisor handles (through its wake-up pipe).
+HANDLED_SIGNALS = (
     signal.SIGTERM,
     signal.SIGINT,
     signal.SIGQUIT,
@@ -344,7 +345,7 @@ class Supervisor:
 
     def install_signal_handlers(self) -> None:
         signal.set_wakeup_fd(self._signal_w, warn_on_full_buffer=False)
-        for signum in _HANDLED_SIGNALS:
+        for signum in HANDLED_SIGNALS:
             signal.signal(signum, _note_signal)
 
     def dispatch_signals(self) -> None:
