@@ -17,8 +17,6 @@ import tempfile
 import time
 from pathlib import Path
 
-from psycopg.conninfo import make_conninfo
-
 from bench import cpu, database
 from bench.daemon import Daemon, DaemonSettings
 from devtools import devcluster
@@ -37,13 +35,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="pdoflowd-cpuprobe-"))
-    cluster = devcluster.LocalCluster(work / "pg")
-    cluster.init()
-    cluster.start()
-    try:
-        admin = cluster.dsn()
-        devcluster.create_database(admin, "cpuprobe")
-        dsn = make_conninfo(admin, dbname="cpuprobe")
+    with devcluster.LocalCluster(work / "pg") as cluster:
+        dsn = cluster.create_database("cpuprobe")
         migrate.upgrade(dsn)
         client = Client(dsn)
         settings = DaemonSettings(args.workers, 100)
@@ -58,8 +51,6 @@ def main(argv: list[str]) -> int:
             client.wait(drain.id, timeout=900, poll_interval=0.02)
             wall = time.monotonic() - began
             spent = cpu.tree_seconds(daemon.pid) - before
-    finally:
-        cluster.stop()
     print(
         f"{settings.label()}, {args.jobs:,} no-op jobs:"
         f" {spent * 1e6 / args.jobs:.1f} us of daemon CPU per job,"

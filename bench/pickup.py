@@ -18,8 +18,6 @@ import tempfile
 import time
 from pathlib import Path
 
-from psycopg.conninfo import make_conninfo
-
 from bench import database
 from bench.daemon import Daemon, DaemonSettings
 from devtools import devcluster
@@ -73,13 +71,8 @@ def main(argv: list[str]) -> int:
     )
     count = parser.parse_args(argv).count
     work = Path(tempfile.mkdtemp(prefix="pdoflowd-pickup-"))
-    cluster = devcluster.LocalCluster(work / "pg")
-    cluster.init()
-    cluster.start()
-    try:
-        admin = cluster.dsn()
-        devcluster.create_database(admin, "pickup")
-        dsn = make_conninfo(admin, dbname="pickup")
+    with devcluster.LocalCluster(work / "pg") as cluster:
+        dsn = cluster.create_database("pickup")
         migrate.upgrade(dsn)
         with Daemon(work / "daemon", dsn, DaemonSettings(4, 100, None)):
             show("fresh daemon", latencies_ms(dsn, count))
@@ -89,8 +82,6 @@ def main(argv: list[str]) -> int:
             show("right after a drain of 5,000", latencies_ms(dsn, count))
             time.sleep(5)
             show("5 s later", latencies_ms(dsn, count))
-    finally:
-        cluster.stop()
     return 0
 
 

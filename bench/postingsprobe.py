@@ -17,8 +17,6 @@ import tempfile
 import time
 from pathlib import Path
 
-from psycopg.conninfo import make_conninfo
-
 from bench import database
 from bench.daemon import Daemon, DaemonSettings
 from devtools import devcluster
@@ -81,10 +79,9 @@ def drain_small_postings(conn: database.Connection, count: int) -> float:
     began = float(row[0])
     deadline = time.monotonic() + max(120.0, count / 50)
     while True:
-        left, ended = conn.execute(_UNFINISHED, (low, high)).fetchone() or (
-            0,
-            None,
-        )
+        row = conn.execute(_UNFINISHED, (low, high)).fetchone()
+        assert row is not None
+        left, ended = row
         if left == 0 and ended is not None:
             return count / (float(ended) - began)
         if time.monotonic() >= deadline:
@@ -101,13 +98,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--workers", type=int, default=4)
     args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="pdoflowd-postingsprobe-"))
-    cluster = devcluster.LocalCluster(work / "pg")
-    cluster.init()
-    cluster.start()
-    try:
-        admin = cluster.dsn()
-        devcluster.create_database(admin, "postingsprobe")
-        dsn = make_conninfo(admin, dbname="postingsprobe")
+    with devcluster.LocalCluster(work / "pg") as cluster:
+        dsn = cluster.create_database("postingsprobe")
         migrate.upgrade(dsn)
         settings = DaemonSettings(args.workers, 100)
         with (
@@ -116,8 +108,6 @@ def main(argv: list[str]) -> int:
         ):
             one = drain_one_posting(conn, args.jobs)
             small = drain_small_postings(conn, args.jobs)
-    finally:
-        cluster.stop()
     ratio = small / one
     verdict = "met" if ratio >= _TARGET else "NOT met"
     print(
