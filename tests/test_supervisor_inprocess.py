@@ -271,6 +271,30 @@ def test_a_worker_running_a_cancelled_job_is_ended_and_replaced(
     assert driven.stop(signal.SIGTERM) == EXIT_OK
 
 
+def test_report_lines_that_are_no_report_are_logged_and_skipped(
+    supervise: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="pdoflowd")
+    driven = supervise(workers={"count": 1})
+    sup = driven.supervisor
+    driven.until(lambda: sup.announced_ready)
+    (handle,) = sup.pool.workers.values()
+    for line in (b"[1]", b"{not json", b'{"event": "bogus"}', b'"ready"'):
+        sup.pool.on_report(handle, line)
+    warned = [
+        r.getMessage()
+        for r in caplog.records
+        if r.getMessage().startswith(f"bad report from worker {handle.pid}")
+    ]
+    assert len(warned) == 4
+    assert handle.ready and handle.end is None
+    # The loop goes on: the worker stays, and a stop still drains it.
+    for _ in range(5):
+        assert sup.step()
+    assert list(sup.pool.workers) == [handle.pid]
+    assert driven.stop(signal.SIGTERM) == EXIT_OK
+
+
 # ---------------------------------------------------------------- signals
 
 
