@@ -1,12 +1,13 @@
-"""CPU per no-op job alone: ``python -m bench.cpuprobe [N] [--workers W]``.
+"""CPU per no-op job alone: ``python -m bench.cpuprobe [N] [--workers W]
+[--batch B]``.
 
-Starts a throwaway PostgreSQL and ``pdoflowd run`` (batch 100), drains a
-warm-up posting of 2,000 no-op jobs, then one of N (default 40,000), and
-prints what the drain cost the daemon's processes (the supervisor, the
-database session and the workers, from /proc) per job, and the jobs per
-second. A probe to compare two checkouts run after run, without the rest
-of ``python -m bench`` around it: run it alternately in each, several
-times, since one run on a shared machine is noisy.
+Starts a throwaway PostgreSQL and ``pdoflowd run`` (batch B, default 100),
+drains a warm-up posting of 2,000 no-op jobs, then one of N (default
+40,000), and prints what the drain cost the daemon's processes (the
+supervisor, the database session and the workers, from /proc) per job,
+and the jobs per second. A probe to compare two checkouts run after run,
+without the rest of ``python -m bench`` around it: run it alternately in
+each, several times, since one run on a shared machine is noisy.
 """
 
 from __future__ import annotations
@@ -33,13 +34,14 @@ def main(argv: list[str]) -> int:
     )
     parser.add_argument("jobs", nargs="?", type=int, default=40_000)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=100)
     args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="pdoflowd-cpuprobe-"))
     with devcluster.LocalCluster(work / "pg") as cluster:
         dsn = cluster.create_database("cpuprobe")
         migrate.upgrade(dsn)
         client = Client(dsn)
-        settings = DaemonSettings(args.workers, 100)
+        settings = DaemonSettings(args.workers, args.batch)
         with Daemon(work / "daemon", dsn, settings) as daemon:
             warm = client.post(
                 database.NOOP, [[i] for i in range(_WARM_UP_JOBS)]
