@@ -9,6 +9,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from plans import claim_plan, nested_plans
 
 from pdoflowd.client import Client
 from pdoflowd.db import postings, queue, upkeep
@@ -434,18 +435,16 @@ def test_progress_counts_jobs_per_status(dsn: str, conn: Any) -> None:
 def test_claim_uses_the_partial_index(dsn: str, conn: Any) -> None:
     post(dsn, 200)
     conn.execute("ANALYZE pdoflowd.jobs")
-    conn.execute("SET enable_seqscan = off")
-    plan = "\n".join(
-        r[0]
-        for r in conn.execute(
-            "EXPLAIN " + queue._CLAIM,
-            {
-                "owner": uuid.uuid4(),
-                "daemon_id": DAEMON,
-                "limit": 5,
-                "provides": ["gpu"],
-                "posters": [],
-            },
-        ).fetchall()
+    plan = claim_plan(
+        nested_plans(
+            conn,
+            lambda: queue.claim(
+                conn,
+                owner=uuid.uuid4(),
+                daemon_id=DAEMON,
+                limit=5,
+                provides=["gpu"],
+            ),
+        )
     )
     assert "jobs_claim" in plan

@@ -271,15 +271,107 @@ def test_a_flush_writes_under_the_claims_token_and_settles_later(
     assert Client(dsn).status(posting.id).status is PostingStatus.FINISHED
 
 
-def test_a_new_claim_waits_for_every_outcome_of_the_last(
+def test_a_new_claim_keeps_the_last_claims_token_for_its_outcomes(
     session: Session,
 ) -> None:
     buffer = OutcomeBuffer(session, flush_window_s=0.0, error_threshold=10)
     first = buffer.new_claim()
     buffer.add(queue.Outcome(1, 1, OutcomeKind.DONE))
+    second = buffer.new_claim()
+    assert (buffer.claim_token(), buffer.writing_token()) == (second, first)
+    assert buffer.finishing == first
     with pytest.raises(AssertionError):
-        buffer.new_claim()
-    assert buffer.claim_token() == first
+        buffer.add(queue.Outcome(2, 1, OutcomeKind.DONE))
+    # A claim begun again (its reply was lost) still writes them as first's.
+    third = buffer.new_claim()
+    assert (buffer.claim_token(), buffer.finishing) == (third, first)
+
+
+def claim_with_outcomes(
+    dsn: str, session: Session, events: list[Any]
+) -> tuple[OutcomeBuffer, list[queue.ClaimedJob], uuid.UUID]:
+    """A buffer holding the outcome of one claimed job, done, and a new
+    claim begun."""
+    Client(dsn).post("jobfns.noop", [[1], [2], [3]])
+    buffer = OutcomeBuffer(
+        session,
+        flush_window_s=1.0,
+        error_threshold=10,
+        on_recorded=events.append,
+    )
+    first = buffer.new_claim()
+    jobs = queue.claim(
+        session.conn, owner=first, daemon_id=uuid.uuid4(), limit=1
+    )
+    return buffer, jobs, first
+
+
+def record_and_claim(session: Session, buffer: OutcomeBuffer) -> Any:
+    owner = buffer.claim_token()
+    return lambda finishing, outcomes: queue.record_and_claim(
+        session.conn,
+        finishing=finishing,
+        outcomes=outcomes,
+        owner=owner,
+        daemon_id=uuid.uuid4(),
+        limit=5,
+    )
+
+
+def test_the_next_claim_writes_the_kept_outcomes_in_its_statement(
+    dsn: str, session: Session
+) -> None:
+    events: list[Any] = []
+    buffer, [ran], first = claim_with_outcomes(dsn, session, events)
+    buffer.add(queue.Outcome(ran.id, ran.attempt, OutcomeKind.DONE))
+    second = buffer.new_claim()
+    jobs = buffer.claim_with(record_and_claim(session, buffer))
+    assert session.operations == [], "no statement of its own"
+    assert [(r.job_id, r.status) for r in events[0]] == [
+        (ran.id, JobStatus.DONE)
+    ]
+    assert not buffer.pending and buffer.finishing is None
+    assert buffer.unsettled == {ran.posting_id}
+    assert len(jobs) == 2
+    for job in jobs:
+        assert status_of(session, job.id) == ("executing", second)
+    assert status_of(session, ran.id) == ("done", first)
+
+
+def test_an_outcome_the_database_refuses_is_written_alone_then_the_claim(
+    dsn: str, session: Session
+) -> None:
+    events: list[Any] = []
+    buffer, [ran], _ = claim_with_outcomes(dsn, session, events)
+    buffer.add(queue.Outcome(ran.id, ran.attempt, OutcomeKind.DONE, result="{"))
+    second = buffer.new_claim()
+    jobs = buffer.claim_with(record_and_claim(session, buffer))
+    # Errored out, its posting is settled at once.
+    assert session.operations == [RECORD_OUTCOMES, "settle postings"]
+    assert status_of(session, ran.id)[0] == "errored_out"
+    assert len(jobs) == 2
+    for job in jobs:
+        assert status_of(session, job.id) == ("executing", second)
+
+
+def test_a_lost_claim_keeps_the_outcomes_for_the_next_try(
+    dsn: str, session: Session
+) -> None:
+    events: list[Any] = []
+    buffer, [ran], first = claim_with_outcomes(dsn, session, events)
+    outcome = queue.Outcome(ran.id, ran.attempt, OutcomeKind.DONE)
+    buffer.add(outcome)
+    buffer.new_claim()
+
+    def lost(finishing: Any, outcomes: Any) -> Any:
+        raise psycopg.OperationalError("the reply was lost")
+
+    with pytest.raises(psycopg.OperationalError):
+        buffer.claim_with(lost)
+    assert buffer.pending == [outcome] and buffer.finishing == first
+    buffer.new_claim()
+    buffer.claim_with(record_and_claim(session, buffer))
+    assert status_of(session, ran.id) == ("done", first)
 
 
 def test_an_outcome_fenced_off_gives_its_claim_up(

@@ -9,6 +9,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from plans import claim_plan, nested_plans
 
 from pdoflowd.client import Client, PostingError, Registry, job
 from pdoflowd.db import postings, queue, upkeep
@@ -194,18 +195,11 @@ def test_the_claim_walks_the_claim_index_with_scopes_and_statistics(
         )
     conn.execute("ANALYZE pdoflowd.jobs")
     conn.execute("ANALYZE pdoflowd.postings")
-    plan = "\n".join(
-        r[0]
-        for r in conn.execute(
-            "EXPLAIN " + queue._CLAIM,
-            {
-                "owner": uuid.uuid4(),
-                "daemon_id": DAEMON,
-                "limit": 10,
-                "provides": ["gpu"],
-                "posters": [session_user(conn)],
-            },
-        ).fetchall()
+    plan = claim_plan(
+        nested_plans(
+            conn,
+            lambda: claim(conn, provides=["gpu"], posters=[session_user(conn)]),
+        )
     )
     assert "Index Scan using jobs_claim" in plan, plan
     assert "Sort Key: j_1.priority" not in plan, plan

@@ -432,6 +432,15 @@ class Pool:
                     else time.monotonic() - view.started,
                 ),
             )
+        if view.finishing is not None:
+            # Ended inside the statement that writes its last claim's
+            # outcomes: whatever of that claim it did not write comes back.
+            self.take_back(
+                view.finishing,
+                None,
+                reason,
+                Takeback(outcome=end.takeback_outcome),
+            )
         # Cleared after the owner token was read and sent for taking back.
         self.scoreboard.clear(handle.slot)
         if slot is None:
@@ -522,8 +531,8 @@ class Pool:
         """Ask the workers holding claims a cancel ended to check them before
         their next job starts (worker.CLAIMS_SIGNAL)."""
         for handle in self.workers.values():
-            owner = self.scoreboard.read(handle.slot).owner
-            if owner is not None and str(owner) in owners:
+            held = self.scoreboard.read(handle.slot).owners()
+            if any(str(owner) in owners for owner in held):
                 signal_process(handle.pid, worker.CLAIMS_SIGNAL)
 
     def end_cancelled_jobs(self, cancelled: set[int]) -> None:

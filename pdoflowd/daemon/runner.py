@@ -9,8 +9,9 @@ retry delay of :func:`~pdoflowd.policy.retry_delay`), refused, and a run
 cut short by Ctrl-C told apart (:class:`Interrupted`). The
 :class:`OutcomeBuffer` keeps outcomes until they are written, in one
 statement fenced by their claim's owner token (one by one when the
-database refuses some value), gives up claims that were lost, and settles
-the postings its outcomes ended.
+database refuses some value), or in the next claim's own statement; it
+gives up claims that were lost, and settles the postings its outcomes
+ended.
 
 It must not know of pipes, the scoreboard or signals: the process that
 runs it (a worker, or ``pdoflow execute-job``) gives it a
@@ -40,6 +41,7 @@ from pdoflowd.status import JobStatus, OutcomeKind
 __all__ = [
     "RECONNECT_DELAY_S",
     "RECORD_OUTCOMES",
+    "Claim",
     "Database",
     "Interrupted",
     "JobRunner",
@@ -276,12 +278,17 @@ class JobRunner:
 
 # ------------------------------------------------------------ outcomes
 
+# How a worker claims: ``claim(finishing, outcomes)`` writes the outcomes of
+# the claim made under ``finishing`` and claims, in one statement.
+Claim = Callable[[uuid.UUID | None, list[queue.Outcome]], queue.Claimed]
+
 
 class OutcomeBuffer:
     """The outcomes of one claim not yet written, and what follows them.
 
     Every claim gets a fresh owner token (:meth:`new_claim`); its outcomes
-    are written under it, all before the next claim. ``flush_window_s``:
+    are written under it, by :meth:`flush` or by the next claim's own
+    statement (:meth:`claim_with`), never after it. ``flush_window_s``:
     how long an outcome may wait to be written (0: at once, see
     :meth:`flush_due`); ``error_threshold``: ``jobs.posting_error_threshold``.
     ``on_flush()`` is called as a flush begins, ``on_recorded(recorded)``
@@ -304,6 +311,9 @@ class OutcomeBuffer:
         self.on_recorded = on_recorded
         # The owner token of the current claim (None before the first).
         self.owner: uuid.UUID | None = None
+        # The token of the claim before it, while its outcomes are kept: a
+        # new claim was begun that is to write them.
+        self.finishing: uuid.UUID | None = None
         self.pending: list[queue.Outcome] = []
         self.pending_since = 0.0
         # Postings with jobs these outcomes ended, not yet settled.
@@ -311,8 +321,10 @@ class OutcomeBuffer:
 
     def new_claim(self) -> uuid.UUID:
         """A fresh owner token for the next claim, which it now writes
-        under; every outcome of the last claim must be written."""
-        assert not self.pending
+        under. Outcomes still kept keep theirs (:attr:`finishing`) until
+        they are written: by that claim (:meth:`claim_with`) or a flush."""
+        if self.pending and self.finishing is None:
+            self.finishing = self.owner
         self.owner = uuid.uuid4()
         return self.owner
 
@@ -321,8 +333,13 @@ class OutcomeBuffer:
         assert self.owner is not None, "no claim yet"
         return self.owner
 
+    def writing_token(self) -> uuid.UUID:
+        """The owner token the kept outcomes are written under."""
+        return self.finishing or self.claim_token()
+
     def add(self, outcome: queue.Outcome) -> None:
         """Keep an outcome to be written by the next :meth:`flush`."""
+        assert self.finishing is None, "outcomes of two claims"
         self.pending.append(outcome)
         if not self.pending_since:
             self.pending_since = time.monotonic()
@@ -349,10 +366,48 @@ class OutcomeBuffer:
         if not self.pending:
             return
         self.on_flush()
+        token = self.writing_token()
         outcomes, self.pending, self.pending_since = self.pending, [], 0.0
         recorded = self.database.with_database(
-            RECORD_OUTCOMES, lambda: self.record(outcomes)
+            RECORD_OUTCOMES, lambda: self.record(outcomes, token)
         )
+        self.written(outcomes, recorded, token)
+
+    def claim_with(self, claim: Claim) -> list[queue.ClaimedJob]:
+        """Make a claim begun by :meth:`new_claim`, writing the kept
+        outcomes in its statement; return the jobs it took.
+
+        Should the database refuse the statement for what some outcome
+        holds, the outcomes are written on their own first (:meth:`flush`,
+        one by one if need be) and the claim is made alone. A lost
+        connection raises, the outcomes still kept under their token: the
+        caller begins the claim again, under a fresh token.
+        """
+        if not self.pending:
+            return claim(None, []).jobs
+        token = self.writing_token()
+        outcomes = self.pending
+        try:
+            claimed = claim(token, outcomes)
+        except psycopg.OperationalError:
+            raise
+        except Exception:
+            self.flush()
+            return claim(None, []).jobs
+        self.pending, self.pending_since = [], 0.0
+        self.written(outcomes, claimed.recorded, token)
+        return claimed.jobs
+
+    def written(
+        self,
+        outcomes: list[queue.Outcome],
+        recorded: list[queue.RecordedOutcome],
+        token: uuid.UUID,
+    ) -> None:
+        """What follows the write of ``outcomes`` under ``token``, of which
+        the database accepted ``recorded``: give up the claims of the
+        others, note the postings to settle."""
+        self.finishing = None
         self.on_recorded(recorded)
         written = {r.job_id for r in recorded}
         fenced = [
@@ -368,9 +423,7 @@ class OutcomeBuffer:
             self.database.with_database(
                 RECORD_OUTCOMES,
                 lambda: queue.give_up_claims(
-                    self.database.connect(),
-                    owner=self.claim_token(),
-                    claims=fenced,
+                    self.database.connect(), owner=token, claims=fenced
                 ),
             )
         finals = [
@@ -383,7 +436,7 @@ class OutcomeBuffer:
             self.settle()
 
     def record(
-        self, outcomes: list[queue.Outcome]
+        self, outcomes: list[queue.Outcome], token: uuid.UUID
     ) -> list[queue.RecordedOutcome]:
         """Write outcomes in one statement; should the database refuse it
         for what some outcome holds (a result jsonb cannot store, say), one
@@ -393,29 +446,27 @@ class OutcomeBuffer:
         """
         conn = self.database.connect()
         try:
-            return queue.record_outcomes(
-                conn, owner=self.claim_token(), outcomes=outcomes
-            )
+            return queue.record_outcomes(conn, owner=token, outcomes=outcomes)
         except psycopg.OperationalError:
             raise
         except Exception as exc:
             if len(outcomes) == 1:
-                return self.record_refused(outcomes[0], exc)
+                return self.record_refused(outcomes[0], exc, token)
         # Some outcome cannot be stored as it is: find which.
         recorded = []
         for outcome in outcomes:
             try:
                 recorded += queue.record_outcomes(
-                    conn, owner=self.claim_token(), outcomes=[outcome]
+                    conn, owner=token, outcomes=[outcome]
                 )
             except psycopg.OperationalError:
                 raise
             except Exception as exc:
-                recorded += self.record_refused(outcome, exc)
+                recorded += self.record_refused(outcome, exc, token)
         return recorded
 
     def record_refused(
-        self, outcome: queue.Outcome, exc: Exception
+        self, outcome: queue.Outcome, exc: Exception, token: uuid.UUID
     ) -> list[queue.RecordedOutcome]:
         problem = _problem(exc)
         log.error(
@@ -425,7 +476,7 @@ class OutcomeBuffer:
         )
         return queue.record_outcomes(
             self.database.connect(),
-            owner=self.claim_token(),
+            owner=token,
             outcomes=[outcome.as_refused(problem)],
         )
 

@@ -2,8 +2,10 @@
 
 Owns a fixed array of slots in an anonymous shared mapping made before the
 workers are forked, and the supervisor's pulse ahead of them. A worker
-writes only its own slot (the owner token of its current claim, which job
-it runs, since when, until when it may run); the supervisor and the
+writes only its own slot (the owner token of its current claim, and while
+a claim is being made, the token of the claim before it whose outcomes the
+same statement writes; which job it runs, since when, until when it may
+run); the supervisor and the
 database session read any slot without a system call, to know which job a
 dead worker was running, whom to time out, and which owner tokens are alive.
 The supervisor writes its pulse on every pass of its loop, so the database
@@ -24,8 +26,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-# seq, pid, job_id, started, deadline, state, owner token
-_SLOT = struct.Struct("=QqqddQ16s")
+# seq, pid, job_id, started, deadline, state, owner token, finishing token
+_SLOT = struct.Struct("=QqqddQ16s16s")
 _SEQ = struct.Struct("=Q")
 _PULSE = struct.Struct("=d")
 # The pulse sits in a header as long as a slot, so slots stay aligned.
@@ -60,6 +62,12 @@ class SlotView:
     state: WorkerState
     owner: uuid.UUID | None = None
     consistent: bool = True
+    # The token of the last claim while its outcomes are being written.
+    finishing: uuid.UUID | None = None
+
+    def owners(self) -> list[uuid.UUID]:
+        """The tokens this slot holds claims under."""
+        return [t for t in (self.owner, self.finishing) if t is not None]
 
 
 class Scoreboard:
@@ -79,6 +87,7 @@ class Scoreboard:
         started: float = 0.0,
         deadline: float = 0.0,
         owner: uuid.UUID | None = None,
+        finishing: uuid.UUID | None = None,
     ) -> None:
         """Replace a slot's contents (only its own worker calls this, or the
         supervisor while no worker lives in the slot)."""
@@ -97,6 +106,7 @@ class Scoreboard:
             deadline,
             int(state),
             _NO_OWNER if owner is None else owner.bytes,
+            _NO_OWNER if finishing is None else finishing.bytes,
         )
         _SEQ.pack_into(self._map, offset, begin + 1)
 
@@ -119,8 +129,8 @@ class Scoreboard:
         owners = []
         for slot in range(self.capacity):
             view = self.read(slot)
-            if view.state is not WorkerState.EMPTY and view.owner is not None:
-                owners.append(view.owner)
+            if view.state is not WorkerState.EMPTY:
+                owners += view.owners()
         return owners
 
     def beat(self) -> None:
@@ -138,7 +148,7 @@ class Scoreboard:
 
 
 def _view(fields: tuple[Any, ...], *, consistent: bool) -> SlotView:
-    _, pid, job_id, started, deadline, state, owner = fields
+    _, pid, job_id, started, deadline, state, owner, finishing = fields
     try:
         worker_state = WorkerState(state)
     except ValueError:  # torn: a state no write ever stored
@@ -151,4 +161,5 @@ def _view(fields: tuple[Any, ...], *, consistent: bool) -> SlotView:
         worker_state,
         None if owner == _NO_OWNER else uuid.UUID(bytes=owner),
         consistent,
+        None if finishing == _NO_OWNER else uuid.UUID(bytes=finishing),
     )

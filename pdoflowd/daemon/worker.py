@@ -250,6 +250,7 @@ class Worker:
             started=started,
             deadline=self.runner.deadline,
             owner=self.outcomes.owner,
+            finishing=self.outcomes.finishing,
         )
 
     def _job_started(self, job: queue.ClaimedJob, began: float) -> None:
@@ -329,11 +330,15 @@ class Worker:
             limit = policy.claim_size(
                 self.config.workers.batch_size, self.mean_job_s
             )
+            # The claim writes the outcomes of the batch before it, too.
             batch: list[queue.ClaimedJob] = self.with_database(
                 "claim", functools.partial(self.claim, limit)
             )
-            if not batch:
+            if len(batch) < limit:
+                # The queue is running dry: the postings those outcomes
+                # ended may be complete.
                 self.outcomes.settle()
+            if not batch:
                 if self.tally.due():
                     self.send_metrics()
                 self.mark(WorkerState.IDLE)
@@ -345,27 +350,30 @@ class Worker:
                 continue
             self.send_metrics()
             self.run_batch(batch)
-            self.outcomes.flush()
-            if len(batch) < limit:
-                # The queue is running dry: its postings may be complete.
-                self.outcomes.settle()
 
     def claim(self, limit: int) -> list[queue.ClaimedJob]:
+        """Claim a batch, writing the last batch's outcomes in the same
+        statement."""
         conn = self.connect()
         # Every claim sent gets a fresh owner token, in the scoreboard before
         # the statement leaves: one whose reply is lost owns jobs under a
-        # token no live worker holds, which the sweep takes back. Outcomes
-        # are written under their claim's token, all before the next claim.
+        # token no live worker holds, which the sweep takes back. The last
+        # claim's token stays beside it until its outcomes are written, so
+        # its jobs are never taken for ownerless while they are.
         owner = self.outcomes.new_claim()
         self.mark(WorkerState.CLAIMING)
         began = time.monotonic()
-        jobs = queue.claim(
-            conn,
-            owner=owner,
-            daemon_id=self.spec.daemon_id,
-            limit=limit,
-            provides=self.config.workers.provides,
-            posters=self.config.workers.posters,
+        jobs = self.outcomes.claim_with(
+            lambda finishing, outcomes: queue.record_and_claim(
+                conn,
+                finishing=finishing,
+                outcomes=outcomes,
+                owner=owner,
+                daemon_id=self.spec.daemon_id,
+                limit=limit,
+                provides=self.config.workers.provides,
+                posters=self.config.workers.posters,
+            )
         )
         self.tally.note_claim(time.monotonic() - began, len(jobs))
         return jobs

@@ -54,13 +54,9 @@ class ClaimedJob:
     store_result: bool = False
 
 
-# A posting's requirements must be among what this daemon provides, and
-# with posters configured, its poster among them (empty: everyone's).
-# OFFSET 0 keeps the EXISTS a check per candidate row: turned into a join,
-# the planner may expect few matching postings and sort every waiting job
-# instead of walking jobs_claim in order and stopping at the limit.
-# What a claim sets on a job it takes, and what it returns: shared by the
-# worker's claim and ``execute-job``'s, so the two cannot drift apart.
+# What execute-job's claim sets on the job it takes, and what it returns:
+# the same as the worker's claim, pdoflowd.claim_jobs in the schema, does
+# (tests/test_claim_function.py holds the two to it).
 TAKE_OWNERSHIP = """
 SET status = 'executing',
     owner = %(owner)s,
@@ -78,36 +74,15 @@ RETURNING j.id, j.uuid, j.posting_id, p.uuid, p.entry_point, j.priority,
           p.store_result
 """
 
-_CLAIM = (
-    """
-WITH candidate AS (
-    SELECT j.id
-    FROM pdoflowd.jobs AS j
-    WHERE j.status = 'waiting'
-      AND (j.run_after IS NULL OR j.run_after <= now())
-      AND NOT EXISTS (
-          SELECT FROM pdoflowd.daemons AS d
-          WHERE d.id = %(daemon_id)s AND d.stopped_at IS NOT NULL)
-      AND EXISTS (
-          SELECT FROM pdoflowd.postings AS p
-          WHERE p.id = j.posting_id AND p.status = 'executing'
-            AND p.requires <@ %(provides)s::text[]
-            AND (cardinality(%(posters)s::text[]) = 0
-                 OR p.poster = ANY(%(posters)s::text[]))
-          OFFSET 0)
-    ORDER BY j.priority DESC, j.id
-    LIMIT %(limit)s
-    FOR UPDATE OF j SKIP LOCKED
-)
-UPDATE pdoflowd.jobs AS j
+# The claim is a function of the schema (see its comment there): with its
+# plan made once per session, and the outcomes of the last claim written
+# in the same statement. A posting's requirements must be among what this
+# daemon provides, and with posters configured, its poster among them.
+_CLAIM_JOBS = """
+SELECT * FROM pdoflowd.claim_jobs(
+    %(finishing)s, %(outcomes)s::json, %(owner)s, %(daemon_id)s,
+    %(limit)s, %(provides)s::text[], %(posters)s::text[])
 """
-    + TAKE_OWNERSHIP
-    + """
-FROM candidate, pdoflowd.postings AS p
-WHERE j.id = candidate.id AND p.id = j.posting_id
-"""
-    + CLAIMED_COLUMNS
-)
 
 
 def claim(
@@ -126,7 +101,50 @@ def claim(
     Nothing is taken for a daemon that stopped or was declared lost: its
     workers, cut off from it, claim nothing they could not be rescued from.
     """
+    return record_and_claim(
+        conn,
+        finishing=None,
+        outcomes=(),
+        owner=owner,
+        daemon_id=daemon_id,
+        limit=limit,
+        provides=provides,
+        posters=posters,
+    ).jobs
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """What one :func:`record_and_claim` did: the outcomes the database
+    accepted, and the jobs it claimed, best first."""
+
+    recorded: list[RecordedOutcome]
+    jobs: list[ClaimedJob]
+
+
+def record_and_claim(
+    conn: Connection,
+    *,
+    finishing: UUID | None,
+    outcomes: Sequence[Outcome],
+    owner: UUID,
+    daemon_id: UUID | None,
+    limit: int,
+    provides: Sequence[str] = (),
+    posters: Sequence[str] = (),
+) -> Claimed:
+    """Write the outcomes of the claim made under ``finishing``, then
+    claim up to ``limit`` jobs (0: none) under ``owner``: one statement,
+    committed at once.
+
+    The outcomes are written as :func:`record_outcomes` writes them (fenced
+    by ``finishing`` and each job's attempt); the claim is :func:`claim`'s.
+    A value the database refuses fails both: write the outcomes on their
+    own then (:func:`record_outcomes`, one by one), and claim after.
+    """
     params = {
+        "finishing": finishing,
+        "outcomes": _outcomes_json(outcomes) if outcomes else None,
         "owner": owner,
         "daemon_id": daemon_id,
         "limit": limit,
@@ -134,10 +152,20 @@ def claim(
         "posters": list(posters),
     }
     with one_statement(conn):
-        rows = conn.execute(_CLAIM, params).fetchall()
-    jobs = [ClaimedJob(*row) for row in rows]
+        rows = conn.execute(_CLAIM_JOBS, params).fetchall()
+    recorded = []
+    jobs = []
+    for row in rows:
+        if row[0]:
+            recorded.append(
+                RecordedOutcome(
+                    row[1], row[2], outcome_kind(row[3]), JobStatus(row[4])
+                )
+            )
+        else:
+            jobs.append(ClaimedJob(row[1], row[5], row[2], *row[6:]))
     jobs.sort(key=lambda j: (-j.priority, j.id))
-    return jobs
+    return Claimed(recorded, jobs)
 
 
 # ---------------------------------------------------------------- outcomes
@@ -239,47 +267,9 @@ def claim_ends(
     return ",\n    ".join(clauses)
 
 
-# The outcomes arrive as one JSON array of objects (times in seconds since
+# The outcomes travel as one JSON array of objects (times in seconds since
 # the epoch; absent keys are NULL): one parameter to send and to parse,
 # where an array per column cost both sides several times as much.
-# The posting's status is not read (a join per outcome on the hot path): a
-# job executing under a live claim never belongs to a cancelled posting, as
-# a cancel ends every claim of its posting in its own transaction, and a
-# claim it ended is no longer executing, so fenced off here (see
-# give_up_claims).
-_RECORD_OUTCOMES = (
-    """
-UPDATE pdoflowd.jobs AS j
-SET """
-    + claim_ends(
-        "o.kind",
-        "CASE WHEN o.kind = 'released' THEN j.error ELSE o.error END",
-        posting_status="NULL",
-    )
-    + """,
-    owner = CASE WHEN o.kind = 'done' THEN j.owner END,
-    run_after = CASE WHEN o.kind IN ('failed', 'timeout')
-                     THEN now() + make_interval(secs => o.retry_delay)
-                     ELSE j.run_after END,
-    work_started_at = coalesce(to_timestamp(o.started), j.work_started_at),
-    completed_at = CASE WHEN o.kind = 'released' THEN j.completed_at
-                        ELSE to_timestamp(o.completed) END,
-    exited_ok = CASE WHEN o.kind = 'released' THEN j.exited_ok
-                     ELSE o.kind = 'done' END,
-    traceback = CASE WHEN o.kind = 'released' THEN j.traceback
-                     ELSE o.traceback END,
-    result = CASE WHEN o.kind = 'released' THEN j.result
-                  ELSE o.result::jsonb END
-FROM json_to_recordset(%(outcomes)s::json) AS o(
-    id bigint, attempt integer, kind text, started float8, completed float8,
-    error text, traceback text, retry_delay float8, result text)
-WHERE j.id = o.id
-  AND j.attempt = o.attempt
-  AND j.owner = %(owner)s
-  AND j.status = 'executing'
-RETURNING j.id, j.posting_id, o.kind, j.status
-"""
-)
 
 
 def _outcome_json(o: Outcome) -> dict[str, Any]:
@@ -303,6 +293,10 @@ def _outcome_json(o: Outcome) -> dict[str, Any]:
     return row
 
 
+def _outcomes_json(outcomes: Iterable[Outcome]) -> str:
+    return JSON_ENCODER.encode([_outcome_json(o) for o in outcomes])
+
+
 def record_outcomes(
     conn: Connection, *, owner: UUID, outcomes: Sequence[Outcome]
 ) -> list[RecordedOutcome]:
@@ -318,18 +312,14 @@ def record_outcomes(
     """
     if not outcomes:
         return []
-    params = {
-        "owner": owner,
-        "outcomes": JSON_ENCODER.encode([_outcome_json(o) for o in outcomes]),
-    }
-    with one_statement(conn):
-        rows = conn.execute(_RECORD_OUTCOMES, params).fetchall()
-    return [
-        RecordedOutcome(
-            job_id, posting_id, outcome_kind(kind), JobStatus(status)
-        )
-        for job_id, posting_id, kind, status in rows
-    ]
+    return record_and_claim(
+        conn,
+        finishing=owner,
+        outcomes=outcomes,
+        owner=owner,
+        daemon_id=None,
+        limit=0,
+    ).recorded
 
 
 _HELD_CLAIMS = """
