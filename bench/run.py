@@ -24,20 +24,19 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from psycopg.conninfo import make_conninfo
 
 from bench import cpu, database, machine, phases, report
 from bench.daemon import REPO_ROOT, DaemonSettings
+from bench.progress import say, timed
 from devtools import devcluster
 from devtools.devcluster import LocalCluster, find_bin_dir
 from pdoflowd.db import migrate
-
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -176,18 +175,6 @@ def make_plan(args: argparse.Namespace) -> Plan:
         claims=30 if quick else 200,
         hoard_jobs=40,
     )
-
-
-def say(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
-
-
-def timed(what: str, action: Callable[[], T], show: Callable[[T], str]) -> T:
-    started = time.monotonic()
-    result = action()
-    took = time.monotonic() - started
-    say(f"    {what}: {show(result)} ({took:.1f} s)")
-    return result
 
 
 @contextlib.contextmanager
