@@ -126,12 +126,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="only pdoflowd against PgQueuer and procrastinate (W workers,"
         " batch B, --jobs default 20,000), in .bench-peers/venv",
     )
+    # procrastinate's own default is 1; 4 drained no-op jobs a little
+    # faster here (docs/performance.md), and the peers get their best.
     parser.add_argument(
         "--procrastinate-concurrency",
         type=int,
-        default=1,
+        default=4,
         help="with --peers: jobs one procrastinate worker runs at once"
-        " (its --concurrency; default 1, procrastinate's own)",
+        " (its --concurrency; default 4, procrastinate's own is 1)",
     )
     parser.add_argument(
         "--quick", action="store_true", help="small sizes, one run: a smoke"

@@ -60,8 +60,8 @@ class Knobs:
     # PgQueuer's batch_size (procrastinate claims one job at a time).
     batch: int
     # How many jobs one procrastinate worker process runs at once (its
-    # --concurrency; procrastinate's default is 1).
-    procrastinate_concurrency: int = 1
+    # --concurrency; procrastinate's own default is 1).
+    procrastinate_concurrency: int
 
 
 @dataclass(frozen=True)
