@@ -14,17 +14,19 @@ INSTALLED := $(VENV)/.installed
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 .DEFAULT_GOAL := help
-.PHONY: help install-deps demo test lint clean deb systemd-test bench
+.PHONY: help install-deps demo test lint clean deb systemd-test bench \
+	bench-peers
 
 help:
 	@echo "make demo          start a throwaway PostgreSQL and pdoflowd, run a posting"
 	@echo "make test          the whole test suite (pytest)"
 	@echo "make lint          ruff, mypy --strict, import contracts (lint-imports)"
 	@echo "make bench         throughput, latency and footprint against PostgreSQL's limit"
+	@echo "make bench-peers   pdoflowd's drain against PgQueuer's and procrastinate's"
 	@echo "make deb           build the Debian package into dist/"
 	@echo "make systemd-test  the package under a real systemd (root, systemd-nspawn)"
 	@echo "make install-deps  create or refresh $(VENV) (the other targets do it too)"
-	@echo "make clean         remove $(VENV), caches and build output"
+	@echo "make clean         remove $(VENV), .bench-peers, caches and build output"
 
 $(INSTALLED): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +52,12 @@ lint: $(INSTALLED)
 bench: $(INSTALLED)
 	$(VENV_PYTHON) -m bench --out bench-results $(BENCH_ARGS)
 
+# The same drain by two peer queues, PgQueuer and procrastinate, installed
+# on demand into a virtual environment of their own, .bench-peers/venv
+# (never into $(VENV)).
+bench-peers: $(INSTALLED)
+	$(VENV_PYTHON) -m bench --peers --out bench-results $(BENCH_ARGS)
+
 # The Debian package, built from a copy of the tree into dist/.
 deb:
 	packaging/build-deb.sh dist
@@ -61,5 +69,5 @@ systemd-test: $(INSTALLED)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache \
-		.ruff_cache .hypothesis
+		.ruff_cache .hypothesis .bench-peers
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

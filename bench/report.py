@@ -298,6 +298,83 @@ def rows(runs: Sequence[Run], plan: dict[str, Any]) -> list[Row | str]:
     return out
 
 
+def peer_rows(
+    runs: Sequence[Run], plan: dict[str, Any], about: dict[str, Any]
+) -> list[Row | str]:
+    """The ``--peers`` table: drains, ratios against targets, CPU per job."""
+    w, b, n = plan["workers"], plan["batch"], plan["jobs"]
+    versions = about["versions"]
+    concurrency = about["settings"]["procrastinate"]["concurrency"]
+    out: list[Row | str] = []
+
+    def add(label: str, pick: Callable[[Run], float], **kw: Any) -> None:
+        values = _series(runs, pick)
+        if all(math.isfinite(v) for v in values):
+            out.append(Row(label, values, **kw))
+
+    def rate(key: str) -> Callable[[Run], float]:
+        return lambda r: float(r[key]["jobs_per_s"])
+
+    def ratio(key: str) -> Callable[[Run], float]:
+        return lambda r: r["drain"]["jobs_per_s"] / r[key]["jobs_per_s"]
+
+    out.append(
+        f"Peers: drain of {n:,} pre-loaded no-op jobs, W={w} worker"
+        f" processes, batch {b}; each peer on a fresh database"
+    )
+    add(
+        f"PostgreSQL limit (pgbench cycle.sql, -c {w}, batch {b})",
+        rate("limit"),
+        unit="jobs/s",
+    )
+    add(f"pdoflowd (batch_size {b})", rate("drain"), unit="jobs/s")
+    add(
+        f"PgQueuer {versions['pgqueuer']} (batch_size {b})",
+        rate("pgqueuer"),
+        unit="jobs/s",
+    )
+    add(
+        f"procrastinate {versions['procrastinate']} (concurrency"
+        f" {concurrency}, no batch size)",
+        rate("procrastinate"),
+        unit="jobs/s",
+    )
+    add("pdoflowd / limit (same run)", ratio("limit"), digits=2)
+    add(
+        "pdoflowd / PgQueuer (same run)",
+        ratio("pgqueuer"),
+        digits=2,
+        target=2.0,
+    )
+    add(
+        "pdoflowd / procrastinate (same run)",
+        ratio("procrastinate"),
+        digits=1,
+        target=30.0,
+    )
+
+    out.append(
+        "CPU per job: the queue's own processes, and PostgreSQL serving them"
+    )
+    for label, key in (
+        ("pgbench", "limit"),
+        ("pdoflowd daemon (workers, supervisor)", "drain"),
+        ("PgQueuer worker processes", "pgqueuer"),
+        ("procrastinate worker processes", "procrastinate"),
+    ):
+        add(
+            f"CPU per job: {label}",
+            lambda r, key=key: r[key]["client_cpu_us_per_job"],
+            unit="us",
+        )
+        add(
+            f"  PostgreSQL serving {label.split()[0]}",
+            lambda r, key=key: r[key]["server_cpu_us_per_job"],
+            unit="us",
+        )
+    return out
+
+
 def render_sweep(results: Sequence[dict[str, Any]], header: str) -> str:
     """A sweep as text: one line per configuration, medians over runs.
 

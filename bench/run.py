@@ -8,7 +8,9 @@ hoarding, and limit and drain again with a history of finished jobs kept.
 It prints one table of medians and writes every raw figure to
 ``bench-results/<timestamp>.json``.
 ``--sweep`` measures only drain against limit, for every combination of
-the ``--workers``, ``--batch`` and ``--flush-ms`` lists.
+the ``--workers``, ``--batch`` and ``--flush-ms`` lists. ``--peers``
+measures only pdoflowd's drain next to PostgreSQL's limit and two peer
+queues, PgQueuer and procrastinate (:mod:`bench.peersrun`).
 """
 
 from __future__ import annotations
@@ -24,20 +26,19 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from psycopg.conninfo import make_conninfo
 
-from bench import cpu, database, machine, phases, report
+from bench import cpu, database, machine, peersrun, phases, report
 from bench.daemon import REPO_ROOT, DaemonSettings
+from bench.progress import say, timed
 from devtools import devcluster
 from devtools.devcluster import LocalCluster, find_bin_dir
 from pdoflowd.db import migrate
-
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -102,7 +103,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--workers", type=_ints, default=[4], help="workers (comma list)"
     )
     parser.add_argument(
-        "--batch", type=_ints, default=[100], help="batch_size (comma list)"
+        "--batch",
+        type=_ints,
+        help="batch_size (comma list; default 100, with --peers 10)",
     )
     parser.add_argument(
         "--flush-ms",
@@ -116,6 +119,21 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--sweep",
         action="store_true",
         help="only drain against limit, for every combination of the lists",
+    )
+    parser.add_argument(
+        "--peers",
+        action="store_true",
+        help="only pdoflowd against PgQueuer and procrastinate (W workers,"
+        " batch B, --jobs default 20,000), in .bench-peers/venv",
+    )
+    # procrastinate's own default is 1; 4 drained no-op jobs a little
+    # faster here (docs/performance.md), and the peers get their best.
+    parser.add_argument(
+        "--procrastinate-concurrency",
+        type=int,
+        default=4,
+        help="with --peers: jobs one procrastinate worker runs at once"
+        " (its --concurrency; default 4, procrastinate's own is 1)",
     )
     parser.add_argument(
         "--quick", action="store_true", help="small sizes, one run: a smoke"
@@ -148,6 +166,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="where the JSON goes (default bench-results/)",
     )
     args = parser.parse_args(argv)
+    if args.batch is None:
+        args.batch = [10] if args.peers else [100]
+    if args.peers and args.sweep:
+        parser.error("--peers and --sweep are separate modes")
     if args.dsn and (args.pg_set or args.unix_socket):
         parser.error(
             "--pg-set and --unix-socket apply to the throwaway cluster,"
@@ -161,6 +183,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+def _default_jobs(args: argparse.Namespace) -> int:
+    if args.peers:
+        return 2_000 if args.quick else 20_000
+    return 5_000 if args.quick else 50_000
+
+
 def make_plan(args: argparse.Namespace) -> Plan:
     quick = args.quick
     return Plan(
@@ -168,7 +196,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         workers=args.workers,
         batch=args.batch,
         flush_ms=args.flush_ms,
-        jobs=args.jobs or (5_000 if quick else 50_000),
+        jobs=args.jobs or _default_jobs(args),
         enqueue_jobs=20_000 if quick else 100_000,
         enqueue_small=2_000 if quick else 10_000,
         history=args.history or (100_000 if quick else 1_000_000),
@@ -176,18 +204,6 @@ def make_plan(args: argparse.Namespace) -> Plan:
         claims=30 if quick else 200,
         hoard_jobs=40,
     )
-
-
-def say(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
-
-
-def timed(what: str, action: Callable[[], T], show: Callable[[T], str]) -> T:
-    started = time.monotonic()
-    result = action()
-    took = time.monotonic() - started
-    say(f"    {what}: {show(result)} ({took:.1f} s)")
-    return result
 
 
 @contextlib.contextmanager
@@ -371,6 +387,14 @@ def sweep(stage: phases.Stage, plan: Plan) -> list[dict[str, Any]]:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     plan = make_plan(args)
+    peers_plan = peersrun.PeersPlan(
+        runs=plan.runs,
+        workers=plan.workers[0],
+        batch=plan.batch[0],
+        jobs=plan.jobs,
+        procrastinate_concurrency=args.procrastinate_concurrency,
+    )
+    peers: dict[str, Any] | None = None
     began = time.monotonic()
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     work_dir = Path(tempfile.mkdtemp(prefix="pdoflowd-bench-"))
@@ -394,6 +418,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.sweep:
                 configs = sweep(stage, plan)
                 table = []
+            elif args.peers:
+                runs, peers = peersrun.measure(stage, admin_dsn, peers_plan)
+                table = report.peer_rows(runs, peers_plan.__dict__, peers)
             else:
                 for index in range(plan.runs):
                     say(f"run {index + 1}/{plan.runs}")
@@ -408,10 +435,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"; server settings {dict(args.pg_set)}, daemon sessions"
             f" {dict(args.daemon_pg_set)}"
         )
+    title = "pdoflowd and its peers" if peers else "pdoflowd benchmark"
     header = (
-        f"pdoflowd benchmark, {stamp}, {plan.runs} run(s), medians"
+        f"{title}, {stamp}, {plan.runs} run(s), medians"
         f" [each run], {took:.0f} s{extra}\n{machine.summary(facts)}"
     )
+    if peers:
+        header += f"\n{peersrun.describe(peers)}"
     if args.sweep:
         print(report.render_sweep(configs, header))
     else:
@@ -423,7 +453,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             {
                 "command": ["python", "-m", "bench", *(argv or sys.argv[1:])],
                 "machine": facts,
-                "plan": plan.__dict__,
+                "plan": peers_plan.__dict__ if peers else plan.__dict__,
                 "settings": {
                     "server": dict(args.pg_set),
                     "daemon_sessions": dict(args.daemon_pg_set),
@@ -432,6 +462,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "table": report.as_json(table),
                 "runs": runs,
                 "sweep": configs,
+                "peers": peers,
             },
             indent=2,
         )
