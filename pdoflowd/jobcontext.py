@@ -130,11 +130,11 @@ def _cancel(conn: Connection, timeout: float) -> None:
         log.warning("a job's statement left running: %s", exc)
 
 
-@functools.lru_cache(maxsize=4)
-def _job_connector(
+def job_connector(
     database: DatabaseConfig, password: str | None
 ) -> Callable[[], Connection]:
-    # One per configuration, not one per job: jobs are many and short.
+    """What opens (on first use) and gives the connection that the jobs of
+    this process share: make it once per configuration, not per job."""
     kwargs = connection_kwargs(database, password)
     return functools.partial(_job_connection, kwargs)
 
@@ -151,7 +151,12 @@ class JobContext:
         self._job = job
         self._owner = owner
         self._connect = connect
-        self.shared = SharedVariables(job.posting_uuid, self._session)
+
+    @functools.cached_property
+    def shared(self) -> SharedVariables:
+        """The posting's shared variables (made on first use: most jobs
+        never read them)."""
+        return SharedVariables(self._job.posting_uuid, self._session)
 
     @property
     def job_id(self) -> uuid.UUID:
@@ -245,6 +250,7 @@ def encode_result(value: Any, max_bytes: int) -> str:
 class JobCall:
     """One run of a claimed job's function, as a worker makes it.
 
+    ``connect`` gives the connection the job may use (:func:`job_connector`);
     ``draw`` is a random number from [0, 1) that decides whether this run
     is profiled (``jobs.profile_sample_rate``).
     """
@@ -255,14 +261,12 @@ class JobCall:
         *,
         owner: uuid.UUID,
         config: Config,
-        password: str | None,
+        connect: Callable[[], Connection],
         draw: float,
     ) -> None:
         self.job = job
         self.config = config
-        self.context = JobContext(
-            job, owner, _job_connector(config.database, password)
-        )
+        self.context = JobContext(job, owner, connect)
         self.profiled = profiling.sampled(config.jobs.profile_sample_rate, draw)
         self.profile: cProfile.Profile | None = None
         self.result_json: str | None = None

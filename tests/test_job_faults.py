@@ -35,7 +35,7 @@ from pdoflowd.daemon.tally import JobRun, batch_report, merge_reports
 from pdoflowd.daemon.worker import Worker, WorkerSpec
 from pdoflowd.db import queue
 from pdoflowd.exitcodes import EXIT_ERRORED, EXIT_INTERRUPTED
-from pdoflowd.jobcontext import JobCall
+from pdoflowd.jobcontext import JobCall, job_connector
 from pdoflowd.status import JobStatus, PostingStatus
 from scrape import parse_scrape, scrape_sum
 
@@ -136,7 +136,13 @@ def test_a_transaction_a_job_left_open_does_not_reach_the_next_job(
         )
 
     def call(job: queue.ClaimedJob) -> JobCall:
-        return JobCall(job, owner=owner, config=config, password=None, draw=0)
+        return JobCall(
+            job,
+            owner=owner,
+            config=config,
+            connect=job_connector(config.database, None),
+            draw=0,
+        )
 
     call(first).run(left_in_a_transaction)
     later = call(second)

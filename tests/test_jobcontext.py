@@ -23,6 +23,7 @@ from pdoflowd.jobcontext import (
     NoJobContext,
     ResultNotStorable,
     encode_result,
+    job_connector,
 )
 from pdoflowd.profiling import sampled
 
@@ -73,7 +74,11 @@ class Claimed:
             database=DatabaseConfig(dsn=self.dsn), jobs=JobsConfig(**jobs)
         )
         return JobCall(
-            self.job, owner=self.owner, config=config, password=None, draw=draw
+            self.job,
+            owner=self.owner,
+            config=config,
+            connect=job_connector(config.database, None),
+            draw=draw,
         )
 
     def row(self) -> dict[str, Any]:
@@ -178,7 +183,13 @@ def test_stored_arguments_are_decoded_for_the_function(dsn: str) -> None:
     def keep(*args: Any, **kwargs: Any) -> None:
         got.append((args, kwargs))
 
-    JobCall(job, owner=owner, config=config, password=None, draw=0.5).run(keep)
+    JobCall(
+        job,
+        owner=owner,
+        config=config,
+        connect=job_connector(config.database, None),
+        draw=0.5,
+    ).run(keep)
     [(args, kwargs)] = got
     assert math.isnan(args[0])
     assert args[1] == {"__pdoflowd_float__": "nan"}

@@ -161,8 +161,8 @@ def test_a_retry_is_due_by_the_databases_clock_not_the_workers(
                 job.id,
                 job.attempt,
                 "failed",
-                skewed,
-                skewed,
+                skewed.timestamp(),
+                skewed.timestamp(),
                 error="boom",
                 retry_delay_s=60.0,
             )

@@ -21,7 +21,6 @@ job once :attr:`JobRunner.deadline` has passed.
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import random
 import time
@@ -110,10 +109,6 @@ def with_reconnects(
             wait(delay, exc)
 
 
-def _utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
-
-
 def _nothing(*args: object) -> None:
     return None
 
@@ -183,11 +178,14 @@ class JobRunner:
         self.functions: dict[
             str, Callable[..., Any] | entrypoints.EntryPointRefused
         ] = {}
+        self.timeout_s = config.jobs.timeout_s
+        # The connection the jobs of this process share (on first use).
+        self.job_connect = jobcontext.job_connector(config.database, password)
 
     def timeout_for(self, job: queue.ClaimedJob) -> float:
         """The job's timeout in seconds (0: none): its posting's, or
         ``jobs.timeout_s``."""
-        return job.timeout_s or self.config.jobs.timeout_s
+        return job.timeout_s or self.timeout_s
 
     def resolve(self, entry_point: str) -> Callable[..., Any]:
         """The function to call, or raise :class:`EntryPointRefused`.
@@ -196,6 +194,8 @@ class JobRunner:
         is tried again by the next job (the module may yet be deployed).
         """
         found = self.functions.get(entry_point)
+        if callable(found):
+            return found
         if found is None:
             try:
                 found = entrypoints.resolve(
@@ -212,24 +212,23 @@ class JobRunner:
 
     def run(self, job: queue.ClaimedJob, owner: uuid.UUID) -> RunResult:
         """Run one job claimed under ``owner`` and say what became of it."""
-        started_at = _utcnow()
-        timeout = self.timeout_for(job)
-        begin = time.monotonic()
-        error = tb = None
-        kind = OutcomeKind.FAILED
-        interrupted = False
+        timeout = job.timeout_s or self.timeout_s
         call = jobcontext.JobCall(
             job,
             owner=owner,
             config=self.config,
-            password=self.password,
+            connect=self.job_connect,
             draw=self.rng.random(),
         )
+        started = time.time()
+        begin = time.monotonic()
+        error = tb = None
+        kind = OutcomeKind.FAILED
+        interrupted = False
         try:
             self.deadline = begin + timeout if timeout else 0.0
             self.on_start(job, begin)
-            function = self.resolve(job.entry_point)
-            call.run(function)
+            call.run(self.resolve(job.entry_point))
         except JobTimeout:
             error = f"timeout after {timeout:g} s"
             kind = OutcomeKind.TIMEOUT
@@ -243,35 +242,36 @@ class JobRunner:
         finally:
             self.deadline = 0.0
         elapsed = time.monotonic() - begin
-        call.save_profile(self.connect)
-        completed_at = _utcnow()
-        waited = max(0.0, (started_at - job.runnable_since).total_seconds())
+        completed = time.time()
+        if call.profile is not None:
+            call.save_profile(self.connect)
+        waited = max(0.0, started - job.runnable_since)
         if error is None:
             outcome = queue.Outcome(
                 job.id,
                 job.attempt,
                 OutcomeKind.DONE,
-                started_at,
-                completed_at,
+                started,
+                completed,
                 result=call.result_json,
             )
-        else:
-            log.info("job %s (%s) failed: %s", job.uuid, job.entry_point, error)
-            delay = policy.retry_delay(
-                job.attempt,
-                self.config.jobs.retry_delay_s,
-                self.config.jobs.retry_delay_max_s,
-            )
-            outcome = queue.Outcome(
-                job.id,
-                job.attempt,
-                kind,
-                started_at,
-                completed_at,
-                error=error,
-                traceback=tb,
-                retry_delay_s=delay,
-            )
+            return RunResult(outcome, elapsed, waited)
+        log.info("job %s (%s) failed: %s", job.uuid, job.entry_point, error)
+        delay = policy.retry_delay(
+            job.attempt,
+            self.config.jobs.retry_delay_s,
+            self.config.jobs.retry_delay_max_s,
+        )
+        outcome = queue.Outcome(
+            job.id,
+            job.attempt,
+            kind,
+            started,
+            completed,
+            error=error,
+            traceback=tb,
+            retry_delay_s=delay,
+        )
         result_type = Interrupted if interrupted else RunResult
         return result_type(outcome, elapsed, waited)
 

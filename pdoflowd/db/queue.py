@@ -11,10 +11,9 @@ configuration.
 
 from __future__ import annotations
 
-import datetime as dt
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 from uuid import UUID
 
 from pdoflowd.db.common import (
@@ -49,8 +48,9 @@ class ClaimedJob:
     posargs_json: str
     kwargs_json: str
     timeout_s: float | None
-    created_at: dt.datetime
-    runnable_since: dt.datetime
+    # Since when the job could run (its run-after, else its creation), in
+    # seconds since the epoch: how long it waited is read from it.
+    runnable_since: float
     store_result: bool = False
 
 
@@ -70,7 +70,8 @@ SET status = 'executing',
 CLAIMED_COLUMNS = """
 RETURNING j.id, j.uuid, j.posting_id, p.uuid, p.entry_point, j.priority,
           j.attempt, j.tries_remaining, j.posargs::text, j.kwargs::text,
-          p.timeout_s, j.created_at, coalesce(j.run_after, j.created_at),
+          p.timeout_s,
+          extract(epoch FROM coalesce(j.run_after, j.created_at))::float8,
           p.store_result
 """
 
@@ -171,8 +172,20 @@ def record_and_claim(
 # ---------------------------------------------------------------- outcomes
 
 
-@dataclass(frozen=True)
-class Outcome:
+class _OutcomeFields(NamedTuple):
+    job_id: int
+    attempt: int
+    kind: OutcomeKind
+    # When the run began and ended, in seconds since the epoch.
+    started: float | None = None
+    completed: float | None = None
+    error: str | None = None
+    traceback: str | None = None
+    retry_delay_s: float | None = None
+    result: str | None = None
+
+
+class Outcome(_OutcomeFields):
     """What became of one claimed job, to be written under its fence.
 
     ``kind`` is ``done``, ``failed`` or ``timeout`` (uses a try; waits again
@@ -182,21 +195,36 @@ class Outcome:
     is the JSON text of a done job's return value, when its posting keeps
     results. A job that waits again may run ``retry_delay_s`` seconds after
     the database's time when the outcome is written, not the worker's.
+    A tuple: one is made per job run, and a tuple is made fastest.
     """
 
-    job_id: int
-    attempt: int
-    kind: OutcomeKind
-    started_at: dt.datetime | None = None
-    completed_at: dt.datetime | None = None
-    error: str | None = None
-    traceback: str | None = None
-    retry_delay_s: float | None = None
-    result: str | None = None
+    __slots__ = ()
 
-    def __post_init__(self) -> None:
-        # Frozen: the one place the kind is set, checked and typed.
-        object.__setattr__(self, "kind", outcome_kind(self.kind))
+    def __new__(
+        cls,
+        job_id: int,
+        attempt: int,
+        kind: OutcomeKind | str,
+        started: float | None = None,
+        completed: float | None = None,
+        error: str | None = None,
+        traceback: str | None = None,
+        retry_delay_s: float | None = None,
+        result: str | None = None,
+    ) -> Outcome:
+        # The one place the kind is checked and typed.
+        return super().__new__(
+            cls,
+            job_id,
+            attempt,
+            outcome_kind(kind),
+            started,
+            completed,
+            error,
+            traceback,
+            retry_delay_s,
+            result,
+        )
 
     def as_refused(self, problem: str) -> Outcome:
         """This outcome as it can still be written after the database
@@ -220,8 +248,8 @@ class Outcome:
             self.job_id,
             self.attempt,
             kind,
-            self.started_at,
-            self.completed_at,
+            self.started,
+            self.completed,
             # Spelt in ASCII, which a database in any encoding stores.
             error=error.encode("ascii", "backslashreplace").decode("ascii"),
             retry_delay_s=self.retry_delay_s,
@@ -278,10 +306,10 @@ def _outcome_json(o: Outcome) -> dict[str, Any]:
         "attempt": o.attempt,
         "kind": o.kind.value,
     }
-    if o.started_at is not None:
-        row["started"] = o.started_at.timestamp()
-    if o.completed_at is not None:
-        row["completed"] = o.completed_at.timestamp()
+    if o.started is not None:
+        row["started"] = o.started
+    if o.completed is not None:
+        row["completed"] = o.completed
     if o.error is not None:
         row["error"] = storable_text(o.error)
     if o.traceback is not None:

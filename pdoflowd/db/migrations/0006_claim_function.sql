@@ -29,8 +29,8 @@ RETURNS TABLE (
     recorded boolean, id bigint, posting_id bigint, kind text, status text,
     uuid uuid, posting_uuid uuid, entry_point text, priority integer,
     attempt integer, tries_remaining integer, posargs text, kwargs text,
-    timeout_s double precision, created_at timestamptz,
-    runnable_since timestamptz, store_result boolean)
+    timeout_s double precision, runnable_since double precision,
+    store_result boolean)
 LANGUAGE plpgsql
 SET enable_sort = off
 SET plan_cache_mode = force_generic_plan
@@ -105,20 +105,21 @@ BEGIN
         RETURNING j.id, j.uuid, j.posting_id, p.uuid AS posting_uuid,
                   p.entry_point, j.priority, j.attempt, j.tries_remaining,
                   j.posargs::text AS posargs, j.kwargs::text AS kwargs,
-                  p.timeout_s, j.created_at,
-                  coalesce(j.run_after, j.created_at) AS runnable_since,
+                  p.timeout_s,
+                  extract(epoch FROM coalesce(j.run_after, j.created_at))
+                      ::float8 AS runnable_since,
                   p.store_result
     )
     SELECT true, w.id, w.posting_id, w.kind, w.status, NULL::uuid,
            NULL::uuid, NULL::text, NULL::integer, NULL::integer,
            NULL::integer, NULL::text, NULL::text, NULL::double precision,
-           NULL::timestamptz, NULL::timestamptz, NULL::boolean
+           NULL::double precision, NULL::boolean
     FROM written AS w
     UNION ALL
     SELECT false, c.id, c.posting_id, NULL::text, NULL::text, c.uuid,
            c.posting_uuid, c.entry_point, c.priority, c.attempt,
            c.tries_remaining, c.posargs, c.kwargs, c.timeout_s,
-           c.created_at, c.runnable_since, c.store_result
+           c.runnable_since, c.store_result
     FROM claimed AS c;
 END
 $$;
