@@ -159,7 +159,7 @@ def test_execute_jobs_claim_takes_a_job_as_the_workers_claim_does(
         conn, job_uuid=uuids[1], owner=owner, daemon_id=DAEMON
     )
     assert by_hand is not None
-    for field in queue.ClaimedJob.__dataclass_fields__:
+    for field in queue.ClaimedJob._fields:
         mine, theirs = getattr(by_hand, field), getattr(by_worker, field)
         if field == "runnable_since":
             assert mine == rows_created[1].timestamp()

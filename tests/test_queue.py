@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import threading
+import time
 import uuid
 from typing import Any
 
@@ -37,8 +38,8 @@ def claim(conn: Any, limit: int, owner: uuid.UUID | None = None) -> list[Any]:
     )
 
 
-def now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+def now() -> float:
+    return time.time()
 
 
 def finish(
@@ -212,16 +213,16 @@ def test_outcome_times_and_texts_are_stored_exactly(
                 done.id,
                 done.attempt,
                 "done",
-                started,
-                completed,
+                started.timestamp(),
+                completed.timestamp(),
                 result='{"x": [1.5, "two"]}',
             ),
             queue.Outcome(
                 failed.id,
                 failed.attempt,
                 "failed",
-                started,
-                completed,
+                started.timestamp(),
+                completed.timestamp(),
                 error=error,
                 traceback=tb,
                 retry_delay_s=delay.total_seconds(),
