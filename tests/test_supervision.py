@@ -426,3 +426,59 @@ def test_a_database_restart_is_ridden_out_without_losing_outcomes(
     assert daemon.workers() == before
     assert daemon.proc is not None and daemon.proc.poll() is None
     assert "database connection restored" in daemon.log()
+
+
+@pytest.mark.parametrize("killed", ["worker", "connection"])
+def test_a_claim_cut_off_while_it_writes_the_last_outcomes(
+    effects_dsn: str, daemons: Any, killed: str
+) -> None:
+    # The statement that writes a batch's outcomes also claims the next
+    # batch. Here it waits on a row lock a submitter holds on the job just
+    # run, and is cut off there: its worker killed (the supervisor must take
+    # back the job still held under the last claim's token at once, the
+    # host's lease being far off), or its connection (the worker writes the
+    # outcome again, under that token, and claims anew). Either way each
+    # job ends done, runs at most twice, and uses no try.
+    config = host_config(60.0)
+    config["workers"]["batch_size"] = 1
+    daemon = daemons(**config)
+    client = Client(effects_dsn)
+    client.post("jobfns.sleep", [[0.5, "held"], [0.0, "next"]], tries=3)
+    wait_until(lambda: runs(effects_dsn, "held", "start"))
+    [worker] = daemon.workers()
+    with (
+        psycopg.connect(effects_dsn) as holder,
+        psycopg.connect(effects_dsn, autocommit=True) as watch,
+    ):
+        holder.execute(
+            "SELECT FROM pdoflowd.jobs WHERE posargs->>1 = 'held'"
+            " FOR NO KEY UPDATE"
+        )
+
+        def waiting() -> Any:
+            return watch.execute(
+                "SELECT pid FROM pg_stat_activity"
+                " WHERE wait_event_type = 'Lock'"
+                " AND query LIKE '%%claim_jobs%%'"
+            ).fetchall()
+
+        [(backend,)] = wait_until(waiting)
+        if killed == "worker":
+            os.kill(worker, signal.SIGKILL)
+            wait_until(lambda: worker not in daemon.workers())
+        watch.execute("SELECT pg_terminate_backend(%s)", (backend,))
+        holder.rollback()
+    began = time.monotonic()
+    wait_until(
+        lambda: {r["status"] for r in all_jobs(effects_dsn)} == {"done"},
+        timeout=20,
+    )
+    assert time.monotonic() - began < 20, "taken back at once, not by lease"
+    for row in all_jobs(effects_dsn):
+        assert row["tries_remaining"] == 3, row
+    held_runs = len(runs(effects_dsn, "held", "end"))
+    assert held_runs == (2 if killed == "worker" else 1)
+    assert len(runs(effects_dsn, "next", "end")) == 1
+    # Taken back as the dead worker's, not left to the sweep of jobs
+    # without a live owner.
+    assert "without a live owner" not in daemon.log()
