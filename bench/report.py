@@ -88,6 +88,7 @@ def rows(runs: Sequence[Run], plan: dict[str, Any]) -> list[Row | str]:
         "post / COPY limit, same run",
         lambda r: r["enqueue"]["jobs_per_s"] / r["copy_limit"]["jobs_per_s"],
         digits=2,
+        target=0.9,
     )
     add(
         f"post {plan['enqueue_small']:,} jobs",
