@@ -214,6 +214,14 @@ def rows(runs: Sequence[Run], plan: dict[str, Any]) -> list[Row | str]:
         digits=2,
     )
 
+    small = plan.get("small_batch", 0)
+    if small:
+        out.append(
+            f"Drain at batch {small}: {plan['jobs']:,} no-op jobs, W={w}"
+            f" workers, outcome_flush_ms {flush_text}, empty table"
+        )
+        _drain_rows(add, "small_drain", "small_limit", w=w, b=small)
+
     count = plan["pickups"]
     if count:
         out.append(
