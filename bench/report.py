@@ -66,6 +66,9 @@ def _series(runs: Sequence[Run], pick: Callable[[Run], float]) -> list[float]:
 DRAIN_OVER_LIMIT_MIN = 0.7
 DAEMON_CPU_US_MAX = {10: 40.0, 100: 15.0}
 SERVER_CPU_OVER_PGBENCH_MAX = 1.2
+# Many single-job postings drain at least at this share of the rate of
+# one posting of as many jobs: settling postings must not dominate.
+SMALL_POSTINGS_OVER_ONE_MIN = 0.5
 
 Add = Callable[..., None]
 
@@ -258,6 +261,29 @@ def rows(runs: Sequence[Run], plan: dict[str, Any]) -> list[Row | str]:
                 unit="ms",
                 digits=2,
             )
+
+    n = plan.get("postings", 0)
+    if n:
+        out.append(
+            f"Postings: {n:,} no-op jobs as one posting, then as {n:,}"
+            f" postings of one job, W={w}, batch {b}"
+        )
+        add(
+            f"one posting of {n:,} jobs",
+            lambda r: r["postings"]["one_posting_jobs_per_s"],
+            unit="jobs/s",
+        )
+        add(
+            f"{n:,} postings of one job",
+            lambda r: r["postings"]["small_postings_jobs_per_s"],
+            unit="jobs/s",
+        )
+        add(
+            "single-job postings / one posting (same run)",
+            lambda r: r["postings"]["ratio"],
+            digits=2,
+            target=SMALL_POSTINGS_OVER_ONE_MIN,
+        )
 
     out.append(
         f"History: the same drain with {plan['history']:,} finished jobs kept"

@@ -4,8 +4,9 @@
 creates a fresh database in it, and measures, ``--runs`` times: enqueue
 and PostgreSQL's limit for the same COPY, PostgreSQL's limit and pdoflowd's
 drain on an empty table (at ``--batch`` and again at ``--small-batch``),
-claim and pickup latency, the daemon's footprint, hoarding, and limit and
-drain again with a history of finished jobs kept.
+claim and pickup latency, the daemon's footprint, many single-job postings
+against one posting of as many jobs, hoarding, and limit and drain again
+with a history of finished jobs kept.
 It prints one table of medians and writes every raw figure to
 ``bench-results/<timestamp>.json``.
 ``--sweep`` measures only drain against limit, for every combination of
@@ -55,6 +56,8 @@ class Plan:
     jobs: int
     enqueue_jobs: int
     enqueue_small: int
+    # Jobs drained as one posting, then as as many single-job postings.
+    postings: int
     history: int
     pickups: int
     claims: int
@@ -70,6 +73,7 @@ class Plan:
             "jobs": self.jobs,
             "enqueue_jobs": self.enqueue_jobs,
             "enqueue_small": self.enqueue_small,
+            "postings": self.postings,
             "history": self.history,
             "pickups": self.pickups,
             "claims": self.claims,
@@ -127,6 +131,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--jobs", type=int, help="jobs per drain")
     parser.add_argument("--history", type=int, help="finished jobs kept")
     parser.add_argument(
+        "--postings",
+        type=int,
+        help="jobs drained as one posting and as as many single-job"
+        " postings (default 20,000, --quick 2,000; 0 for none)",
+    )
+    parser.add_argument(
         "--sweep",
         action="store_true",
         help="only drain against limit, for every combination of the lists",
@@ -183,6 +193,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--peers and --sweep are separate modes")
     if args.small_batch < 0:
         parser.error("--small-batch must be 0 (none) or more")
+    if args.postings is not None and args.postings < 0:
+        parser.error("--postings must be 0 (none) or more")
     if args.dsn and (args.pg_set or args.unix_socket):
         parser.error(
             "--pg-set and --unix-socket apply to the throwaway cluster,"
@@ -202,6 +214,12 @@ def _default_jobs(args: argparse.Namespace) -> int:
     return 5_000 if args.quick else 50_000
 
 
+def _default_postings(args: argparse.Namespace) -> int:
+    if args.postings is not None:
+        return int(args.postings)
+    return 2_000 if args.quick else 20_000
+
+
 def make_plan(args: argparse.Namespace) -> Plan:
     quick = args.quick
     return Plan(
@@ -213,6 +231,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         jobs=args.jobs or _default_jobs(args),
         enqueue_jobs=20_000 if quick else 100_000,
         enqueue_small=2_000 if quick else 10_000,
+        postings=_default_postings(args),
         history=args.history or (100_000 if quick else 1_000_000),
         pickups=30 if quick else 200,
         claims=30 if quick else 200,
@@ -323,6 +342,14 @@ def one_run(stage: phases.Stage, plan: Plan) -> dict[str, Any]:
     reset()
     if plan.small_batch:
         out.update(small_batch_drain(stage, plan))
+        reset()
+    if plan.postings:
+        out["postings"] = timed(
+            f"drain {plan.postings:,} jobs as one posting and as"
+            f" {plan.postings:,} postings",
+            lambda: phases.postings_drains(stage, settings, jobs=plan.postings),
+            lambda r: f"ratio {r['ratio']:.2f}",
+        )
         reset()
     out["hoarding"] = timed(
         "hoarding",
