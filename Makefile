@@ -21,7 +21,7 @@ help:
 	@echo "make demo          start a throwaway PostgreSQL and pdoflowd, run a posting"
 	@echo "make test          the whole test suite (pytest)"
 	@echo "make lint          ruff, mypy --strict, import contracts (lint-imports)"
-	@echo "make bench         throughput, latency and footprint against PostgreSQL's limit"
+	@echo "make bench         every performance target, against PostgreSQL's limit and peers"
 	@echo "make bench-peers   pdoflowd's drain against PgQueuer's and procrastinate's"
 	@echo "make deb           build the Debian package into dist/"
 	@echo "make systemd-test  the package under a real systemd (root, systemd-nspawn)"
@@ -47,10 +47,14 @@ lint: $(INSTALLED)
 	$(VENV_PYTHON) -m mypy pdoflowd devtools
 	$(VENV)/bin/lint-imports
 
-# The benchmark (minutes, not part of make test); results also land as JSON
-# in bench-results/. BENCH_ARGS passes options, e.g. BENCH_ARGS=--quick.
+# The benchmark (minutes, not part of make test): the main table, every
+# target of the performance issue against PostgreSQL's limit, then the
+# peers' table (as make bench-peers); results also land as JSON in
+# bench-results/. BENCH_ARGS passes options to both, e.g.
+# BENCH_ARGS=--quick.
 bench: $(INSTALLED)
 	$(VENV_PYTHON) -m bench --out bench-results $(BENCH_ARGS)
+	$(VENV_PYTHON) -m bench --peers --out bench-results $(BENCH_ARGS)
 
 # The same drain by two peer queues, PgQueuer and procrastinate, installed
 # on demand into a virtual environment of their own, .bench-peers/venv

@@ -117,6 +117,35 @@ def load_waiting(
     return posting_id
 
 
+def load_single_job_postings(conn: Connection, count: int) -> tuple[int, int]:
+    """Insert ``count`` paused postings of one waiting job each.
+
+    Returns the lowest and highest posting id: the postings of one load
+    are the ids between them (the caller resets the queue beforehand).
+    """
+    with conn.transaction():
+        rows = conn.execute(
+            "WITH made AS ("
+            "  INSERT INTO pdoflowd.postings"
+            "    (uuid, target_function, entry_point, status)"
+            "  SELECT gen_random_uuid(), %(name)s, %(entry_point)s, 'paused'"
+            "  FROM generate_series(1, %(count)s::bigint)"
+            "  RETURNING id"
+            ")"
+            " INSERT INTO pdoflowd.jobs (uuid, posting_id, priority, posargs)"
+            " SELECT gen_random_uuid(), made.id, 0, jsonb_build_array(made.id)"
+            " FROM made"
+            " RETURNING posting_id",
+            {
+                "name": NOOP.rsplit(".", 1)[1],
+                "entry_point": NOOP,
+                "count": count,
+            },
+        ).fetchall()
+    ids = [int(row[0]) for row in rows]
+    return min(ids), max(ids)
+
+
 def copy_jobs(conn: Connection, data: bytes) -> None:
     """COPY job rows already in COPY text, in one committed transaction.
 
@@ -171,6 +200,23 @@ def resume(conn: Connection, posting_id: int) -> float:
     return float(row[0])
 
 
+def resume_all(conn: Connection) -> float:
+    """Let every paused posting run at once and wake the daemons.
+
+    Returns the database clock (epoch seconds) at the start of the
+    resuming transaction, as :func:`resume` does.
+    """
+    with conn.transaction():
+        row = conn.execute(
+            "UPDATE pdoflowd.postings SET status = 'executing'"
+            " WHERE status = 'paused'"
+            " RETURNING extract(epoch FROM now())::float8"
+        ).fetchone()
+        assert row is not None
+        postings.notify(conn)
+    return float(row[0])
+
+
 def wait_finished(
     conn: Connection, posting_id: int, timeout_s: float, interval: float
 ) -> float:
@@ -190,6 +236,34 @@ def wait_finished(
             raise TimeoutError(
                 f"posting {posting_id} still {row[0]} after {timeout_s:g} s:"
                 f" {counts}"
+            )
+        time.sleep(interval)
+
+
+def wait_all_finished(
+    conn: Connection, low: int, high: int, timeout_s: float, interval: float
+) -> float:
+    """Wait until postings ``low``..``high`` are all final.
+
+    Returns the last of their finished_at (epoch seconds).
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        row = conn.execute(
+            "SELECT count(*) FILTER"
+            "  (WHERE status NOT IN ('finished', 'errored_out')),"
+            " extract(epoch FROM max(finished_at))::float8"
+            " FROM pdoflowd.postings WHERE id BETWEEN %s AND %s",
+            (low, high),
+        ).fetchone()
+        assert row is not None
+        left, ended = row
+        if left == 0 and ended is not None:
+            return float(ended)
+        if time.monotonic() >= deadline:
+            raise TimeoutError(
+                f"{left} of {high - low + 1} postings still open after"
+                f" {timeout_s:g} s"
             )
         time.sleep(interval)
 

@@ -6,8 +6,9 @@ beforehand), PostgreSQL's limit (pgbench running ``cycle.sql`` on the same
 table), drain (a daemon started on a paused posting, which is then resumed;
 timed from the resuming transaction to the posting's ``finished_at``, both
 on the database clock), pickup latency (single-job postings to an idle
-daemon), claim latency (``queue.claim`` timed from the client) and
-hoarding (how many jobs of known length one claim takes). A function
+daemon), claim latency (``queue.claim`` timed from the client), many
+single-job postings against one posting of as many jobs, and hoarding
+(how many jobs of known length one claim takes). A function
 leaves the queue as it found it only where it says so; the caller resets.
 """
 
@@ -386,6 +387,72 @@ def pickup_latency(
             ]
         )
     return result
+
+
+# ---------------------------------------------------------------- postings
+
+
+def drain_one_posting(conn: database.Connection, count: int) -> float:
+    """Jobs per second draining one posting of ``count`` no-op jobs.
+
+    The posting is loaded paused and resumed when storage has settled; a
+    daemon must be running. Timed from the resuming transaction to the
+    posting's ``finished_at``, both on the database clock.
+    """
+    posting_id = database.load_waiting(conn, count, paused=True)
+    database.settle_storage(conn)
+    began = database.resume(conn, posting_id)
+    ended = database.wait_finished(
+        conn, posting_id, timeout_s=max(120.0, count / 100), interval=0.02
+    )
+    return count / (ended - began)
+
+
+def drain_small_postings(conn: database.Connection, count: int) -> float:
+    """Jobs per second draining ``count`` postings of one no-op job each.
+
+    As :func:`drain_one_posting`, all resumed in one transaction, up to
+    the last posting's ``finished_at``: settling every posting is in it.
+    """
+    low, high = database.load_single_job_postings(conn, count)
+    database.settle_storage(conn)
+    began = database.resume_all(conn)
+    ended = database.wait_all_finished(
+        conn, low, high, timeout_s=max(120.0, count / 50), interval=0.05
+    )
+    return count / (ended - began)
+
+
+def warm_up(conn: database.Connection, settings: DaemonSettings) -> None:
+    """Drain two full batches per worker, untimed, on a running daemon.
+
+    Its workers import the job module and make their first claims here.
+    """
+    drain_one_posting(conn, 2 * settings.workers * settings.batch)
+
+
+def postings_drains(
+    stage: Stage, settings: DaemonSettings, *, jobs: int
+) -> dict[str, float]:
+    """One daemon drains ``jobs`` no-op jobs as one posting, then as
+    ``jobs`` postings of one job each; both rates and their ratio.
+
+    An untimed posting is drained first (:func:`warm_up`), so that the
+    first timed drain does not alone pay for a fresh daemon.
+    """
+    with (
+        database.connect(stage.dsn) as conn,
+        Daemon(stage.work_dir, stage.daemon_dsn, settings),
+    ):
+        warm_up(conn, settings)
+        one = drain_one_posting(conn, jobs)
+        small = drain_small_postings(conn, jobs)
+    return {
+        "jobs": jobs,
+        "one_posting_jobs_per_s": one,
+        "small_postings_jobs_per_s": small,
+        "ratio": small / one,
+    }
 
 
 # ---------------------------------------------------------------- hoarding

@@ -59,6 +59,90 @@ def _series(runs: Sequence[Run], pick: Callable[[Run], float]) -> list[float]:
     return [float(pick(run)) for run in runs]
 
 
+# The performance issue's targets for a drain of no-op jobs: its rate
+# against PostgreSQL's limit (pgbench, same W and B), pdoflowd's own CPU
+# per job (all its processes) by batch size (none for other sizes), and
+# PostgreSQL's CPU per job serving pdoflowd against serving pgbench.
+DRAIN_OVER_LIMIT_MIN = 0.7
+DAEMON_CPU_US_MAX = {10: 40.0, 100: 15.0}
+SERVER_CPU_OVER_PGBENCH_MAX = 1.2
+# Many single-job postings drain at least at this share of the rate of
+# one posting of as many jobs: settling postings must not dominate.
+SMALL_POSTINGS_OVER_ONE_MIN = 0.5
+
+Add = Callable[..., None]
+
+
+def _drain_rows(
+    add: Add,
+    drain: str,
+    limit: str,
+    *,
+    w: int,
+    b: int,
+    rate_target: float | None = None,
+) -> None:
+    """A drain next to PostgreSQL's limit: rates, ratio, CPU per job."""
+    add(
+        "pdoflowd drain",
+        lambda r: r[drain]["jobs_per_s"],
+        unit="jobs/s",
+        target=rate_target,
+    )
+    add(
+        f"PostgreSQL limit (pgbench cycle.sql, -c {w}, batch {b})",
+        lambda r: r[limit]["jobs_per_s"],
+        unit="jobs/s",
+    )
+    add(
+        "drain / limit (same run)",
+        lambda r: r[drain]["jobs_per_s"] / r[limit]["jobs_per_s"],
+        digits=2,
+        target=DRAIN_OVER_LIMIT_MIN,
+    )
+    add(
+        "CPU per job: pdoflowd daemon (workers, supervisor)",
+        lambda r: r[drain]["client_cpu_us_per_job"],
+        unit="us",
+        digits=1,
+        target=DAEMON_CPU_US_MAX.get(b),
+        sense="max",
+    )
+    add(
+        "  of which the supervisor",
+        lambda r: r[drain]["supervisor_cpu_us_per_job"],
+        unit="us",
+        digits=1,
+    )
+    add(
+        "CPU per job: PostgreSQL serving pdoflowd",
+        lambda r: r[drain]["server_cpu_us_per_job"],
+        unit="us",
+    )
+    add(
+        "CPU per job: pgbench",
+        lambda r: r[limit]["client_cpu_us_per_job"],
+        unit="us",
+    )
+    add(
+        "CPU per job: PostgreSQL serving pgbench",
+        lambda r: r[limit]["server_cpu_us_per_job"],
+        unit="us",
+    )
+    add(
+        "PostgreSQL CPU per job, pdoflowd / pgbench",
+        lambda r: (
+            r[drain]["server_cpu_us_per_job"]
+            / r[limit]["server_cpu_us_per_job"]
+        ),
+        digits=2,
+        target=SERVER_CPU_OVER_PGBENCH_MAX,
+        sense="max",
+    )
+    add("jobs per claim (mean)", lambda r: r[drain]["mean_claim"], digits=1)
+    add("jobs run more than once", lambda r: r[drain]["reruns"])
+
+
 def rows(runs: Sequence[Run], plan: dict[str, Any]) -> list[Row | str]:
     """The table's rows (a str is a section heading)."""
     mib = 1 / 1024
@@ -88,6 +172,7 @@ def rows(runs: Sequence[Run], plan: dict[str, Any]) -> list[Row | str]:
         "post / COPY limit, same run",
         lambda r: r["enqueue"]["jobs_per_s"] / r["copy_limit"]["jobs_per_s"],
         digits=2,
+        target=0.9,
     )
     add(
         f"post {plan['enqueue_small']:,} jobs",
@@ -115,53 +200,10 @@ def rows(runs: Sequence[Run], plan: dict[str, Any]) -> list[Row | str]:
     flush = plan["flush_ms"]
     flush_text = "default" if flush is None else f"{flush}"
     out.append(
-        f"Drain: {plan['jobs']:,} no-op jobs, W={w} workers, batch {b},"
+        f"Drain at batch {b}: {plan['jobs']:,} no-op jobs, W={w} workers,"
         f" outcome_flush_ms {flush_text}, empty table"
     )
-    add(
-        "pdoflowd drain",
-        lambda r: r["drain"]["jobs_per_s"],
-        unit="jobs/s",
-        target=15_000,
-    )
-    add(
-        f"PostgreSQL limit (pgbench cycle.sql, -c {w}, batch {b})",
-        lambda r: r["limit"]["jobs_per_s"],
-        unit="jobs/s",
-    )
-    add(
-        "drain / limit (same run)",
-        lambda r: r["drain"]["jobs_per_s"] / r["limit"]["jobs_per_s"],
-        digits=2,
-        target=0.7,
-    )
-    add(
-        "CPU per job: pdoflowd daemon (workers, supervisor)",
-        lambda r: r["drain"]["client_cpu_us_per_job"],
-        unit="us",
-    )
-    add(
-        "  of which the supervisor",
-        lambda r: r["drain"]["supervisor_cpu_us_per_job"],
-        unit="us",
-    )
-    add(
-        "CPU per job: PostgreSQL serving pdoflowd",
-        lambda r: r["drain"]["server_cpu_us_per_job"],
-        unit="us",
-    )
-    add(
-        "CPU per job: pgbench",
-        lambda r: r["limit"]["client_cpu_us_per_job"],
-        unit="us",
-    )
-    add(
-        "CPU per job: PostgreSQL serving pgbench",
-        lambda r: r["limit"]["server_cpu_us_per_job"],
-        unit="us",
-    )
-    add("jobs per claim (mean)", lambda r: r["drain"]["mean_claim"], digits=1)
-    add("jobs run more than once", lambda r: r["drain"]["reruns"])
+    _drain_rows(add, "drain", "limit", w=w, b=b, rate_target=15_000)
     add(
         f"claim latency p50 (queries.claim, {b} jobs)",
         lambda r: r["claim"]["p50"] * 1000,
@@ -174,6 +216,14 @@ def rows(runs: Sequence[Run], plan: dict[str, Any]) -> list[Row | str]:
         unit="ms",
         digits=2,
     )
+
+    small = plan.get("small_batch", 0)
+    if small:
+        out.append(
+            f"Drain at batch {small}: {plan['jobs']:,} no-op jobs, W={w}"
+            f" workers, outcome_flush_ms {flush_text}, empty table"
+        )
+        _drain_rows(add, "small_drain", "small_limit", w=w, b=small)
 
     count = plan["pickups"]
     if count:
@@ -211,6 +261,29 @@ def rows(runs: Sequence[Run], plan: dict[str, Any]) -> list[Row | str]:
                 unit="ms",
                 digits=2,
             )
+
+    n = plan.get("postings", 0)
+    if n:
+        out.append(
+            f"Postings: {n:,} no-op jobs as one posting, then as {n:,}"
+            f" postings of one job, W={w}, batch {b}"
+        )
+        add(
+            f"one posting of {n:,} jobs",
+            lambda r: r["postings"]["one_posting_jobs_per_s"],
+            unit="jobs/s",
+        )
+        add(
+            f"{n:,} postings of one job",
+            lambda r: r["postings"]["small_postings_jobs_per_s"],
+            unit="jobs/s",
+        )
+        add(
+            "single-job postings / one posting (same run)",
+            lambda r: r["postings"]["ratio"],
+            digits=2,
+            target=SMALL_POSTINGS_OVER_ONE_MIN,
+        )
 
     out.append(
         f"History: the same drain with {plan['history']:,} finished jobs kept"

@@ -3,8 +3,10 @@
 ``python -m bench`` starts a throwaway PostgreSQL (or uses ``--dsn``),
 creates a fresh database in it, and measures, ``--runs`` times: enqueue
 and PostgreSQL's limit for the same COPY, PostgreSQL's limit and pdoflowd's
-drain on an empty table, claim and pickup latency, the daemon's footprint,
-hoarding, and limit and drain again with a history of finished jobs kept.
+drain on an empty table (at ``--batch`` and again at ``--small-batch``),
+claim and pickup latency, the daemon's footprint, many single-job postings
+against one posting of as many jobs, hoarding, and limit and drain again
+with a history of finished jobs kept.
 It prints one table of medians and writes every raw figure to
 ``bench-results/<timestamp>.json``.
 ``--sweep`` measures only drain against limit, for every combination of
@@ -48,10 +50,14 @@ class Plan:
     runs: int
     workers: list[int]
     batch: list[int]
+    # A second drain and limit at this batch size (0: none).
+    small_batch: int
     flush_ms: list[int | None]
     jobs: int
     enqueue_jobs: int
     enqueue_small: int
+    # Jobs drained as one posting, then as as many single-job postings.
+    postings: int
     history: int
     pickups: int
     claims: int
@@ -62,10 +68,12 @@ class Plan:
             "runs": self.runs,
             "workers": self.workers[0],
             "batch": self.batch[0],
+            "small_batch": self.small_batch,
             "flush_ms": self.flush_ms[0],
             "jobs": self.jobs,
             "enqueue_jobs": self.enqueue_jobs,
             "enqueue_small": self.enqueue_small,
+            "postings": self.postings,
             "history": self.history,
             "pickups": self.pickups,
             "claims": self.claims,
@@ -108,6 +116,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="batch_size (comma list; default 100, with --peers 10)",
     )
     parser.add_argument(
+        "--small-batch",
+        type=int,
+        default=10,
+        help="a second drain and limit at this batch_size (default 10;"
+        " 0 for none; not with --sweep or --peers)",
+    )
+    parser.add_argument(
         "--flush-ms",
         type=_flushes,
         default=[None],
@@ -115,6 +130,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--jobs", type=int, help="jobs per drain")
     parser.add_argument("--history", type=int, help="finished jobs kept")
+    parser.add_argument(
+        "--postings",
+        type=int,
+        help="jobs drained as one posting and as as many single-job"
+        " postings (default 20,000, --quick 2,000; 0 for none)",
+    )
     parser.add_argument(
         "--sweep",
         action="store_true",
@@ -170,6 +191,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.batch = [10] if args.peers else [100]
     if args.peers and args.sweep:
         parser.error("--peers and --sweep are separate modes")
+    if args.small_batch < 0:
+        parser.error("--small-batch must be 0 (none) or more")
+    if args.postings is not None and args.postings < 0:
+        parser.error("--postings must be 0 (none) or more")
     if args.dsn and (args.pg_set or args.unix_socket):
         parser.error(
             "--pg-set and --unix-socket apply to the throwaway cluster,"
@@ -189,16 +214,24 @@ def _default_jobs(args: argparse.Namespace) -> int:
     return 5_000 if args.quick else 50_000
 
 
+def _default_postings(args: argparse.Namespace) -> int:
+    if args.postings is not None:
+        return int(args.postings)
+    return 2_000 if args.quick else 20_000
+
+
 def make_plan(args: argparse.Namespace) -> Plan:
     quick = args.quick
     return Plan(
         runs=1 if quick and args.runs == 3 else args.runs,
         workers=args.workers,
         batch=args.batch,
+        small_batch=args.small_batch,
         flush_ms=args.flush_ms,
         jobs=args.jobs or _default_jobs(args),
         enqueue_jobs=20_000 if quick else 100_000,
         enqueue_small=2_000 if quick else 10_000,
+        postings=_default_postings(args),
         history=args.history or (100_000 if quick else 1_000_000),
         pickups=30 if quick else 200,
         claims=30 if quick else 200,
@@ -307,6 +340,17 @@ def one_run(stage: phases.Stage, plan: Plan) -> dict[str, Any]:
     )
     out["drain"] = drained.as_json()
     reset()
+    if plan.small_batch:
+        out.update(small_batch_drain(stage, plan))
+        reset()
+    if plan.postings:
+        out["postings"] = timed(
+            f"drain {plan.postings:,} jobs as one posting and as"
+            f" {plan.postings:,} postings",
+            lambda: phases.postings_drains(stage, settings, jobs=plan.postings),
+            lambda r: f"ratio {r['ratio']:.2f}",
+        )
+        reset()
     out["hoarding"] = timed(
         "hoarding",
         lambda: phases.hoarding(stage, nap_s=0.05, jobs=plan.hoard_jobs),
@@ -337,6 +381,28 @@ def one_run(stage: phases.Stage, plan: Plan) -> dict[str, Any]:
     reset()
     out["load_after"] = os.getloadavg()
     return out
+
+
+def small_batch_drain(stage: phases.Stage, plan: Plan) -> dict[str, Any]:
+    """PostgreSQL's limit and pdoflowd's drain again, at the small batch.
+
+    Starts on an empty queue; the caller resets afterwards.
+    """
+    w, b = plan.workers[0], plan.small_batch
+    settings = DaemonSettings(w, b, plan.flush_ms[0])
+    limit = timed(
+        f"PostgreSQL limit, batch {b}",
+        lambda: phases.pg_limit(stage, clients=w, batch=b, jobs=plan.jobs),
+        _rate,
+    )
+    with database.connect(stage.dsn) as conn:
+        database.reset(conn)
+    drained = timed(
+        f"drain {settings.label()}",
+        lambda: phases.drain(stage, settings, jobs=plan.jobs),
+        lambda r: f"{r.jobs_per_s:,.0f} jobs/s",
+    )
+    return {"small_limit": limit, "small_drain": drained.as_json()}
 
 
 def sweep(stage: phases.Stage, plan: Plan) -> list[dict[str, Any]]:
