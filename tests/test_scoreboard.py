@@ -8,7 +8,11 @@ import struct
 import time
 import uuid
 
-from pdoflowd.daemon.scoreboard import Scoreboard, WorkerState
+from pdoflowd.daemon.scoreboard import (
+    Scoreboard,
+    WorkerState,
+    woken_by_new_work,
+)
 
 
 def test_a_child_write_is_seen_by_the_parent() -> None:
@@ -116,3 +120,10 @@ def _slot_offset(slot: int) -> int:
     from pdoflowd.daemon import scoreboard
 
     return scoreboard._HEADER + slot * scoreboard._SLOT.size
+
+
+def test_new_work_wakes_idle_and_claiming_workers_only() -> None:
+    woken = {state for state in WorkerState if woken_by_new_work(state)}
+    # A claim that looked before the work was there must not leave its
+    # worker asleep for a whole poll interval.
+    assert woken == {WorkerState.IDLE, WorkerState.CLAIMING}

@@ -34,7 +34,11 @@ from pdoflowd import policy
 from pdoflowd.config import Config
 from pdoflowd.daemon import reports, worker
 from pdoflowd.daemon.metrics import PoolMetrics
-from pdoflowd.daemon.scoreboard import Scoreboard, WorkerState
+from pdoflowd.daemon.scoreboard import (
+    Scoreboard,
+    WorkerState,
+    woken_by_new_work,
+)
 
 log = logging.getLogger("pdoflowd.daemon.pool")
 
@@ -326,10 +330,16 @@ class Pool:
     # ------------------------------------------------------------ reports
 
     def wake_idle(self) -> None:
-        """Nudge the idle workers to claim (new work was announced)."""
+        """Nudge the idle workers to claim (new work was announced).
+
+        A worker still claiming is nudged too: its claim may have looked
+        before the new work was there, and the nudge, kept in its pipe,
+        ends the wait it goes into next at once. Left out, such a worker
+        slept its whole poll interval with work waiting.
+        """
         for handle in self.workers.values():
             state = self.scoreboard.read(handle.slot).state
-            if state is WorkerState.IDLE:
+            if woken_by_new_work(state):
                 with contextlib.suppress(BlockingIOError, BrokenPipeError):
                     os.write(handle.wake_fd, b"\0")
 

@@ -51,6 +51,13 @@ class WorkerState(enum.IntEnum):
     EXITING = 6
 
 
+def woken_by_new_work(state: WorkerState) -> bool:
+    """Whether a worker in ``state`` is nudged when new work is announced:
+    an idle one, and one claiming, whose claim may have looked before the
+    work was there (the nudge waits in its pipe and ends its next wait)."""
+    return state in (WorkerState.IDLE, WorkerState.CLAIMING)
+
+
 @dataclass(frozen=True)
 class SlotView:
     """A copy of one slot; ``consistent`` is False for a torn one."""
