@@ -259,3 +259,44 @@ def test_migrate_command_brings_the_schema_up(
     again = run_command("migrate", "--config", str(path))
     assert again.returncode == 0
     assert "already current" in again.stderr
+
+
+def test_a_posting_announced_while_the_session_runs_a_chore_is_picked_up(
+    effects_dsn: str, daemons: Any
+) -> None:
+    # The database session LISTENs on the connection its chores use. A
+    # notification that arrives while a chore's statement runs (here its
+    # heartbeat, held on a row lock a little while) is read off the socket
+    # by that statement, and the socket never says so: it must still wake
+    # the workers, which would otherwise find the work only at their next
+    # poll, far off here.
+    daemon = daemons(
+        workers={"count": 1, "poll_interval_s": 60.0},
+        daemon={"heartbeat_interval_s": 0.3, "host_lease_s": 30.0},
+    )
+    client = Client(effects_dsn)
+    client.wait(client.post("jobfns.noop", [[1]]).id, timeout=30)
+    with (
+        psycopg.connect(effects_dsn) as holder,
+        psycopg.connect(effects_dsn, autocommit=True) as watch,
+    ):
+        holder.execute(
+            "SELECT FROM pdoflowd.daemons WHERE pid = %s FOR UPDATE",
+            (daemon.pid,),
+        )
+        wait_until(
+            lambda: (
+                watch.execute(
+                    "SELECT count(*) FROM pg_stat_activity"
+                    " WHERE wait_event_type = 'Lock'"
+                    " AND query LIKE '%%pdoflowd.daemons%%'"
+                ).fetchone()
+                == (1,)
+            )
+        )
+        posted = time.monotonic()
+        posting = client.post("jobfns.noop", [[2]])
+        time.sleep(0.3)
+        holder.rollback()
+    client.wait(posting.id, timeout=30, poll_interval=0.05)
+    assert time.monotonic() - posted < 10, "woken, not found by a poll"

@@ -89,6 +89,8 @@ class Session:
         self.failures = 0
         self.outage = False
         self.take_backs: list[TakeBack] = []
+        # Channels notified and not yet acted on.
+        self.notified: set[str] = set()
         self.stopping = False
         self.request_buffer = b""
         self.due: dict[str, float] = {}
@@ -141,6 +143,10 @@ class Session:
                 lock_timeout_s=database.lock_timeout_s,
             )
             check_current(conn)
+            # A notification that arrives while a chore's statement runs is
+            # read off the socket by that statement: it comes here, not
+            # through the socket's readiness (see read_notifications).
+            conn.add_notify_handler(self.note_notification)
             conn.execute(f"LISTEN {common.NOTIFY_CHANNEL}")
             conn.execute(f"LISTEN {common.CANCEL_CHANNEL}")
             self.conn = conn
@@ -335,21 +341,30 @@ class Session:
         counts, oldest = upkeep.queue_stats(self.conn)
         self.send(Event.QUEUE, counts=counts, oldest=oldest)
 
+    def note_notification(self, notify: psycopg.Notify) -> None:
+        """A notification the driver read during a statement."""
+        self.notified.add(notify.channel)
+
     def read_notifications(self) -> None:
+        """Read the notifications waiting on the socket."""
         conn = self.conn
         if conn is None:
             return
-        channels = set()
         try:
             conn.pgconn.consume_input()
             while (notice := conn.pgconn.notifies()) is not None:
-                channels.add(notice.relname.decode())
+                self.notified.add(notice.relname.decode())
         except psycopg.Error as exc:
             self.failed("listening", exc)
             return
         if conn.pgconn.status != psycopg.pq.ConnStatus.OK:
             self.failed("listening", psycopg.OperationalError("lost"))
             return
+        self.act_on_notifications()
+
+    def act_on_notifications(self) -> None:
+        """Tell the supervisor of the notifications read so far."""
+        channels, self.notified = self.notified, set()
         if common.CANCEL_CHANNEL in channels:
             # At once, not at the next maintenance: running jobs of the
             # cancelled posting are ended, claimed ones are not started.
@@ -379,6 +394,9 @@ class Session:
                 if self.conn is not None and now >= self.due.get(name, 0.0):
                     self.due[name] = now + interval
                     self.chore(name, action)
+            if self.notified:
+                # Read by a chore's statement: the socket will not say so.
+                self.act_on_notifications()
 
     def wait(self) -> None:
         """Until a request, a notification or the next chore is due."""
@@ -386,7 +404,7 @@ class Session:
         if self.conn is None:
             # Nothing can be done before the next attempt to connect.
             wake = self.retry_at
-        elif self.take_backs:
+        elif self.take_backs or self.notified:
             wake = now
         else:
             wake = min(
