@@ -229,19 +229,22 @@ def test_a_held_report_merged_with_later_ones_counts_what_they_count() -> None:
     assert scrape_of(merged) == scrape_of(*reports)
 
 
-def test_a_held_report_keeps_every_count_but_bounded_durations() -> None:
+def test_a_held_report_counts_every_duration_and_stays_one_report() -> None:
     one = batch_report(
         claimed=1, claim_s=[0.001], runs=[JobRun("done", "pkg.f", 0.5)]
     )
     merged = one
-    for _ in range(99):
-        merged = merge_reports(merged, one, max_samples=10)
-    assert merged["claimed"] == 100
-    assert len(merged["claim_s"]) == 10
-    assert merged["outcomes"] == {"done": {"pkg.f": [100, [0.5] * 10]}}
+    for _ in range(9999):
+        merged = merge_reports(merged, one)
+    assert merged["claimed"] == 10000
+    assert merged["claim_s"][1] == [0, 10000]
+    assert merged["outcomes"]["done"]["pkg.f"][0] == 10000
+    assert len(json.dumps(merged)) < len(json.dumps(one)) + 40
     scrape = scrape_of(merged)
-    assert scrape_sum(scrape, "pdoflowd_jobs_processed_total") == 100
-    assert scrape_sum(scrape, "pdoflowd_jobs_claimed_total") == 100
+    assert scrape_sum(scrape, "pdoflowd_jobs_processed_total") == 10000
+    assert scrape_sum(scrape, "pdoflowd_jobs_claimed_total") == 10000
+    assert scrape_sum(scrape, "pdoflowd_claim_duration_seconds_count") == 10000
+    assert scrape_sum(scrape, "pdoflowd_job_duration_seconds_count") == 10000
 
 
 def test_report_lines_stay_whole_and_metrics_exact_through_a_full_pipe() -> (
