@@ -201,6 +201,57 @@ def test_worker_tally_is_due_when_idle_claims_grow_old() -> None:
     assert not tally.due()
 
 
+def test_a_busy_tally_is_due_once_an_interval_and_at_once_when_idle() -> None:
+    now = [100.0]
+    tally = WorkerTally(interval_s=0.25, clock=lambda: now[0])
+    tally.note_claim(0.001, 10)
+    assert tally.due(), "the first report after a quiet time goes at once"
+    assert tally.take() is not None
+    for job in range(20):
+        now[0] += 0.01
+        tally.note_claim(0.001, 1)
+        assert not tally.due()
+        tally.note_run(job, "pkg.f", 0.001)
+        tally.note_recorded([Recorded(job, "done", "done")])
+        assert not tally.due()
+    now[0] += 0.05
+    assert tally.due(), "0.25 s after the last report"
+    report = tally.take()
+    assert report is not None
+    assert (report.claimed, report.outcomes["done"]["pkg.f"].count) == (20, 20)
+    now[0] += 0.01
+    tally.note_claim(0.001, 1)
+    tally.note_run(99, "pkg.f", 0.001)
+    tally.note_recorded([Recorded(99, "done", "done")])
+    assert not tally.due()
+    tally.note_claim(0.001, 0)
+    assert tally.due(), "a claim that found nothing: the worker goes idle"
+    tally.take()
+    tally.note_claim(0.001, 0)
+    assert not tally.due(), "an idle poll's claim alone waits max_age_s"
+
+
+def test_a_snapshot_is_the_report_to_come_left_in_the_tally() -> None:
+    tally = WorkerTally()
+    assert tally.snapshot() is None and not tally.changed
+    tally.note_claim(0.001, 2)
+    assert tally.changed
+    snapshot = tally.snapshot()
+    assert not tally.changed
+    assert snapshot is not None and (snapshot.seq, snapshot.claimed) == (1, 2)
+    tally.note_run(1, "pkg.f", 0.5)
+    assert not tally.changed, "a run counts once its outcome is recorded"
+    tally.note_recorded([Recorded(1, "done", "done")])
+    assert tally.changed
+    report = tally.take()
+    assert report is not None and report.seq == 1
+    assert report.claimed == 2 and report.outcomes["done"]["pkg.f"].count == 1
+    assert not tally.changed and tally.snapshot() is None
+    tally.note_claim(0.001, 0)
+    later = tally.snapshot()
+    assert later is not None and later.seq == 2
+
+
 def test_a_report_line_does_not_grow_with_its_jobs() -> None:
     def line(jobs: int) -> str:
         runs = [

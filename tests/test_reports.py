@@ -6,6 +6,8 @@ reads what its workers write, so the wire format must not drift.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from pdoflowd.daemon import reports
@@ -55,10 +57,12 @@ from pdoflowd.daemon.tally import JobRun, metrics_report
                         "pkg.f": Attempts(2, Bins((0, 0, 0, 0, 0, 1), 0.25))
                     }
                 },
+                seq=7,
             ),
-            b'{"event": "metrics", "v": 2, "claimed": 2, "claim_s": [0.001,'
-            b' [0, 1]], "wait_s": [3.5, [0, 0, 0, 0, 0, 0, 2]], "outcomes":'
-            b' {"done": {"pkg.f": [2, [0.25, [0, 0, 0, 0, 0, 1]]]}}}\n',
+            b'{"event": "metrics", "v": 2, "seq": 7, "claimed": 2, "claim_s":'
+            b' [0.001, [0, 1]], "wait_s": [3.5, [0, 0, 0, 0, 0, 0, 2]],'
+            b' "outcomes": {"done": {"pkg.f": [2, [0.25, [0, 0, 0, 0, 0,'
+            b" 1]]]}}}\n",
         ),
     ],
 )
@@ -86,6 +90,7 @@ def test_every_event_has_its_report_and_nothing_else_does() -> None:
         b'{"event": ["ready"]}',
         b'{"event": "metrics"}',
         b'{"event": "metrics", "v": 1}',
+        b'{"event": "metrics", "v": 2, "seq": -1}',
         b'{"event": "metrics", "v": 2, "outcomes": {"vanished": {}}}',
         b'{"event": "metrics", "v": 2, "wait_s": [-1, []]}',
         b'{"event": "metrics", "v": 2, "wait_s": [1.5, [-1]]}',
@@ -151,7 +156,7 @@ def test_merged_reports_add_counts_and_bins_exactly() -> None:
         wait_s=[3.0],
         runs=[JobRun("done", "f", 0.75), JobRun("released", "g", None)],
     )
-    merged = first.merged(second)
+    merged = replace(first, seq=4).merged(replace(second, seq=5))
     assert merged == MetricsReport(
         3,
         bins_of(CLAIM_BUCKETS, [0.1, 0.2]),
@@ -160,4 +165,5 @@ def test_merged_reports_add_counts_and_bins_exactly() -> None:
             "done": {"f": Attempts(2, bins_of(DURATION_BUCKETS, [0.5, 0.75]))},
             "released": {"g": Attempts(1)},
         },
+        seq=5,
     )

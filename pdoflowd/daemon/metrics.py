@@ -2,8 +2,9 @@
 
 Owns the supervisor's private registry and what feeds it. A worker keeps a
 :class:`~pdoflowd.daemon.tally.WorkerTally` and sends a metrics report
-(:mod:`~pdoflowd.daemon.reports`) on its report pipe after each claim and
-after each flush of outcomes, its durations already binned into the
+(:mod:`~pdoflowd.daemon.reports`) on its report pipe at most every
+:data:`~pdoflowd.daemon.tally.REPORT_INTERVAL_S` while busy, at once when
+it goes idle and as it exits, its durations already binned into the
 histograms' buckets; the supervisor applies it (:meth:`PoolMetrics.apply`:
 it adds counts, it observes no sample) and counts itself what only it
 sees: jobs taken back from dead workers, restarts, database errors, the

@@ -50,7 +50,8 @@ __all__ = [
 # code: the version never has to bridge two shapes, it only makes a line of
 # another shape a refused report rather than a misread one. Bump it with
 # every change of the metrics report's JSON shape (2: histograms pre-binned
-# by the worker, bucket counts and sums instead of samples).
+# by the worker, bucket counts and sums instead of samples; a sequence
+# number).
 REPORT_VERSION = 2
 
 OUTCOMES = (
@@ -221,13 +222,16 @@ class MetricsReport:
     for each job started, how long it had been runnable, binned into
     WAIT_BUCKETS; ``outcomes``: the attempts whose outcome was recorded,
     by outcome label (one of OUTCOMES), then by function (its entry
-    point), in the order they were first seen.
+    point), in the order they were first seen; ``seq``: the number of the
+    worker's report (from 1; of the last one, for reports merged), so the
+    supervisor can tell what it has counted from what it has not.
     """
 
     claimed: int = 0
     claim_s: Bins = Bins()
     wait_s: Bins = Bins()
     outcomes: Mapping[str, Mapping[str, Attempts]] = field(default_factory=dict)
+    seq: int = 0
     event: ClassVar[ReportEvent] = ReportEvent.METRICS
 
     def message(self) -> dict[str, Any]:
@@ -237,6 +241,7 @@ class MetricsReport:
         return {
             "event": self.event.value,
             "v": REPORT_VERSION,
+            "seq": self.seq,
             "claimed": self.claimed,
             "claim_s": self.claim_s.message(),
             "wait_s": self.wait_s.message(),
@@ -272,6 +277,7 @@ class MetricsReport:
             self.claim_s.plus(later.claim_s),
             self.wait_s.plus(later.wait_s),
             outcomes,
+            max(self.seq, later.seq),
         )
 
 
@@ -384,4 +390,5 @@ def _metrics_report(message: Mapping[str, Any]) -> MetricsReport:
         _bins(message.get("claim_s", [0, []]), CLAIM_BUCKETS, "claim_s"),
         _bins(message.get("wait_s", [0, []]), WAIT_BUCKETS, "wait_s"),
         outcomes,
+        _count(message.get("seq", 0), "seq"),
     )
