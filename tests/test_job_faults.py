@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
+import selectors
 import signal
 import subprocess
 import sys
@@ -19,7 +21,7 @@ import time
 import urllib.request
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import psycopg
 import pytest
@@ -30,8 +32,15 @@ from pdoflowd import current_job
 from pdoflowd.client import Client
 from pdoflowd.config import Config, DatabaseConfig, JobsConfig
 from pdoflowd.daemon.metrics import PoolMetrics
+from pdoflowd.daemon.pool import Pool, WorkerHandle
 from pdoflowd.daemon.scoreboard import Scoreboard
-from pdoflowd.daemon.tally import JobRun, batch_report, merge_reports
+from pdoflowd.daemon.tally import (
+    REPORT_INTERVAL_S,
+    JobRun,
+    WorkerTally,
+    batch_report,
+    merge_reports,
+)
 from pdoflowd.daemon.worker import Worker, WorkerSpec
 from pdoflowd.db import queue
 from pdoflowd.exitcodes import EXIT_ERRORED, EXIT_INTERRUPTED
@@ -235,26 +244,28 @@ def test_a_held_report_merged_with_later_ones_counts_what_they_count() -> None:
     assert scrape_of(merged) == scrape_of(*reports)
 
 
-def test_a_held_report_keeps_every_count_but_bounded_durations() -> None:
+def test_a_held_report_counts_every_duration_and_stays_one_report() -> None:
     one = batch_report(
         claimed=1, claim_s=[0.001], runs=[JobRun("done", "pkg.f", 0.5)]
     )
     merged = one
-    for _ in range(99):
-        merged = merge_reports(merged, one, max_samples=10)
-    assert merged["claimed"] == 100
-    assert len(merged["claim_s"]) == 10
-    assert merged["outcomes"] == {"done": {"pkg.f": [100, [0.5] * 10]}}
+    for _ in range(9999):
+        merged = merge_reports(merged, one)
+    assert merged["claimed"] == 10000
+    assert merged["claim_s"][1] == [0, 10000]
+    assert merged["outcomes"]["done"]["pkg.f"][0] == 10000
+    assert len(json.dumps(merged)) < len(json.dumps(one)) + 40
     scrape = scrape_of(merged)
-    assert scrape_sum(scrape, "pdoflowd_jobs_processed_total") == 100
-    assert scrape_sum(scrape, "pdoflowd_jobs_claimed_total") == 100
+    assert scrape_sum(scrape, "pdoflowd_jobs_processed_total") == 10000
+    assert scrape_sum(scrape, "pdoflowd_jobs_claimed_total") == 10000
+    assert scrape_sum(scrape, "pdoflowd_claim_duration_seconds_count") == 10000
+    assert scrape_sum(scrape, "pdoflowd_job_duration_seconds_count") == 10000
 
 
-def test_report_lines_stay_whole_and_metrics_exact_through_a_full_pipe() -> (
-    None
-):
-    read_fd, write_fd = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-    worker = Worker(
+def unconnected_worker(report_fd: int) -> Worker:
+    """A real Worker in this process that writes its reports on
+    ``report_fd``; it is given no database, so tests call its parts."""
+    return Worker(
         WorkerSpec(
             slot=0,
             daemon_id=uuid.uuid4(),
@@ -262,11 +273,18 @@ def test_report_lines_stay_whole_and_metrics_exact_through_a_full_pipe() -> (
             password=None,
             scoreboard=Scoreboard(1),
             wake_fd=-1,
-            report_fd=write_fd,
+            report_fd=report_fd,
             parent_pid=os.getpid(),
             inherited_fds=(),
         )
     )
+
+
+def test_report_lines_stay_whole_and_metrics_exact_through_a_full_pipe() -> (
+    None
+):
+    read_fd, write_fd = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+    worker = unconnected_worker(write_fd)
     received = bytearray()
 
     def read(limit: int) -> None:
@@ -279,7 +297,8 @@ def test_report_lines_stay_whole_and_metrics_exact_through_a_full_pipe() -> (
             # Lines of every size up to twice PIPE_BUF, so writes are cut.
             worker.report("probe", n=n, pad="x" * (n * 997 % 8192))
             worker.tally.note_claim(0.001, 1)
-            worker.send_metrics()
+            # Forced: one report per line here, each merged while held.
+            worker.send_metrics(force=True)
             sent += 1
             if n % 40 == 0:
                 read(3000)  # a supervisor reading now and then, in bits
@@ -299,6 +318,208 @@ def test_report_lines_stay_whole_and_metrics_exact_through_a_full_pipe() -> (
     reports = [line for line in lines if line["event"] == "metrics"]
     # No metrics report is ever dropped: every claim is counted.
     assert sum(report["claimed"] for report in reports) == sent
+
+
+class Recorded(NamedTuple):
+    job_id: int
+    kind: str
+    status: str
+
+
+def test_a_busy_worker_reports_a_few_times_and_exactly_once_idle() -> None:
+    """A burst of 300 batches of 10 jobs, 3 s by the worker's clock, in the
+    order Worker.run goes: claim, report if due, run, flush (the outcomes
+    go to the tally, a report if due); then a claim finds nothing."""
+    read_fd, write_fd = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+    worker = unconnected_worker(write_fd)
+    now = [1000.0]
+    worker.tally = WorkerTally(clock=lambda: now[0])
+    batches, batch = 300, 10
+    received = bytearray()
+    try:
+        for number in range(batches):
+            worker.tally.note_claim(0.002, batch)
+            worker.send_metrics()
+            ids = range(number * batch, (number + 1) * batch)
+            for job_id in ids:
+                worker.tally.note_run(job_id, "pkg.f", 0.0001, waited_s=0.5)
+                now[0] += 0.001
+            # The last job of each batch is fenced off: not counted.
+            worker.outcomes_recorded(
+                [Recorded(job_id, "done", "done") for job_id in ids[:-1]]
+            )
+            with contextlib.suppress(BlockingIOError):
+                received += os.read(read_fd, 65536)
+        busy = [json.loads(line) for line in received.splitlines()]
+        # The idle branch of Worker.run.
+        worker.tally.note_claim(0.002, 0)
+        if worker.tally.due():
+            worker.send_metrics()
+        with contextlib.suppress(BlockingIOError):
+            received += os.read(read_fd, 65536)
+    finally:
+        os.close(read_fd)
+        os.close(write_fd)
+    lines = [json.loads(line) for line in received.splitlines()]
+    elapsed = batches * batch * 0.001
+    assert len(busy) <= elapsed / REPORT_INTERVAL_S + 1
+    assert len(lines) == len(busy) + 1, "going idle sent what was left"
+    scrape = scrape_of(*lines)
+    assert scrape_sum(scrape, "pdoflowd_jobs_claimed_total") == batches * batch
+    done = batches * (batch - 1)
+    assert scrape_sum(scrape, "pdoflowd_jobs_processed_total") == done
+    assert scrape_sum(scrape, "pdoflowd_job_duration_seconds_count") == done
+    assert (
+        scrape_sum(scrape, "pdoflowd_job_queue_wait_seconds_count")
+        == batches * batch
+    )
+    assert (
+        scrape_sum(scrape, "pdoflowd_claim_duration_seconds_count")
+        == batches + 1
+    )
+    assert worker.tally.take() is None
+
+
+class DyingWorker:
+    """A worker in this process and a pool that reads its pipe and, as it
+    does for a worker that ended, its scoreboard slot's stash."""
+
+    def __init__(self, read_fd: int, write_fd: int) -> None:
+        self.worker = unconnected_worker(write_fd)
+        self.now = 1000.0
+        self.worker.tally = WorkerTally(clock=lambda: self.now)
+        self.metrics = PoolMetrics(version="test", process_metrics=False)
+        self.pool = Pool(
+            Config(),
+            None,
+            daemon_id=uuid.uuid4(),
+            scoreboard=self.worker.spec.scoreboard,
+            selector=selectors.DefaultSelector(),
+            metrics=self.metrics,
+            rng=random.Random(),
+            inherited_fds=tuple,
+            take_back=lambda *args: None,
+        )
+        self.handle = WorkerHandle(
+            slot=0,
+            pid=12345,
+            wake_fd=-1,
+            report_fd=read_fd,
+            generation=0,
+            started=0.0,
+        )
+        self.pool.workers[self.handle.pid] = self.handle
+        self.jobs = 0
+
+    def batch(self, *, killed: bool = False) -> None:
+        """Claim two jobs, run them, record them, as Worker.run does; or
+        be ``killed`` by the first."""
+        ids = (self.jobs, self.jobs + 1)
+        self.jobs += 2
+        self.worker.tally.note_claim(0.002, 2)
+        self.worker.send_metrics()
+        for job_id in ids:
+            # As Worker.run_job does before each job.
+            self.worker.send_metrics(stash=True)
+            if killed:
+                return
+            self.worker.tally.note_run(job_id, "pkg.f", 0.01, waited_s=0.5)
+        self.worker.outcomes_recorded(
+            [Recorded(job_id, "done", "done") for job_id in ids]
+        )
+        self.now += 0.01
+
+    def ended(self) -> None:
+        while self.pool.read_report(self.handle.pid):
+            pass
+        self.pool.count_stash(self.handle)
+
+    def counted(self) -> tuple[float, float]:
+        scrape = parse_scrape(self.metrics.render().decode())
+        return (
+            scrape_sum(scrape, "pdoflowd_jobs_claimed_total"),
+            scrape_sum(scrape, "pdoflowd_jobs_processed_total"),
+        )
+
+
+def test_a_dead_workers_unsent_counts_are_counted_from_its_slot() -> None:
+    """A worker killed between two reports (a job of its may kill it) has
+    stashed what it had not sent in its scoreboard slot: the pool counts
+    it, after the lines it read, once."""
+    read_fd, write_fd = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+    try:
+        dying = DyingWorker(read_fd, write_fd)
+        for _ in range(5):
+            dying.batch()
+        dying.batch(killed=True)
+        # The first claim was reported at once; everything since waits.
+        while dying.pool.read_report(dying.handle.pid):
+            pass
+        assert dying.counted() == (2, 0)
+        dying.ended()
+        assert dying.counted() == (12, 10)
+        dying.ended()
+        assert dying.counted() == (12, 10), "once"
+    finally:
+        os.close(read_fd)
+        os.close(write_fd)
+
+
+def test_a_stash_a_report_counted_already_is_not_counted_again() -> None:
+    read_fd, write_fd = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+    try:
+        dying = DyingWorker(read_fd, write_fd)
+        for _ in range(5):
+            dying.batch()
+        # Sent, and killed before its next stash.
+        dying.worker.send_metrics(force=True)
+        dying.ended()
+        assert dying.counted() == (10, 10)
+    finally:
+        os.close(read_fd)
+        os.close(write_fd)
+
+
+def test_a_report_too_long_to_stash_goes_at_once() -> None:
+    read_fd, write_fd = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+    worker = unconnected_worker(write_fd)
+    worker.tally = WorkerTally(clock=lambda: 1000.0)
+    try:
+        worker.tally.note_claim(0.002, 1)
+        worker.send_metrics()
+        first = os.read(read_fd, 65536)
+        functions = [f"pkg.module_{n}.function_{n}" for n in range(200)]
+        for job_id, function in enumerate(functions):
+            worker.tally.note_run(job_id, function, 0.01)
+        worker.outcomes_recorded(
+            [Recorded(job_id, "done", "done") for job_id in range(200)]
+        )
+        worker.send_metrics(stash=True)
+        second = os.read(read_fd, 65536)
+    finally:
+        os.close(read_fd)
+        os.close(write_fd)
+    assert len(first.splitlines()) == len(second.splitlines()) == 1
+    report = json.loads(second)
+    assert len(report["outcomes"]["done"]) == 200
+
+
+def test_a_worker_closing_sends_what_it_holds() -> None:
+    read_fd, write_fd = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+    worker = unconnected_worker(write_fd)
+    try:
+        worker.tally.note_claim(0.002, 3)
+        worker.send_metrics()
+        worker.tally.note_claim(0.002, 3)
+        worker.send_metrics()
+        first = os.read(read_fd, 65536)
+        worker.close()
+        last = os.read(read_fd, 65536)
+    finally:
+        os.close(read_fd)
+        os.close(write_fd)
+    assert [json.loads(line)["claimed"] for line in first.splitlines()] == [3]
+    assert [json.loads(line)["claimed"] for line in last.splitlines()] == [3]
 
 
 # ------------------------------------------------ execute-job's timeout

@@ -29,8 +29,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import prometheus_client.metrics
 import psycopg
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
 from pdoflowd.daemon.httpserver import (
     EndpointError,
@@ -45,6 +49,11 @@ from pdoflowd.daemon.metrics import (
     PoolMetrics,
     Readiness,
     readiness,
+)
+from pdoflowd.daemon.reports import (
+    CLAIM_BUCKETS,
+    DURATION_BUCKETS,
+    WAIT_BUCKETS,
 )
 from pdoflowd.daemon.tally import (
     JobRun,
@@ -120,7 +129,7 @@ def test_worker_tally_reports_claims_at_once_and_runs_after_the_flush() -> None:
     tally.note_claim(0.002, 2)
     claim = report_line(tally.take_report())
     assert claim["claimed"] == 2
-    assert claim["claim_s"] == [0.002]
+    assert claim["claim_s"] == [0.002, [0, 0, 1]], "<= 0.0025"
     assert claim["outcomes"] == {}
     tally.note_run(1, "pkg.mod.f", 0.25, waited_s=1.5)
     tally.note_run(2, "pkg.mod.f", 0.75, waited_s=1.75)
@@ -131,8 +140,10 @@ def test_worker_tally_reports_claims_at_once_and_runs_after_the_flush() -> None:
         )
     )
     assert flush["claimed"] == 0
-    assert flush["wait_s"] == [1.5, 1.75]
-    assert flush["outcomes"] == {"done": {"pkg.mod.f": [2, [0.25, 0.75]]}}
+    assert flush["wait_s"] == [3.25, [0, 0, 0, 0, 0, 0, 2]], "<= 2.5"
+    assert flush["outcomes"] == {
+        "done": {"pkg.mod.f": [2, [1.0, [0, 0, 0, 0, 0, 1, 0, 1]]]}
+    }, "one <= 0.25, one <= 1"
     assert tally.take_report() is None
 
 
@@ -141,8 +152,31 @@ def test_worker_tally_drops_runs_whose_outcome_was_fenced_off() -> None:
     tally.note_run(1, "pkg.f", 0.5)
     tally.note_run(2, "pkg.f", 0.5)
     report = report_line(tally.take_report([Recorded(1, "done", "done")]))
-    assert report["outcomes"] == {"done": {"pkg.f": [1, [0.5]]}}
+    assert report["outcomes"] == {
+        "done": {"pkg.f": [1, [0.5, [0, 0, 0, 0, 0, 0, 1]]]}
+    }
     assert tally.take_report([]) is None, "the fenced run is gone"
+
+
+def test_fenced_runs_are_dropped_at_their_flush_not_at_the_report() -> None:
+    tally = WorkerTally()
+    tally.note_run(1, "pkg.f", 0.5, waited_s=1.0)
+    tally.note_run(2, "pkg.f", 0.5, waited_s=1.0)
+    tally.note_recorded([Recorded(1, "done", "done")])
+    tally.note_run(3, "pkg.f", 0.5, waited_s=1.0)
+    tally.note_recorded(
+        [Recorded(2, "done", "done"), Recorded(3, "done", "done")]
+    )
+    report = report_line(tally.take_report())
+    # The first flush fenced job 2 off and dropped its run: a later flush
+    # that names job 2 finds no run of it (and counts it unnamed).
+    assert report["outcomes"] == {
+        "done": {
+            "pkg.f": [2, [1.0, [0, 0, 0, 0, 0, 0, 2]]],
+            "": [1, [0, []]],
+        }
+    }
+    assert report["wait_s"] == [3.0, [0, 0, 0, 0, 0, 3]]
 
 
 def test_worker_tally_counts_released_jobs_without_a_duration() -> None:
@@ -151,7 +185,7 @@ def test_worker_tally_counts_released_jobs_without_a_duration() -> None:
     report = report_line(
         tally.take_report([Recorded(7, "released", "waiting")])
     )
-    assert report["outcomes"] == {"released": {"pkg.f": [1, []]}}
+    assert report["outcomes"] == {"released": {"pkg.f": [1, [0, []]]}}
 
 
 def test_worker_tally_is_due_when_idle_claims_grow_old() -> None:
@@ -163,15 +197,73 @@ def test_worker_tally_is_due_when_idle_claims_grow_old() -> None:
     assert not tally.due()
     now[0] += 0.2
     assert tally.due()
-    assert report_line(tally.take_report())["claim_s"] == [0.001]
+    assert report_line(tally.take_report())["claim_s"] == [0.001, [0, 1]]
     assert not tally.due()
 
 
-def test_a_batch_of_three_hundred_jobs_is_one_short_line() -> None:
-    runs = [JobRun("done", "pkg.mod.f", 0.123456789 + i) for i in range(300)]
-    line = json.dumps(batch_report(claimed=300, wait_s=[1.25] * 300, runs=runs))
-    assert line.count("pkg.mod.f") == 1
-    assert len(line) < 300 * 24, "durations are rounded to microseconds"
+def test_a_busy_tally_is_due_once_an_interval_and_at_once_when_idle() -> None:
+    now = [100.0]
+    tally = WorkerTally(interval_s=0.25, clock=lambda: now[0])
+    tally.note_claim(0.001, 10)
+    assert tally.due(), "the first report after a quiet time goes at once"
+    assert tally.take() is not None
+    for job in range(20):
+        now[0] += 0.01
+        tally.note_claim(0.001, 1)
+        assert not tally.due()
+        tally.note_run(job, "pkg.f", 0.001)
+        tally.note_recorded([Recorded(job, "done", "done")])
+        assert not tally.due()
+    now[0] += 0.05
+    assert tally.due(), "0.25 s after the last report"
+    report = tally.take()
+    assert report is not None
+    assert (report.claimed, report.outcomes["done"]["pkg.f"].count) == (20, 20)
+    now[0] += 0.01
+    tally.note_claim(0.001, 1)
+    tally.note_run(99, "pkg.f", 0.001)
+    tally.note_recorded([Recorded(99, "done", "done")])
+    assert not tally.due()
+    tally.note_claim(0.001, 0)
+    assert tally.due(), "a claim that found nothing: the worker goes idle"
+    tally.take()
+    tally.note_claim(0.001, 0)
+    assert not tally.due(), "an idle poll's claim alone waits max_age_s"
+
+
+def test_a_snapshot_is_the_report_to_come_left_in_the_tally() -> None:
+    tally = WorkerTally()
+    assert tally.snapshot() is None and not tally.changed
+    tally.note_claim(0.001, 2)
+    assert tally.changed
+    snapshot = tally.snapshot()
+    assert not tally.changed
+    assert snapshot is not None and (snapshot.seq, snapshot.claimed) == (1, 2)
+    tally.note_run(1, "pkg.f", 0.5)
+    assert not tally.changed, "a run counts once its outcome is recorded"
+    tally.note_recorded([Recorded(1, "done", "done")])
+    assert tally.changed
+    report = tally.take()
+    assert report is not None and report.seq == 1
+    assert report.claimed == 2 and report.outcomes["done"]["pkg.f"].count == 1
+    assert not tally.changed and tally.snapshot() is None
+    tally.note_claim(0.001, 0)
+    later = tally.snapshot()
+    assert later is not None and later.seq == 2
+
+
+def test_a_report_line_does_not_grow_with_its_jobs() -> None:
+    def line(jobs: int) -> str:
+        runs = [
+            JobRun("done", "pkg.mod.f", 0.123456789 + i % 300)
+            for i in range(jobs)
+        ]
+        return json.dumps(
+            batch_report(claimed=jobs, wait_s=[1.25] * jobs, runs=runs)
+        )
+
+    assert line(300).count("pkg.mod.f") == 1
+    assert len(line(30000)) <= len(line(300)) + 40 < 400
 
 
 def test_batch_report_refuses_an_unknown_outcome() -> None:
@@ -349,6 +441,204 @@ def test_functions_outside_the_allow_list_share_one_label() -> None:
     )
 
 
+# ------------------------------------------------ pre-binned histograms
+
+_HISTOGRAMS = (
+    "pdoflowd_job_duration_seconds",
+    "pdoflowd_job_queue_wait_seconds",
+    "pdoflowd_claim_duration_seconds",
+)
+
+
+def observed_registry(
+    functions: list[str],
+    claim_s: list[float],
+    wait_s: list[float],
+    runs: list[JobRun],
+) -> CollectorRegistry:
+    """The three histograms as prometheus_client's Histogram makes them,
+    observing every sample: what PoolMetrics exported before workers
+    binned their durations themselves."""
+    registry = CollectorRegistry(auto_describe=True)
+    duration = Histogram(
+        "pdoflowd_job_duration_seconds",
+        "How long the job's function ran, by outcome.",
+        ["outcome", "function"],
+        buckets=DURATION_BUCKETS,
+        registry=registry,
+    )
+    wait = Histogram(
+        "pdoflowd_job_queue_wait_seconds",
+        "How long a job had been runnable when a worker started it.",
+        buckets=WAIT_BUCKETS,
+        registry=registry,
+    )
+    claim = Histogram(
+        "pdoflowd_claim_duration_seconds",
+        "How long one claim statement took, empty claims included.",
+        buckets=CLAIM_BUCKETS,
+        registry=registry,
+    )
+    for function in (*functions, "other"):
+        for outcome in OUTCOMES:
+            duration.labels(outcome, function)
+    for seconds in claim_s:
+        claim.observe(seconds)
+    for seconds in wait_s:
+        wait.observe(seconds)
+    for run in runs:
+        if run.duration_s is not None:
+            label = run.function if run.function in functions else "other"
+            duration.labels(run.outcome, label).observe(run.duration_s)
+    return registry
+
+
+def histogram_lines(text: bytes) -> set[str]:
+    """The exposition's lines of the three histograms, ``_created``'s value
+    left out (when the series started, which differs by microseconds)."""
+    lines = set()
+    for line in text.decode().splitlines():
+        name = line.removeprefix("# HELP ").removeprefix("# TYPE ")
+        if not name.startswith(_HISTOGRAMS):
+            continue
+        if not line.startswith("#") and "_created" in line:
+            line = line.rsplit(" ", 1)[0]
+        lines.add(line)
+    return lines
+
+
+def samples_of(registry_text: bytes) -> dict[tuple[str, Any], float]:
+    return {
+        key: value
+        for key, value in parse_scrape(registry_text.decode()).items()
+        if key[0].startswith(_HISTOGRAMS) and not key[0].endswith("_created")
+    }
+
+
+_seconds = st.one_of(
+    st.floats(min_value=0, max_value=200_000, allow_nan=False),
+    st.sampled_from(DURATION_BUCKETS + WAIT_BUCKETS + CLAIM_BUCKETS),
+)
+_runs = st.lists(
+    st.builds(
+        JobRun,
+        st.sampled_from(OUTCOMES),
+        st.sampled_from(["pkg.f", "pkg.g", ""]),
+        st.one_of(st.none(), _seconds),
+    ),
+    max_size=40,
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    claim_s=st.lists(_seconds, max_size=30),
+    wait_s=st.lists(_seconds, max_size=30),
+    runs=_runs,
+    reports=st.integers(min_value=1, max_value=4),
+)
+def test_pre_binned_histograms_equal_observed_ones(
+    claim_s: list[float], wait_s: list[float], runs: list[JobRun], reports: int
+) -> None:
+    """Bucket counts, count and sum, whether the samples come in one report
+    or several (whose sums add up in another order, so are merely close)."""
+    pool = PoolMetrics(
+        version="0", function_labels=["pkg.f"], process_metrics=False
+    )
+    for part in range(reports):
+        pool.apply_worker_report(
+            report_line(
+                batch_report(
+                    claimed=1,
+                    claim_s=claim_s[part::reports],
+                    wait_s=wait_s[part::reports],
+                    runs=runs[part::reports],
+                )
+            )
+        )
+    binned = samples_of(pool.render())
+    observed = samples_of(
+        generate_latest(observed_registry(["pkg.f"], claim_s, wait_s, runs))
+    )
+    assert binned.keys() == observed.keys()
+    for key, value in observed.items():
+        if key[0].endswith("_sum") and reports > 1:
+            assert math.isclose(binned[key], value, rel_tol=1e-12), key
+        else:
+            assert binned[key] == value, key
+
+
+def test_pre_binned_histograms_are_exported_as_histograms_were() -> None:
+    """Names, help, types, labels pre-exported at zero, le values, the
+    order of samples and ``_created``: the same text, line for line."""
+    claim_s = [0.0004, 0.001, 0.003, 12.0]
+    wait_s = [0.01, 3.0, 90000.0]
+    runs = [
+        JobRun("done", "pkg.f", 0.005),
+        JobRun("failed", "pkg.g", 30000.0),
+        JobRun("released", "pkg.f", None),
+    ]
+    pool = PoolMetrics(
+        version="0", function_labels=["pkg.f"], process_metrics=False
+    )
+    observed = generate_latest(
+        observed_registry(["pkg.f"], claim_s, wait_s, runs)
+    )
+    assert histogram_lines(pool.render()) != histogram_lines(observed)
+    pool.apply_worker_report(
+        report_line(batch_report(claim_s=claim_s, wait_s=wait_s, runs=runs))
+    )
+    assert histogram_lines(pool.render()) == histogram_lines(observed)
+
+    # Series in the same order within each family.
+    def order(text: bytes) -> list[str]:
+        return [
+            line.split(" ")[0]
+            for line in text.decode().splitlines()
+            if line.startswith("pdoflowd_claim")
+            or line.startswith("pdoflowd_job_queue_wait")
+            or line.startswith(
+                'pdoflowd_job_duration_seconds_bucket{function="pkg.f",outcome="done"'
+            )
+        ]
+
+    assert order(pool.render()) == order(observed)
+    created = [
+        value
+        for (name, _), value in parse_scrape(pool.render().decode()).items()
+        if name.startswith(_HISTOGRAMS) and name.endswith("_created")
+    ]
+    assert len(created) == 2 + 2 * len(OUTCOMES)
+    assert all(abs(value - time.time()) < 60 for value in created)
+
+
+def test_created_series_follow_prometheus_clients_switch() -> None:
+    prometheus_client.metrics.disable_created_metrics()
+    try:
+        pool = PoolMetrics(version="0", process_metrics=False)
+        observed = generate_latest(observed_registry([], [], [], []))
+        assert b"_created" not in pool.render()
+        assert histogram_lines(pool.render()) == histogram_lines(observed)
+    finally:
+        prometheus_client.metrics.enable_created_metrics()
+    assert b"pdoflowd_claim_duration_seconds_created" in pool.render()
+
+
+def test_a_taken_back_job_is_observed_once_in_its_bucket() -> None:
+    pool = PoolMetrics(version="0", process_metrics=False)
+    pool.count_taken_back(running=1, released=3, duration_s=7.0)
+    pool.count_taken_back(running=0, released=1, duration_s=2.0)
+    scrape = parse_scrape(pool.render().decode())
+    duration = "pdoflowd_job_duration_seconds"
+    labels = {"outcome": "worker_died", "function": "other"}
+    assert scrape_value(scrape, f"{duration}_count", **labels) == 1
+    assert scrape_value(scrape, f"{duration}_sum", **labels) == 7
+    assert scrape_value(scrape, f"{duration}_bucket", le="5.0", **labels) == 0
+    assert scrape_value(scrape, f"{duration}_bucket", le="10.0", **labels) == 1
+    released = {"outcome": "released", "function": "other"}
+    assert scrape_value(scrape, f"{duration}_count", **released) == 0
+
+
 def test_a_reload_can_change_the_allow_list() -> None:
     pool = PoolMetrics(version="0")
     assert pool.function_label("pkg.f") == "other"
@@ -359,15 +649,26 @@ def test_a_reload_can_change_the_allow_list() -> None:
 @pytest.mark.parametrize(
     "report",
     [
-        {"event": "metrics", "v": 2},
-        {"event": "metrics", "v": 1, "claimed": -1},
-        {"event": "metrics", "v": 1, "claimed": True},
-        {"event": "metrics", "v": 1, "claim_s": [0.1, "slow"]},
-        {"event": "metrics", "v": 1, "wait_s": [float("nan")]},
-        {"event": "metrics", "v": 1, "outcomes": {"vanished": {}}},
-        {"event": "metrics", "v": 1, "outcomes": {"done": {"f": [1]}}},
-        {"event": "metrics", "v": 1, "outcomes": {"done": {"f": [1, [1, 2]]}}},
-        {"event": "metrics", "v": 1, "outcomes": {"done": {"f": [1, [-1]]}}},
+        {"event": "metrics", "v": 1},
+        {"event": "metrics", "v": 2, "claimed": -1},
+        {"event": "metrics", "v": 2, "claimed": True},
+        {"event": "metrics", "v": 2, "claim_s": [0.1, [1, "slow"]]},
+        {"event": "metrics", "v": 2, "claim_s": [0.1, [1.5]]},
+        {"event": "metrics", "v": 2, "wait_s": [float("nan"), [1]]},
+        {"event": "metrics", "v": 2, "wait_s": [1, [0] * 20 + [1]]},
+        {"event": "metrics", "v": 2, "outcomes": {"vanished": {}}},
+        {"event": "metrics", "v": 2, "outcomes": {"done": {"f": [1]}}},
+        {"event": "metrics", "v": 2, "outcomes": {"done": {"f": [1, [1, 2]]}}},
+        {
+            "event": "metrics",
+            "v": 2,
+            "outcomes": {"done": {"f": [1, [1.5, [1, 1]]]}},
+        },
+        {
+            "event": "metrics",
+            "v": 2,
+            "outcomes": {"done": {"f": [1, [-1, [1]]]}},
+        },
         {"event": "ready"},
     ],
 )

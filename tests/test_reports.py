@@ -6,17 +6,24 @@ reads what its workers write, so the wire format must not drift.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from pdoflowd.daemon import reports
 from pdoflowd.daemon.reports import (
+    CLAIM_BUCKETS,
+    DURATION_BUCKETS,
+    WAIT_BUCKETS,
     Attempts,
+    Bins,
     BootFailed,
     DbError,
     MetricsReport,
     Ready,
     ReportEvent,
     Retiring,
+    bins_of,
 )
 from pdoflowd.daemon.tally import JobRun, metrics_report
 
@@ -43,13 +50,19 @@ from pdoflowd.daemon.tally import JobRun, metrics_report
         (
             MetricsReport(
                 2,
-                (0.001,),
-                (1.5, 2),
-                {"done": {"pkg.f": Attempts(2, (0.25,))}},
+                Bins((0, 1), 0.001),
+                Bins((0, 0, 0, 0, 0, 0, 2), 3.5),
+                {
+                    "done": {
+                        "pkg.f": Attempts(2, Bins((0, 0, 0, 0, 0, 1), 0.25))
+                    }
+                },
+                seq=7,
             ),
-            b'{"event": "metrics", "v": 1, "claimed": 2, "claim_s": [0.001],'
-            b' "wait_s": [1.5, 2], "outcomes": {"done": {"pkg.f": [2,'
-            b" [0.25]]}}}\n",
+            b'{"event": "metrics", "v": 2, "seq": 7, "claimed": 2, "claim_s":'
+            b' [0.001, [0, 1]], "wait_s": [3.5, [0, 0, 0, 0, 0, 0, 2]],'
+            b' "outcomes": {"done": {"pkg.f": [2, [0.25, [0, 0, 0, 0, 0,'
+            b" 1]]]}}}\n",
         ),
     ],
 )
@@ -76,8 +89,19 @@ def test_every_event_has_its_report_and_nothing_else_does() -> None:
         b'{"event": "probe"}',
         b'{"event": ["ready"]}',
         b'{"event": "metrics"}',
-        b'{"event": "metrics", "v": 1, "outcomes": {"vanished": {}}}',
-        b'{"event": "metrics", "v": 1, "wait_s": [-1]}',
+        b'{"event": "metrics", "v": 1}',
+        b'{"event": "metrics", "v": 2, "seq": -1}',
+        b'{"event": "metrics", "v": 2, "outcomes": {"vanished": {}}}',
+        b'{"event": "metrics", "v": 2, "wait_s": [-1, []]}',
+        b'{"event": "metrics", "v": 2, "wait_s": [1.5, [-1]]}',
+        b'{"event": "metrics", "v": 2, "wait_s": [1.5]}',
+        b'{"event": "metrics", "v": 2, "wait_s": [1.5, 1]}',
+        b'{"event": "metrics", "v": 2, "wait_s": [1.5, [0.5]]}',
+        b'{"event": "metrics", "v": 2, "claim_s": [1, ['
+        + b"0, " * 15
+        + b"1]]}",
+        b'{"event": "metrics", "v": 2, "outcomes": {"done": {"f": [1, [2,'
+        b" [1, 1]]]}}}",
     ],
 )
 def test_a_line_that_is_not_a_report_is_a_value_error(line: bytes) -> None:
@@ -96,17 +120,33 @@ def test_other_reports_take_their_fields_as_text_as_the_supervisor_did() -> (
     assert reports.decode(b'{"event": "ready", "extra": 1}') == Ready()
 
 
-def test_a_decoded_metrics_report_holds_numbers_as_floats() -> None:
-    line = reports.encode(
-        MetricsReport(1, (1,), (), {"failed": {"f": Attempts(1, (3,))}})
-    )
+def test_a_decoded_metrics_report_holds_sums_as_floats() -> None:
+    line = b'{"event": "metrics", "v": 2, "claim_s": [1, [0, 0, 1]]}'
     decoded = reports.decode(line)
     assert isinstance(decoded, MetricsReport)
-    assert decoded.claim_s == (1.0,)
-    assert decoded.outcomes["failed"]["f"] == Attempts(1, (3.0,))
+    assert decoded.claim_s == Bins((0, 0, 1), 1.0)
+    assert type(decoded.claim_s.sum_s) is float
+    assert decoded.wait_s == Bins()
 
 
-def test_merged_reports_add_counts_and_keep_the_first_samples() -> None:
+def test_bins_follow_prometheus_le_and_keep_no_trailing_empty_bucket() -> None:
+    bounds = (0.1, 1.0, 10.0)
+    assert bins_of(bounds, []) == Bins() == Bins((0, 0, 0, 0), 0.0)
+    # A duration on a bound is in that bound's bucket; above all, +Inf.
+    assert bins_of(bounds, [0.1, 0.5, 1.0, 11.0, -2.0]) == Bins(
+        (2, 2, 0, 1), 12.6
+    )
+    assert bins_of(bounds, [0.05]).counts == (1,)
+    assert Bins((1, 0, 2), 1.5).plus(Bins((0, 3), 0.5)) == Bins((1, 3, 2), 2.0)
+
+
+def test_every_histogram_has_its_own_bounds() -> None:
+    for bounds in (DURATION_BUCKETS, WAIT_BUCKETS, CLAIM_BUCKETS):
+        assert list(bounds) == sorted(set(bounds))
+        assert all(bound > 0 for bound in bounds)
+
+
+def test_merged_reports_add_counts_and_bins_exactly() -> None:
     first = metrics_report(
         claimed=1, claim_s=[0.1], runs=[JobRun("done", "f", 0.5)]
     )
@@ -116,13 +156,14 @@ def test_merged_reports_add_counts_and_keep_the_first_samples() -> None:
         wait_s=[3.0],
         runs=[JobRun("done", "f", 0.75), JobRun("released", "g", None)],
     )
-    merged = first.merged(second, max_samples=1)
+    merged = replace(first, seq=4).merged(replace(second, seq=5))
     assert merged == MetricsReport(
         3,
-        (0.1,),
-        (3.0,),
+        bins_of(CLAIM_BUCKETS, [0.1, 0.2]),
+        bins_of(WAIT_BUCKETS, [3.0]),
         {
-            "done": {"f": Attempts(2, (0.5,))},
-            "released": {"g": Attempts(1, ())},
+            "done": {"f": Attempts(2, bins_of(DURATION_BUCKETS, [0.5, 0.75]))},
+            "released": {"g": Attempts(1)},
         },
+        seq=5,
     )

@@ -9,6 +9,7 @@ import time
 import uuid
 
 from pdoflowd.daemon.scoreboard import (
+    STASH_BYTES,
     Scoreboard,
     WorkerState,
     woken_by_new_work,
@@ -114,6 +115,61 @@ def test_the_pulse_ages_until_the_next_beat() -> None:
     assert 0 <= board.pulse_age() < 1
     time.sleep(0.05)
     assert board.pulse_age() >= 0.05
+
+
+def test_a_stash_written_by_a_child_is_read_by_the_parent() -> None:
+    board = Scoreboard(3)
+    assert board.stashed(1) == b"", "empty from the start"
+    pid = os.fork()
+    if pid == 0:
+        board.stash(1, b"a long line\n" * 10)
+        board.stash(1, b"shorter\n")
+        os._exit(0)
+    os.waitpid(pid, 0)
+    assert board.stashed(1) == b"shorter\n"
+    assert board.stashed(0) == board.stashed(2) == b""
+    board.write(1, pid=9, state=WorkerState.RUNNING, job_id=4)
+    assert board.stashed(1) == b"shorter\n", "beside the slot, not in it"
+    board.clear(1)
+    assert board.stashed(1) == b""
+
+
+def test_a_stash_too_long_is_refused_and_the_last_one_kept() -> None:
+    board = Scoreboard(2)
+    assert board.stash(0, b"kept")
+    assert not board.stash(0, b"x" * (STASH_BYTES + 1))
+    assert board.stashed(0) == b"kept"
+    assert board.stash(1, b"y" * STASH_BYTES)
+    assert board.stashed(0) == b"kept"
+    assert board.stashed(1) == b"y" * STASH_BYTES
+
+
+def test_a_stash_left_half_written_reads_as_none() -> None:
+    board = Scoreboard(1)
+    board.stash(0, b"before")
+    pid = os.fork()
+    if pid == 0:
+        # Begin a write the way Scoreboard.stash does, and die inside it.
+        offset = _stash_offset(0, capacity=1)
+        seq = struct.unpack_from("=Q", board._map, offset)[0]
+        struct.pack_into("=Q", board._map, offset, seq + 1)
+        os.kill(os.getpid(), signal.SIGKILL)
+    os.waitpid(pid, 0)
+    began = time.monotonic()
+    assert board.stashed(0) is None
+    assert time.monotonic() - began < 5
+    board.clear(0)
+    assert board.stashed(0) == b""
+
+
+def _stash_offset(slot: int, *, capacity: int) -> int:
+    from pdoflowd.daemon import scoreboard
+
+    return (
+        scoreboard._HEADER
+        + scoreboard._SLOT.size * capacity
+        + slot * scoreboard._STASH_SIZE
+    )
 
 
 def _slot_offset(slot: int) -> int:

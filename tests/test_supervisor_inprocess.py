@@ -30,8 +30,10 @@ from harness import children_of, daemon_config
 from pdoflowd.client import Client
 from pdoflowd.config import Config, parse, resolve_password
 from pdoflowd.daemon.pool import Ending, WorkerEnd, WorkerHandle
+from pdoflowd.daemon.reports import MetricsReport
 from pdoflowd.daemon.scoreboard import WorkerState
 from pdoflowd.daemon.supervisor import HANDLED_SIGNALS, Supervisor
+from pdoflowd.daemon.tally import REPORT_INTERVAL_S
 from pdoflowd.exitcodes import EXIT_OK
 
 
@@ -317,6 +319,47 @@ def test_sigterm_drains_the_pool_and_marks_the_daemon_stopped(
             "SELECT stopped_at IS NOT NULL FROM pdoflowd.daemons"
         ).fetchone()
     assert row == (True,)
+
+
+def test_busy_workers_report_a_few_times_and_exactly_once_idle(
+    effects_dsn: str, supervise: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before, each claim and each flush sent a report: two per batch."""
+    driven = supervise(workers={"count": 2, "batch_size": 10})
+    sup = driven.supervisor
+    driven.until(lambda: sup.pool.ready_count() == 2)
+    applied: list[Any] = []
+    apply = sup.metrics.apply
+
+    def counted(report: Any) -> None:
+        applied.append(report)
+        apply(report)
+
+    monkeypatch.setattr(sup.metrics, "apply", counted)
+    jobs = 3000
+    began = time.monotonic()
+    Client(effects_dsn).post("jobfns.noop", [[i] for i in range(jobs)])
+    # Every worker alive: the counts are whole once they have gone idle.
+    driven.until(lambda: sup.metrics.processed("done") == jobs, timeout=120)
+    elapsed = time.monotonic() - began
+    reports = [r for r in applied if isinstance(r, MetricsReport)]
+    assert sum(r.claimed for r in reports) == jobs
+    assert len(reports) <= 2 * (elapsed / REPORT_INTERVAL_S + 3)
+    assert len(reports) < jobs / 10, "fewer than the batches"
+    registry = sup.metrics.registry
+    for name in (
+        "pdoflowd_job_queue_wait_seconds_count",
+        "pdoflowd_jobs_claimed_total",
+    ):
+        assert registry.get_sample_value(name) == jobs
+    assert (
+        registry.get_sample_value(
+            "pdoflowd_job_duration_seconds_count",
+            {"outcome": "done", "function": "other"},
+        )
+        == jobs
+    )
+    assert driven.stop(signal.SIGTERM) == EXIT_OK
 
 
 def test_sighup_rolls_every_worker_onto_the_reloaded_config(

@@ -2,23 +2,29 @@
 
 Owns the supervisor's private registry and what feeds it. A worker keeps a
 :class:`~pdoflowd.daemon.tally.WorkerTally` and sends a metrics report
-(:mod:`~pdoflowd.daemon.reports`) on its report pipe after each claim and
-after each flush of outcomes; the supervisor applies it
-(:meth:`PoolMetrics.apply`) and counts itself what only it sees: jobs taken
-back from dead workers, restarts, database errors, the pool, and the queue
-gauges it reads from PostgreSQL. So counters stay exact across workers
-that die or are replaced. The pages that serve the registry and readiness
-are :mod:`~pdoflowd.daemon.endpoint`'s. It must not touch the database,
-block, or start threads: it runs inside the supervisor's loop.
+(:mod:`~pdoflowd.daemon.reports`) on its report pipe at most every
+:data:`~pdoflowd.daemon.tally.REPORT_INTERVAL_S` while busy, at once when
+it goes idle and as it exits, its durations already binned into the
+histograms' buckets; the supervisor applies it (:meth:`PoolMetrics.apply`:
+it adds counts, it observes no sample) and counts itself what only it
+sees: jobs taken back from dead workers, restarts, database errors, the
+pool, and the queue gauges it reads from PostgreSQL. So counters stay
+exact across workers that die or are replaced. The pages that serve the
+registry and readiness are :mod:`~pdoflowd.daemon.endpoint`'s. It must
+not touch the database, block, or start threads: it runs inside the
+supervisor's loop.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
-from collections.abc import Iterable, Iterator, Mapping
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
+import prometheus_client.metrics
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -30,9 +36,12 @@ from prometheus_client import (
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
+    HistogramMetricFamily,
     Metric,
 )
 from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
+from prometheus_client.utils import floatToGoString
 
 from pdoflowd.daemon import reports
 
@@ -43,7 +52,16 @@ from pdoflowd.daemon.endpoint import (
     Readiness,
     readiness,
 )
-from pdoflowd.daemon.reports import OUTCOMES, DbError, MetricsReport
+from pdoflowd.daemon.reports import (
+    CLAIM_BUCKETS,
+    DURATION_BUCKETS,
+    OUTCOMES,
+    WAIT_BUCKETS,
+    Bins,
+    DbError,
+    MetricsReport,
+    bins_of,
+)
 from pdoflowd.daemon.scoreboard import WorkerState
 
 __all__ = [
@@ -85,20 +103,11 @@ DB_OPERATIONS = (
 )
 QUEUE_STATUSES = ("waiting", "executing")
 
-# Seconds. Jobs run from milliseconds to hours; a claim should take
-# milliseconds; a job may wait from milliseconds to days.
-DURATION_BUCKETS = (
-    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
-    60, 120, 300, 600, 1800, 3600, 7200, 21600,
-)  # fmt: skip
-WAIT_BUCKETS = (
-    0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300,
-    600, 1800, 3600, 7200, 21600, 86400,
-)  # fmt: skip
-CLAIM_BUCKETS = (
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
-    0.5, 1, 2.5, 5, 10,
-)  # fmt: skip
+# The histograms' bucket bounds are the report's (reports.py): workers bin
+# into them, this registry exports them.
+
+# A bound as its ``le`` value, as prometheus_client writes it (untyped there).
+_le_value: Callable[[float], str] = floatToGoString
 
 _OPERATION = re.compile(r"[^a-z0-9]+")
 
@@ -109,6 +118,99 @@ _OPERATION = re.compile(r"[^a-z0-9]+")
 def operation_label(operation: str) -> str:
     """A database operation's name as a label value: snake_case, short."""
     return _OPERATION.sub("_", operation.lower()).strip("_")[:40] or "unknown"
+
+
+def _created_series() -> bool:
+    """Whether counters and histograms export ``_created``: as
+    prometheus_client decides for its own (PROMETHEUS_DISABLE_CREATED_SERIES
+    in the environment, or disable_created_metrics())."""
+    return bool(getattr(prometheus_client.metrics, "_use_created", True))
+
+
+class _Series:
+    """One histogram series: bucket counts (not cumulative), their sum, and
+    when it started."""
+
+    __slots__ = ("counts", "created", "sum_s")
+
+    def __init__(self, buckets: int) -> None:
+        self.counts = [0.0] * buckets
+        self.sum_s = 0.0
+        self.created = time.time()
+
+    def add(self, bins: Bins) -> None:
+        """Count durations a worker binned (into the same bounds)."""
+        counts = self.counts
+        for index, count in enumerate(bins.counts):
+            counts[index] += count
+        self.sum_s += bins.sum_s
+
+
+class _BinnedHistogram(Collector):
+    """A histogram fed bucket counts (:class:`reports.Bins`), not samples.
+
+    prometheus_client's Histogram can only observe one sample at a time;
+    this one adds what workers binned, one report at a time, and exports
+    what that Histogram would: the same name, help, labels, ``le`` values
+    and +Inf bucket, ``_count``, ``_sum`` and ``_created`` per series.
+    Like it, a series without labels exists from the start, a labelled one
+    from its first :meth:`labels`.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        bounds: tuple[float, ...],
+        labelnames: tuple[str, ...] = (),
+        *,
+        registry: CollectorRegistry,
+    ) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = labelnames
+        self._le = [_le_value(bound) for bound in bounds] + ["+Inf"]
+        self._series: dict[tuple[str, ...], _Series] = {}
+        if not labelnames:
+            self.labels()
+        registry.register(self)
+
+    def labels(self, *values: str) -> _Series:
+        """The series of these label values, made (at zero) if new."""
+        series = self._series.get(values)
+        if series is None:
+            if len(values) != len(self.labelnames):
+                raise ValueError(f"{self.name}: expected {self.labelnames}")
+            series = self._series[values] = _Series(len(self._le))
+        return series
+
+    def _family(self) -> HistogramMetricFamily:
+        return HistogramMetricFamily(
+            self.name, self.documentation, labels=self.labelnames
+        )
+
+    def describe(self) -> Iterator[Metric]:
+        yield self._family()
+
+    def collect(self) -> Iterator[Metric]:
+        family = self._family()
+        created = _created_series()
+        for values, series in self._series.items():
+            cumulative = itertools.accumulate(series.counts)
+            family.add_metric(
+                values,
+                list(zip(self._le, cumulative, strict=True)),
+                series.sum_s,
+            )
+            if created:
+                family.samples.append(
+                    Sample(
+                        f"{self.name}_created",
+                        dict(zip(self.labelnames, values, strict=True)),
+                        series.created,
+                    )
+                )
+        yield family
 
 
 class _WorkerProcesses(Collector):
@@ -218,23 +320,23 @@ class PoolMetrics:
             ["outcome", "function"],
             registry=registry,
         )
-        self.job_duration = Histogram(
+        self.job_duration = _BinnedHistogram(
             "pdoflowd_job_duration_seconds",
             "How long the job's function ran, by outcome.",
-            ["outcome", "function"],
-            buckets=DURATION_BUCKETS,
+            DURATION_BUCKETS,
+            ("outcome", "function"),
             registry=registry,
         )
-        self.queue_wait = Histogram(
+        self.queue_wait = _BinnedHistogram(
             "pdoflowd_job_queue_wait_seconds",
             "How long a job had been runnable when a worker started it.",
-            buckets=WAIT_BUCKETS,
+            WAIT_BUCKETS,
             registry=registry,
         )
-        self.claim_duration = Histogram(
+        self.claim_duration = _BinnedHistogram(
             "pdoflowd_claim_duration_seconds",
             "How long one claim statement took, empty claims included.",
-            buckets=CLAIM_BUCKETS,
+            CLAIM_BUCKETS,
             registry=registry,
         )
         self.loop_tick = Histogram(
@@ -335,10 +437,8 @@ class PoolMetrics:
             return
         if report.claimed:
             self.jobs_claimed.inc(report.claimed)
-        for seconds in report.claim_s:
-            self.claim_duration.observe(seconds)
-        for seconds in report.wait_s:
-            self.queue_wait.observe(seconds)
+        self.claim_duration.labels().add(report.claim_s)
+        self.queue_wait.labels().add(report.wait_s)
         for outcome, by_function in report.outcomes.items():
             for function, group in by_function.items():
                 self._count_outcome(
@@ -363,16 +463,14 @@ class PoolMetrics:
         outcome: str,
         function: str,
         count: int,
-        durations: Iterable[float],
+        durations: Bins,
     ) -> None:
         if not count:
             return
         label = self.function_label(function)
         self.jobs_processed.labels(outcome, label).inc(count)
         self._processed[outcome] += count
-        histogram = self.job_duration.labels(outcome, label)
-        for seconds in durations:
-            histogram.observe(seconds)
+        self.job_duration.labels(outcome, label).add(durations)
 
     def count_taken_back(
         self,
@@ -391,9 +489,11 @@ class PoolMetrics:
         """
         if outcome not in ("worker_died", "timeout"):
             raise ValueError(f"not an outcome of a taken-back job: {outcome}")
-        durations = [] if duration_s is None else [max(0.0, duration_s)]
-        self._count_outcome(outcome, function, running, durations[:running])
-        self._count_outcome("released", "", released, [])
+        durations = Bins()
+        if duration_s is not None and running:
+            durations = bins_of(DURATION_BUCKETS, [duration_s])
+        self._count_outcome(outcome, function, running, durations)
+        self._count_outcome("released", "", released, Bins())
 
     def count_worker_restart(self, reason: str) -> None:
         """A worker was replaced; ``reason`` is one of RESTART_REASONS."""

@@ -135,6 +135,8 @@ class WorkerHandle:
     ready: bool = False
     end: Ending | None = None
     report_buffer: bytes = b""
+    # The number of the last metrics report counted (see reports.py).
+    metrics_seq: int = 0
 
     @property
     def forced(self) -> bool:
@@ -309,6 +311,7 @@ class Pool:
         )
         # Resets the slot whatever its last worker left there.
         self.scoreboard.write(slot.index, pid=0, state=WorkerState.BOOTING)
+        self.scoreboard.stash(slot.index, b"")
         pid = os.fork()
         if pid == 0:
             worker.main(spec)
@@ -380,6 +383,30 @@ class Pool:
         elif isinstance(report, reports.Retiring):
             handle.retire(report.reason)
         else:
+            if isinstance(report, reports.MetricsReport):
+                handle.metrics_seq = max(handle.metrics_seq, report.seq)
+            self.metrics.apply(report)
+
+    def count_stash(self, handle: WorkerHandle) -> None:
+        """Count what an ended worker counted and did not report: the copy
+        it kept in its scoreboard slot, unless a report it sent (read
+        first) counted it already."""
+        data = self.scoreboard.stashed(handle.slot)
+        if data is None:
+            log.warning("worker %d left its metrics half written", handle.pid)
+            return
+        if not data:
+            return
+        try:
+            report = reports.decode(data)
+        except ValueError as exc:
+            log.warning("bad metrics from worker %d: %s", handle.pid, exc)
+            return
+        if (
+            isinstance(report, reports.MetricsReport)
+            and report.seq > handle.metrics_seq
+        ):
+            handle.metrics_seq = report.seq
             self.metrics.apply(report)
 
     # ------------------------------------------------------------ ends
@@ -390,9 +417,11 @@ class Pool:
         True when its crash makes a crash loop (while not ``stopping``).
         """
         handle = self.workers[pid]
-        # Its last lines (counts of outcomes it wrote) must not be lost.
+        # Its last lines (counts of outcomes it wrote) must not be lost,
+        # nor what it counted and had not sent yet.
         while self.read_report(pid):
             pass
+        self.count_stash(handle)
         with contextlib.suppress(KeyError, ValueError):
             self.selector.unregister(handle.report_fd)
         os.close(handle.report_fd)

@@ -9,11 +9,14 @@ run); the supervisor and the
 database session read any slot without a system call, to know which job a
 dead worker was running, whom to time out, and which owner tokens are alive.
 The supervisor writes its pulse on every pass of its loop, so the database
-session can tell a live supervisor from a frozen one. Writes are guarded by
-a sequence number so a reader never sees half of one; a reader gives up
-after a bounded number of tries (a writer killed inside a write leaves the
-sequence odd) and says so. It must not know about the database or about
-processes' lifecycles.
+session can tell a live supervisor from a frozen one. Each slot also has a
+stash: a few bytes its worker keeps there, without a system call, for the
+supervisor to read once the worker has died (what it counted and has not
+reported yet). Writes are guarded by a sequence number so a reader never
+sees half of one; a reader gives up after a bounded number of tries (a
+writer killed inside a write leaves the sequence odd) and says so. It must
+not know about the database or about processes' lifecycles, nor what a
+stash holds.
 """
 
 from __future__ import annotations
@@ -37,6 +40,11 @@ _NO_OWNER = bytes(16)
 # A write takes well under a microsecond; a sequence still odd after this
 # many looks was left so by a writer that died inside its write.
 _READ_TRIES = 10_000
+# A stash: seq, length, then the bytes; one page per slot, touched only
+# by slots in use.
+_STASH_HEADER = struct.Struct("=QQ")
+_STASH_SIZE = 4096
+STASH_BYTES = _STASH_SIZE - _STASH_HEADER.size
 
 
 class WorkerState(enum.IntEnum):
@@ -82,7 +90,8 @@ class Scoreboard:
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self._map = mmap.mmap(-1, _HEADER + _SLOT.size * capacity)
+        self._stashes = _HEADER + _SLOT.size * capacity
+        self._map = mmap.mmap(-1, self._stashes + _STASH_SIZE * capacity)
 
     def write(
         self,
@@ -128,8 +137,40 @@ class Scoreboard:
         return _view(_SLOT.unpack_from(self._map, offset), consistent=False)
 
     def clear(self, slot: int) -> None:
-        """Mark a slot empty (the supervisor, after reaping its worker)."""
+        """Mark a slot empty, its stash too (the supervisor, after reaping
+        its worker)."""
         self.write(slot, pid=0, state=WorkerState.EMPTY)
+        self.stash(slot, b"")
+
+    def stash(self, slot: int, data: bytes) -> bool:
+        """Keep ``data`` in a slot's stash, in place of what it held (only
+        its own worker calls this, or the supervisor while no worker lives
+        in the slot). False, and the stash unchanged, when ``data`` is
+        longer than STASH_BYTES."""
+        if len(data) > STASH_BYTES:
+            return False
+        offset = self._stashes + slot * _STASH_SIZE
+        begin = _SEQ.unpack_from(self._map, offset)[0] | 1
+        _SEQ.pack_into(self._map, offset, begin)
+        _STASH_HEADER.pack_into(self._map, offset, begin, len(data))
+        start = offset + _STASH_HEADER.size
+        self._map[start : start + len(data)] = data
+        _SEQ.pack_into(self._map, offset, begin + 1)
+        return True
+
+    def stashed(self, slot: int) -> bytes | None:
+        """What a slot's stash holds; None when it stays half written (its
+        worker died inside a write of it)."""
+        offset = self._stashes + slot * _STASH_SIZE
+        start = offset + _STASH_HEADER.size
+        for _ in range(_READ_TRIES):
+            seq, length = _STASH_HEADER.unpack_from(self._map, offset)
+            if seq % 2 or length > STASH_BYTES:
+                continue
+            data = self._map[start : start + length]
+            if self._seq(offset) == seq:
+                return data
+        return None
 
     def live_owners(self) -> list[uuid.UUID]:
         """The owner tokens in every slot that is not empty."""

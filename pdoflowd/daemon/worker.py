@@ -10,7 +10,11 @@ and is taken back), hands each job to the :mod:`~pdoflowd.daemon.runner`
 and its outcomes to the runner's buffer, and retires at
 ``max_jobs_per_worker`` or ``max_memory_mb``. It tells the supervisor what
 it runs through the scoreboard and sends it a report
-(:mod:`~pdoflowd.daemon.reports`) on its pipe when something changes.
+(:mod:`~pdoflowd.daemon.reports`) on its pipe when something changes;
+what it counted for the metrics at most every
+:data:`~pdoflowd.daemon.tally.REPORT_INTERVAL_S` while busy, at once when
+it goes idle or exits, with a copy in its scoreboard slot before each job
+should the job kill it.
 It must not import the supervisor, speak to systemd, or outlive its parent
 by more than its current job; how a job is run and its outcome written is
 the runner's.
@@ -46,7 +50,7 @@ from pdoflowd.daemon.runner import (
     with_reconnects,
 )
 from pdoflowd.daemon.scoreboard import Scoreboard, WorkerState
-from pdoflowd.daemon.tally import WorkerTally
+from pdoflowd.daemon.tally import REPORT_INTERVAL_S, WorkerTally
 from pdoflowd.db import queue
 from pdoflowd.exitcodes import EXIT_OK, EXIT_WORKER_BOOT_FAILED
 from pdoflowd.redaction import redact
@@ -114,7 +118,7 @@ class Worker:
             flush_window_s=self.config.workers.outcome_flush_ms / 1000,
             error_threshold=self.config.jobs.posting_error_threshold,
             on_flush=lambda: self.mark(WorkerState.FLUSHING),
-            on_recorded=self.send_metrics,
+            on_recorded=self.outcomes_recorded,
         )
         # Whether a claim not yet started may have been cancelled.
         self.claims_in_doubt = False
@@ -183,20 +187,44 @@ class Worker:
             self.outbox += line
         self.deliver_reports()
 
-    def send_metrics(
-        self, recorded: list[queue.RecordedOutcome] | None = None
-    ) -> None:
-        """Send what the tally noted; never lost to a supervisor not reading.
+    def send_metrics(self, *, force: bool = False, stash: bool = False) -> None:
+        """Send what the tally counted, when a report is due (the tally
+        says when: :meth:`WorkerTally.due`) or ``force``; never lost to a
+        supervisor not reading, nor to a job that kills the worker.
 
         A report the pipe cannot take yet is held, and later ones merged
         into it (MetricsReport.merged), so the counters stay exact and
-        the held report bounded.
+        the held report bounded. With ``stash`` (before a job starts),
+        what is not due yet is copied to the worker's scoreboard slot
+        instead, where the supervisor finds it should the job kill the
+        worker: so every claim and outcome the database recorded is
+        counted once, as when each commit was reported at once.
         """
-        report = self.tally.take(recorded)
-        if report is not None:
-            held = self.held_metrics
-            self.held_metrics = report if held is None else held.merged(report)
+        send = force or self.tally.due()
+        if not send and stash and self.tally.changed:
+            # One too long for the stash goes now.
+            send = not self.stash_metrics()
+        if send:
+            report = self.tally.take()
+            if report is not None:
+                held = self.held_metrics
+                self.held_metrics = (
+                    report if held is None else held.merged(report)
+                )
         self.deliver_reports()
+
+    def stash_metrics(self) -> bool:
+        """Keep a copy of the tally's report to come in the scoreboard
+        slot; False when it does not fit there."""
+        report = self.tally.snapshot()
+        line = b"" if report is None else reports.encode(report)
+        return self.spec.scoreboard.stash(self.spec.slot, line)
+
+    def outcomes_recorded(self, recorded: list[queue.RecordedOutcome]) -> None:
+        """A flush wrote ``recorded``: they go to the tally at once (they
+        tell which runs were fenced off), and a report if one is due."""
+        self.tally.note_recorded(recorded)
+        self.send_metrics()
 
     def deliver_reports(self, wait_s: float = 0.0) -> bool:
         """Write what the report pipe takes, waiting at most ``wait_s``.
@@ -206,7 +234,7 @@ class Worker:
         whole lines. A pipe that is gone (the supervisor exited; or none,
         under execute-job) takes everything: it is dropped.
         """
-        deadline = time.monotonic() + wait_s
+        deadline = None
         while True:
             if not self.outbox and self.held_metrics is not None:
                 self.outbox += reports.encode(self.held_metrics)
@@ -230,6 +258,10 @@ class Worker:
             else:
                 del self.outbox[:written]
                 continue
+            if wait_s <= 0:
+                return False
+            if deadline is None:
+                deadline = time.monotonic() + wait_s
             left = deadline - time.monotonic()
             if left <= 0:
                 return False
@@ -434,6 +466,13 @@ class Worker:
 
     def run_job(self, job: queue.ClaimedJob) -> queue.Outcome:
         """Run one claimed job; note it for the metrics and retirement."""
+        # What was counted before a job must neither wait for it to end,
+        # should it run long (with jobs of REPORT_INTERVAL_S or more on
+        # average, a report per job is within the rate anyway), nor die
+        # with the worker, should it kill it (a copy goes to the slot).
+        self.send_metrics(
+            force=(self.mean_job_s or 0.0) >= REPORT_INTERVAL_S, stash=True
+        )
         result = self.runner.run(job, self.outcomes.claim_token())
         self.jobs_run += 1
         self.mean_job_s = policy.mean_update(
@@ -455,6 +494,8 @@ class Worker:
             self.outcomes.settle()
         finally:
             self.drop_connection()
+            # Whatever the tally holds goes now: the worker ends.
+            self.send_metrics(force=True)
 
 
 def _rss_mb() -> float:
