@@ -67,7 +67,7 @@ def claim_in_flight(dsn: str) -> bool:
     with psycopg.connect(dsn, autocommit=True) as conn:
         row = conn.execute(
             "SELECT count(*) FROM pg_stat_activity"
-            " WHERE state = 'active' AND query LIKE '%%candidate%%'"
+            " WHERE state = 'active' AND query LIKE '%%claim_jobs(%%'"
             " AND pid <> pg_backend_pid()"
         ).fetchone()
     return bool(row and row[0])
