@@ -376,6 +376,29 @@ def test_posting_errors_out_at_the_threshold(dsn: str, conn: Any) -> None:
     assert progress.jobs[JobStatus.WAITING] == 3
 
 
+def test_settling_reads_the_posting_s_jobs_not_the_table(
+    dsn: str, conn: Any
+) -> None:
+    # Statistics taken while a large posting waited: the planner takes
+    # every job for waiting, and would answer "any job left?" by a scan
+    # of the whole table, which after the drain matches no row.
+    post(dsn, 2000)
+    conn.execute("ANALYZE pdoflowd.jobs")
+    conn.execute("UPDATE pdoflowd.jobs SET status = 'done'")
+    posting = post(dsn, 1)
+    conn.execute("UPDATE pdoflowd.jobs SET status = 'done'")
+    [(posting_id,)] = conn.execute(
+        "SELECT id FROM pdoflowd.postings WHERE uuid = %s", (posting,)
+    ).fetchall()
+    plans = nested_plans(
+        conn,
+        lambda: queue.settle_postings(conn, [posting_id], error_threshold=10),
+    )
+    text = "\n".join(plans)
+    assert "jobs_posting_status" in text, text
+    assert "Seq Scan on jobs" not in text, text
+
+
 def test_unsettled_postings_are_found_by_the_sweep(dsn: str, conn: Any) -> None:
     post(dsn, 1)
     owner = uuid.uuid4()

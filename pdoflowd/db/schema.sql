@@ -473,3 +473,12 @@ BEGIN
     FROM claimed AS c;
 END
 $$;
+
+-- Settling asks, per posting, whether any of its jobs is still waiting or
+-- executing. With the statistics of a table analyzed while a large posting
+-- waited, the planner takes every job for waiting and answers that by a
+-- scan of the whole table (it expects to stop at the first row); after the
+-- drain no row matches, and each settle read every job. A scan of the jobs
+-- table is never what settling needs: the (posting_id, status) index is.
+ALTER FUNCTION pdoflowd.settle_postings(bigint[], integer)
+    SET enable_seqscan = off;

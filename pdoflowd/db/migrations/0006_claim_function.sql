@@ -1,5 +1,6 @@
 -- pdoflowd schema, version 6: a worker's claim, with the outcomes of its
--- last claim written in the same statement.
+-- last claim written in the same statement; settling that never reads the
+-- whole jobs table.
 
 -- Writes the outcomes given (a JSON array, as queue.record_outcomes sends
 -- them; NULL: none) of the claim made under `finishing`, fenced by that
@@ -123,3 +124,12 @@ BEGIN
     FROM claimed AS c;
 END
 $$;
+
+-- Settling asks, per posting, whether any of its jobs is still waiting or
+-- executing. With the statistics of a table analyzed while a large posting
+-- waited, the planner takes every job for waiting and answers that by a
+-- scan of the whole table (it expects to stop at the first row); after the
+-- drain no row matches, and each settle read every job. A scan of the jobs
+-- table is never what settling needs: the (posting_id, status) index is.
+ALTER FUNCTION pdoflowd.settle_postings(bigint[], integer)
+    SET enable_seqscan = off;
