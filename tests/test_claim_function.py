@@ -176,3 +176,33 @@ def test_execute_jobs_claim_takes_a_job_as_the_workers_claim_does(
         == rows[1]
         == ("executing", owner, DAEMON, 1, True, None, None, None)
     )
+
+
+def test_a_plan_made_on_a_small_table_still_claims_by_index_when_it_grew(
+    dsn: str, conn: Any
+) -> None:
+    # The claim's plan is made once per session: on a table of a few jobs
+    # a scan of the table is the cheapest; the same plan, kept while the
+    # table grows by a large posting, must not read the table per claim.
+    client = Client(dsn)
+    client.post("jobfns.noop", [[i] for i in range(3)])
+    owner = uuid.uuid4()
+    jobs = queue.claim(conn, owner=owner, daemon_id=DAEMON, limit=3)
+    conn.execute("ALTER TABLE pdoflowd.jobs SET (autovacuum_enabled = off)")
+    client.post("jobfns.noop", [[i] for i in range(5000)])
+    plans = nested_plans(
+        conn,
+        lambda: queue.record_and_claim(
+            conn,
+            finishing=owner,
+            outcomes=[
+                queue.Outcome(j.id, j.attempt, OutcomeKind.DONE) for j in jobs
+            ],
+            owner=uuid.uuid4(),
+            daemon_id=DAEMON,
+            limit=10,
+        ),
+    )
+    text = "\n".join(plans)
+    assert "Seq Scan on jobs" not in text, text
+    assert "Seq Scan on postings" not in text, text

@@ -22,7 +22,10 @@
 -- prefers reading them all and sorting them: a cost paid by every claim
 -- until the next ANALYZE. Plans are generic, made once per session: the
 -- statement is the same on every call, and planning it cost more than
--- running it.
+-- running it. A plan made once must hold however the table grows after it
+-- was made (a generic plan is not made again as a custom one would be, from
+-- the table's size at each call): sequential scans are off too, so every
+-- step finds its rows by an index.
 CREATE FUNCTION pdoflowd.claim_jobs(
     finishing uuid, outcomes json, claim_owner uuid, daemon uuid,
     claim_limit integer, provides text[], posters text[])
@@ -34,6 +37,7 @@ RETURNS TABLE (
     store_result boolean)
 LANGUAGE plpgsql
 SET enable_sort = off
+SET enable_seqscan = off
 SET plan_cache_mode = force_generic_plan
 AS $$
 #variable_conflict use_column
