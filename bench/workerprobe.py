@@ -1,5 +1,5 @@
 """One worker's Python cost per job, in this process: ``python -m
-bench.workerprobe [N] [--batch B] [--profile]``.
+bench.workerprobe [N] [--batch B] [--profile | --breakdown]``.
 
 Starts a throwaway PostgreSQL, loads N waiting no-op jobs (default
 20,000), and runs a real :class:`~pdoflowd.daemon.worker.Worker` on them
@@ -7,28 +7,87 @@ in this process, without a supervisor (its reports go to /dev/null), until
 the queue is empty. Prints the worker's CPU per job (``time.process_time``,
 so the figure holds on a busy machine, unlike the wall clock) and, with
 ``--profile``, where it went (cProfile on the CPU clock, which itself
-slows every call: read the shares, not the totals). A probe for the
-worker's hot path alone; ``bench.cpuprobe`` measures the whole daemon.
+slows every call: read the shares, not the totals), or with
+``--breakdown``, the CPU of the steps of a batch alone (each step timed on
+the CPU clock around its call, which adds about a microsecond a call). A
+probe for the worker's hot path alone; ``bench.cpuprobe`` measures the
+whole daemon.
 """
 
 from __future__ import annotations
 
 import argparse
 import cProfile
+import functools
 import os
 import pstats
 import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from bench import database
 from devtools import devcluster
 from pdoflowd.config import loading
+from pdoflowd.daemon import runner, worker
 from pdoflowd.daemon.scoreboard import Scoreboard
 from pdoflowd.daemon.worker import Worker, WorkerSpec
-from pdoflowd.db import migrate
+from pdoflowd.db import migrate, queue
+
+# The steps of a batch --breakdown times: (owner, attribute, label).
+_STEPS: tuple[tuple[Any, str, str], ...] = (
+    (worker.Worker, "claim", "claim (writes the last outcomes too)"),
+    (queue, "record_and_claim", "  of which the statement"),
+    (worker.Worker, "run_job", "run one job"),
+    (runner.JobRunner, "run", "  of which JobRunner.run"),
+    (worker.Worker, "mark", "  scoreboard marks"),
+    (worker.Worker, "send_metrics", "metrics (tally, stash, pipe)"),
+    (worker.Worker, "stash_metrics", "  of which the stash"),
+    (runner.OutcomeBuffer, "settle", "settle postings"),
+)
+
+
+class _Steps:
+    """CPU time and calls of the steps, each timed around its call."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.calls: dict[str, int] = {}
+
+    def wrap(self) -> None:
+        for owner, name, label in _STEPS:
+            setattr(owner, name, self._timed(getattr(owner, name), label))
+
+    def _timed(
+        self, action: Callable[..., Any], label: str
+    ) -> Callable[..., Any]:
+        @functools.wraps(action)
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            began = time.process_time()
+            try:
+                return action(*args, **kwargs)
+            finally:
+                spent = time.process_time() - began
+                self.seconds[label] = self.seconds.get(label, 0.0) + spent
+                self.calls[label] = self.calls.get(label, 0) + 1
+
+        return timed
+
+    def report(self, jobs: int) -> str:
+        lines = [f"  {'step':<40} {'calls':>7} {'us/call':>9} {'us/job':>8}"]
+        for _, _, label in _STEPS:
+            calls = self.calls.get(label, 0)
+            if not calls:
+                continue
+            spent = self.seconds[label] * 1e6
+            lines.append(
+                f"  {label:<40} {calls:>7,} {spent / calls:>9.1f}"
+                f" {spent / jobs:>8.1f}"
+            )
+        return "\n".join(lines)
 
 
 def _worker(dsn: str, batch: int, report_fd: int, wake_fd: int) -> Worker:
@@ -68,8 +127,11 @@ def main(argv: list[str]) -> int:
     )
     parser.add_argument("jobs", nargs="?", type=int, default=20_000)
     parser.add_argument("--batch", type=int, default=10)
-    parser.add_argument("--profile", action="store_true")
+    how = parser.add_mutually_exclusive_group()
+    how.add_argument("--profile", action="store_true")
+    how.add_argument("--breakdown", action="store_true")
     args = parser.parse_args(argv)
+    steps = _Steps() if args.breakdown else None
     work = Path(tempfile.mkdtemp(prefix="pdoflowd-workerprobe-"))
     with devcluster.LocalCluster(work / "pg") as cluster:
         dsn = cluster.create_database("workerprobe")
@@ -88,6 +150,8 @@ def main(argv: list[str]) -> int:
         worker = _worker(dsn, args.batch, report_fd, wake_read)
         worker.conn = warm.conn
         profile = cProfile.Profile(time.process_time) if args.profile else None
+        if steps:
+            steps.wrap()
         began_cpu, began = time.process_time(), time.monotonic()
         if profile:
             profile.enable()
@@ -106,6 +170,8 @@ def main(argv: list[str]) -> int:
     )
     if profile:
         pstats.Stats(profile).sort_stats("tottime").print_stats(25)
+    if steps:
+        print(steps.report(done))
     return 0
 
 
