@@ -6,8 +6,10 @@ signals (SIGTERM: stop, or the running job's timeout; CLAIMS_SIGNAL),
 connects to PostgreSQL after the fork and reconnects with backoff, claims
 batches of jobs (each claim under a fresh owner token, written to the
 scoreboard first, so a claim whose reply is lost belongs to no live worker
-and is taken back), hands each job to the :mod:`~pdoflowd.daemon.runner`
-and its outcomes to the runner's buffer, and retires at
+and is taken back; the claim's statement also writes the last batch's
+outcomes, whose token the slot keeps beside the new one meanwhile), hands
+each job to the :mod:`~pdoflowd.daemon.runner` and its outcomes to the
+runner's buffer, and retires at
 ``max_jobs_per_worker`` or ``max_memory_mb``. It tells the supervisor what
 it runs through the scoreboard and sends it a report
 (:mod:`~pdoflowd.daemon.reports`) on its pipe when something changes;
