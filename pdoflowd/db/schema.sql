@@ -370,8 +370,8 @@ $$;
 -- just grown by a large posting the planner expects few waiting jobs, and
 -- prefers reading them all and sorting them: a cost paid by every claim
 -- until the next ANALYZE. Plans are generic, made once per session: the
--- statement is the same on every call, and planning it cost more than
--- running it. A plan made once must hold however the table grows after it
+-- statement is the same on every call, and planning it cost two thirds
+-- as much again as running it. A plan made once must hold however the table grows after it
 -- was made (a generic plan is not made again as a custom one would be, from
 -- the table's size at each call): sequential scans are off too, so every
 -- step finds its rows by an index.
