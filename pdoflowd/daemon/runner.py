@@ -150,6 +150,7 @@ class Interrupted(RunResult):
 class JobRunner:
     """Runs claimed jobs, one at a time, in this process.
 
+    ``password`` is the database's, for the connection jobs may use;
     ``connect`` gives the connection a sampled run's profile is written
     on; ``on_start(job, began)`` is called as each job starts, its
     :attr:`deadline` set (a worker marks its scoreboard slot there);
@@ -166,7 +167,6 @@ class JobRunner:
         rng: random.Random | None = None,
     ) -> None:
         self.config = config
-        self.password = password
         self.connect = connect
         self.on_start = on_start
         self.rng = rng or random.Random()
@@ -212,7 +212,7 @@ class JobRunner:
 
     def run(self, job: queue.ClaimedJob, owner: uuid.UUID) -> RunResult:
         """Run one job claimed under ``owner`` and say what became of it."""
-        timeout = job.timeout_s or self.timeout_s
+        timeout = self.timeout_for(job)
         call = jobcontext.JobCall(
             job,
             owner=owner,

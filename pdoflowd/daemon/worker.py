@@ -373,8 +373,8 @@ class Worker:
                 # ended may be complete.
                 self.outcomes.settle()
             if not batch:
-                if self.tally.due():
-                    self.send_metrics()
+                # Going idle: what the tally holds is due now.
+                self.send_metrics()
                 self.mark(WorkerState.IDLE)
                 self.sleep(
                     policy.poll_timeout(
