@@ -156,7 +156,8 @@ SUBMITTER_GRANTS = (
     "GRANT SELECT ON pdoflowd.postings, pdoflowd.jobs,"
     " pdoflowd.shared_variables TO {role}",
     "GRANT INSERT (uuid, target_function, entry_point, status, timeout_s,"
-    " requires, store_result, tries) ON pdoflowd.postings TO {role}",
+    " requires, store_result, tries, idempotency_key, key_scope)"
+    " ON pdoflowd.postings TO {role}",
     "GRANT INSERT (uuid, posting_id, priority, posargs, kwargs,"
     " tries_remaining, run_after) ON pdoflowd.jobs TO {role}",
     "GRANT INSERT, UPDATE, DELETE ON pdoflowd.shared_variables TO {role}",

@@ -16,8 +16,22 @@ CREATE TABLE pdoflowd.postings (
     -- Whether the jobs' return values are kept in jobs.result.
     store_result boolean NOT NULL DEFAULT false,
     -- The tries each job was given; a retry gives them again.
-    tries integer NOT NULL DEFAULT 3 CHECK (tries >= 1)
+    tries integer NOT NULL DEFAULT 3 CHECK (tries >= 1),
+    -- The poster's key for the posting (see postings_idempotency_key).
+    idempotency_key text CHECK (length(idempotency_key) BETWEEN 1 AND 200),
+    key_scope text NOT NULL DEFAULT 'active'
+        CHECK (key_scope IN ('active', 'forever'))
 );
+
+-- While a posting with a key has not ended (paused or executing), another
+-- posting of the same poster with that key cannot be inserted: a second
+-- post returns the first. With key_scope 'forever' the key stays taken for
+-- as long as the row exists. Per poster, so a key never tells one poster
+-- of another's postings.
+CREATE UNIQUE INDEX postings_idempotency_key
+    ON pdoflowd.postings (poster, idempotency_key)
+    WHERE idempotency_key IS NOT NULL
+          AND (key_scope = 'forever' OR status IN ('paused', 'executing'));
 
 -- The maintenance sweep looks for executing postings with nothing left.
 CREATE INDEX postings_executing ON pdoflowd.postings (id)
