@@ -10,11 +10,12 @@ controls. Callers pass plain values and their own connection.
 from __future__ import annotations
 
 import datetime as dt
+import enum
 import itertools
 import selectors
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 from uuid import UUID
 
 import psycopg
@@ -34,16 +35,35 @@ from pdoflowd.status import JobStatus, PostingStatus
 # already encoded as JSON text.
 NewJob = tuple[str, int, str, str]
 
-# The poster is never sent: the column defaults to the session user.
+# The poster is never sent: the column defaults to the session user. A
+# posting whose key its poster holds already (postings_idempotency_key:
+# the same condition here, so the index is the arbiter) is not inserted;
+# the insert waits for a concurrent poster of the key to commit or roll
+# back first.
 _INSERT_POSTING = """
 INSERT INTO pdoflowd.postings
     (uuid, target_function, entry_point, status, timeout_s, requires,
-     store_result, tries)
+     store_result, tries, idempotency_key, key_scope)
 VALUES (%(uuid)s, %(target_function)s, %(entry_point)s, %(status)s,
-        %(timeout_s)s, %(requires)s::text[], %(store_result)s, %(tries)s)
+        %(timeout_s)s, %(requires)s::text[], %(store_result)s, %(tries)s,
+        %(key)s, %(key_scope)s)
+ON CONFLICT (poster, idempotency_key)
+    WHERE idempotency_key IS NOT NULL
+          AND (key_scope = 'forever' OR status IN ('paused', 'executing'))
+    DO NOTHING
 RETURNING id, row_security_active('pdoflowd.jobs'),
           now() + make_interval(secs => %(delay_s)s)
 """
+
+# The posting that holds a key of this poster's, as the index sees it.
+_KEYED_POSTING = """
+SELECT id, uuid FROM pdoflowd.postings
+WHERE poster = session_user AND idempotency_key = %(key)s
+  AND (key_scope = 'forever' OR status IN ('paused', 'executing'))
+"""
+# How often an insert that met a key retries when the posting holding it
+# ended before it could be read: each time, another post took it again.
+_KEY_ATTEMPTS = 5
 
 # COPY is refused where row-level security applies (a submitter role), so
 # such a session inserts the same rows with INSERTs over arrays, a chunk of
@@ -122,6 +142,28 @@ def copy_blocks(jobs: Iterable[NewJob], tail: str) -> Iterator[str]:
         yield "".join(lines)
 
 
+class KeyScope(str, enum.Enum):
+    """How long a posting's key stays taken: while the posting has not
+    ended (``active``), or for as long as its row exists (``forever``)."""
+
+    ACTIVE = "active"
+    FOREVER = "forever"
+
+
+class InsertedPosting(NamedTuple):
+    """What :func:`insert_posting` did: the posting's internal id and
+    uuid, and whether it existed already (its key was taken)."""
+
+    id: int
+    uuid: UUID
+    existed: bool
+
+
+class KeyBusy(Exception):
+    """A keyed insert found the key taken, but the posting holding it
+    ended before it could be read, again and again."""
+
+
 def insert_posting(
     conn: Connection,
     *,
@@ -136,13 +178,20 @@ def insert_posting(
     delay_s: float | None = None,
     requires: Sequence[str] = (),
     store_result: bool = False,
-) -> int:
+    key: str | None = None,
+    key_scope: KeyScope = KeyScope.ACTIVE,
+) -> InsertedPosting:
     """Insert a posting and its jobs (one COPY) and NOTIFY the daemons.
 
     Runs in the caller's transaction: nothing is visible, and nobody is
     woken, until the caller commits. The jobs may run from ``run_after``,
-    or ``delay_s`` seconds after the database's time now. Returns the
-    posting's internal id.
+    or ``delay_s`` seconds after the database's time now.
+
+    With a ``key``, nothing is written when a posting of this poster holds
+    the key already (one that has not ended, or one posted with
+    ``key_scope`` forever): that posting is returned, ``existed`` true,
+    and ``jobs`` is not read. A concurrent post of the same key waits for
+    the other to commit or roll back, so one posting is made.
 
     ``jobs`` is read as the rows are sent, so a posting is never held in
     memory whole. An exception from it stops the write half-way, the
@@ -150,21 +199,31 @@ def insert_posting(
     savepoint that the exception rolls back.
     """
     status = PostingStatus.PAUSED if paused else PostingStatus.EXECUTING
-    row = conn.execute(
-        _INSERT_POSTING,
-        {
-            "uuid": posting_uuid,
-            "target_function": target_function,
-            "entry_point": entry_point,
-            "status": status.value,
-            "timeout_s": timeout_s,
-            "requires": list(requires),
-            "store_result": store_result,
-            "tries": tries,
-            "delay_s": delay_s,
-        },
-    ).fetchone()
-    assert row is not None
+    params = {
+        "uuid": posting_uuid,
+        "target_function": target_function,
+        "entry_point": entry_point,
+        "status": status.value,
+        "timeout_s": timeout_s,
+        "requires": list(requires),
+        "store_result": store_result,
+        "tries": tries,
+        "delay_s": delay_s,
+        "key": key,
+        "key_scope": key_scope.value,
+    }
+    for _ in range(_KEY_ATTEMPTS):
+        row = conn.execute(_INSERT_POSTING, params).fetchone()
+        if row is not None or key is None:
+            break
+        held = conn.execute(_KEYED_POSTING, {"key": key}).fetchone()
+        if held is not None:
+            return InsertedPosting(held[0], held[1], existed=True)
+    if row is None:
+        raise KeyBusy(
+            f"the key {key!r} was taken and released {_KEY_ATTEMPTS} times"
+            " while this posting waited for it"
+        )
     posting_id: int = row[0]
     restricted: bool = row[1]
     if run_after is None:
@@ -175,7 +234,7 @@ def insert_posting(
         tail = copy_tail(posting_id, tries, run_after)
         _copy_jobs(conn, copy_blocks(jobs, tail))
     notify(conn)
-    return posting_id
+    return InsertedPosting(posting_id, posting_uuid, existed=False)
 
 
 class _Abandoned(Exception):
