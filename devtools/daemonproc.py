@@ -68,7 +68,13 @@ _D = TypeVar("_D", bound="DaemonProcess")
 
 
 def toml_value(value: Any) -> str:
-    """``value`` as TOML: a boolean, number, string or array of them."""
+    """``value`` as TOML: a boolean, number, string, or an array or inline
+    table of them."""
+    if isinstance(value, Mapping):
+        items = ", ".join(
+            f"{toml_value(str(k))} = {toml_value(v)}" for k, v in value.items()
+        )
+        return "{" + items + "}"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
@@ -80,17 +86,21 @@ def toml_value(value: Any) -> str:
     raise TypeError(value)
 
 
-def config_text(sections: Mapping[str, Mapping[str, Any]]) -> str:
-    """A TOML config file: one table per section."""
+def config_text(sections: Mapping[str, Any]) -> str:
+    """A TOML config file: one table per section, and an array of tables
+    ([[name]]) for a section given as a list of mappings."""
     lines = []
     for section, values in sections.items():
-        lines.append(f"[{section}]")
-        lines += [f"{k} = {toml_value(v)}" for k, v in values.items()]
-        lines.append("")
+        tables = values if isinstance(values, (list, tuple)) else [values]
+        header = f"[[{section}]]" if tables is values else f"[{section}]"
+        for table in tables:
+            lines.append(header)
+            lines += [f"{k} = {toml_value(v)}" for k, v in table.items()]
+            lines.append("")
     return "\n".join(lines)
 
 
-def write_config(path: Path, sections: Mapping[str, Mapping[str, Any]]) -> Path:
+def write_config(path: Path, sections: Mapping[str, Any]) -> Path:
     path.write_text(config_text(sections))
     return path
 

@@ -39,11 +39,13 @@ TESTS_DIR = Path(__file__).resolve().parent
 REPO_ROOT = TESTS_DIR.parent
 
 
-def daemon_config(
-    dsn: str, **overrides: Mapping[str, Any]
-) -> dict[str, dict[str, Any]]:
-    """A config for tests: short intervals, the test job module allowed."""
-    sections: dict[str, dict[str, Any]] = {
+def daemon_config(dsn: str, **overrides: Any) -> dict[str, Any]:
+    """A config for tests: short intervals, the test job module allowed.
+
+    An override is a section's keys, or a list of tables for an array of
+    tables (``schedules=[{...}, ...]``), which it replaces.
+    """
+    sections: dict[str, Any] = {
         "database": {"dsn": dsn},
         "workers": {
             "count": 2,
@@ -61,7 +63,10 @@ def daemon_config(
         },
     }
     for section, values in overrides.items():
-        sections.setdefault(section, {}).update(values)
+        if isinstance(values, (list, tuple)):
+            sections[section] = list(values)
+        else:
+            sections.setdefault(section, {}).update(values)
     return sections
 
 
@@ -73,7 +78,7 @@ class Daemon(DaemonProcess):
     def __init__(
         self,
         tmp: Path,
-        config: Mapping[str, Mapping[str, Any]],
+        config: Mapping[str, Any],
         *,
         effects_dsn: str = "",
         env: Mapping[str, str] | None = None,

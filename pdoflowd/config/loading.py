@@ -20,13 +20,14 @@ from datetime import date, datetime, time
 from pathlib import Path
 from typing import Any
 
+from pdoflowd.arguments import ValueNotStorable, encode_value
 from pdoflowd.config.problems import (
     ConfigError,
     ConfigProblem,
     number_text,
     reason,
 )
-from pdoflowd.config.schema import SECTIONS, Config, Rule
+from pdoflowd.config.schema import SECTIONS, Config, Rule, ScheduleConfig
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -122,6 +123,52 @@ def _to_optional_path(value: object) -> Path | None:
     return path
 
 
+def _json_problems(value: object, path: str) -> list[str]:
+    """Why a TOML value is not JSON-compatible (its dates are not)."""
+
+    def walk(item: object, where: str) -> Iterator[str]:
+        if isinstance(item, (datetime, date, time)):
+            yield f"{where}: a TOML {_toml_type(item)} is not a JSON value"
+        elif isinstance(item, Mapping):
+            for key, inner in item.items():
+                yield from walk(inner, f"{where}[{key!r}]")
+        elif isinstance(item, (list, tuple)):
+            for index, inner in enumerate(item):
+                yield from walk(inner, f"{where}[{index}]")
+
+    wrong = list(walk(value, path))
+    if wrong:
+        return wrong
+    try:
+        encode_value(value, path)
+    except ValueNotStorable as exc:
+        return [f"{exc.path}: {exc.problem}"]
+    return []
+
+
+def _to_json_array(value: object) -> tuple[Any, ...]:
+    if not isinstance(value, (list, tuple)):
+        raise _Invalid(f"expected an array, got {_toml_type(value)}")
+    wrong = _json_problems(list(value), "args")
+    if wrong:
+        raise _Invalid(*wrong)
+    return tuple(value)
+
+
+def _to_json_table(value: object) -> dict[str, Any]:
+    if not isinstance(value, Mapping):
+        raise _Invalid(f"expected a table, got {_toml_type(value)}")
+    wrong = [
+        f"{key!r} is not a keyword name"
+        for key in value
+        if not (isinstance(key, str) and key.isidentifier())
+    ]
+    wrong += _json_problems(dict(value), "kwargs")
+    if wrong:
+        raise _Invalid(*wrong)
+    return dict(value)
+
+
 _CONVERTERS: Mapping[object, Callable[[object], object]] = {
     int: _to_int,
     float: _to_float,
@@ -129,7 +176,13 @@ _CONVERTERS: Mapping[object, Callable[[object], object]] = {
     bool: _to_bool,
     tuple[str, ...]: _to_strings,
     Path | None: _to_optional_path,
+    tuple[Any, ...]: _to_json_array,
+    Mapping[str, Any]: _to_json_table,
 }
+
+# The sections that are arrays of tables ([[name]]), each table an instance
+# of the class; their keys are written name[index].key, index from 0.
+ARRAY_SECTIONS: Mapping[str, type[Any]] = {"schedules": ScheduleConfig}
 
 
 def _suggestion(name: str, known: Iterable[str]) -> str:
@@ -141,7 +194,57 @@ def _section_hint(key: str) -> str:
     for name, cls in SECTIONS.items():
         if key in {f.name for f in fields(cls)}:
             return f"did you mean {name}.{key}?"
+    if key in {f.name for f in fields(ScheduleConfig)}:
+        return "did you mean it in a [[schedules]] table?"
     return "settings belong in a section, e.g. [workers]"
+
+
+def _parse_schedules(
+    raw: object,
+) -> tuple[tuple[ScheduleConfig, ...], list[ConfigProblem]]:
+    """The [[schedules]] tables; problems under schedules[index].key."""
+    if not isinstance(raw, list):
+        got = _toml_type(raw)
+        message = f"expected an array of tables ([[schedules]]), got {got}"
+        return (), [ConfigProblem("schedules", message)]
+    found: list[ScheduleConfig] = []
+    problems: list[ConfigProblem] = []
+    names: dict[str, int] = {}
+    for index, table in enumerate(raw):
+        where = f"schedules[{index}]"
+        if not isinstance(table, Mapping):
+            message = f"expected a table, got {_toml_type(table)}"
+            problems.append(ConfigProblem(where, message))
+            continue
+        schedule, wrong = _parse_section(where, ScheduleConfig, table)
+        problems.extend(wrong)
+        rejected = {p.key for p in wrong}
+        for key in ("name", "entry_point"):
+            if key not in table:
+                problems.append(
+                    ConfigProblem(f"{where}.{key}", "missing; it is required")
+                )
+        has_cron = "cron" in table and bool(table["cron"])
+        has_every = "every_s" in table
+        if has_cron == has_every:
+            message = (
+                "give cron or every_s, not both"
+                if has_cron
+                else "give when it fires: cron or every_s"
+            )
+            problems.append(ConfigProblem(where, message))
+        if f"{where}.name" not in rejected and schedule.name:
+            first = names.setdefault(schedule.name, index)
+            if first != index:
+                problems.append(
+                    ConfigProblem(
+                        f"{where}.name",
+                        f"{schedule.name!r} is the name of"
+                        f" schedules[{first}] too; names must be unique",
+                    )
+                )
+        found.append(schedule)
+    return tuple(found), problems
 
 
 def _parse_section(
@@ -223,10 +326,13 @@ def parse(data: Mapping[str, object], source: Path | None = None) -> Config:
     problems: list[ConfigProblem] = []
     sections: dict[str, Any] = {}
     for name, raw in data.items():
-        if name in SECTIONS:
+        if name in SECTIONS or name in ARRAY_SECTIONS:
             continue
-        if isinstance(raw, Mapping):
-            message = "unknown section" + _suggestion(name, SECTIONS)
+        if isinstance(raw, Mapping) or (
+            isinstance(raw, list) and raw and isinstance(raw[0], Mapping)
+        ):
+            known = [*SECTIONS, *ARRAY_SECTIONS]
+            message = "unknown section" + _suggestion(name, known)
         else:
             message = "unknown key; " + _section_hint(name)
         problems.append(ConfigProblem(name, message))
@@ -239,7 +345,11 @@ def parse(data: Mapping[str, object], source: Path | None = None) -> Config:
             continue
         sections[name], wrong = _parse_section(name, cls, raw)
         problems.extend(wrong)
-    config = Config(**sections, source=source)
+    schedules: tuple[ScheduleConfig, ...] = ()
+    if "schedules" in data:
+        schedules, wrong = _parse_schedules(data["schedules"])
+        problems.extend(wrong)
+    config = Config(**sections, schedules=schedules, source=source)
     problems.extend(_cross_problems(config, {p.key for p in problems}))
     if problems:
         raise ConfigError(problems)

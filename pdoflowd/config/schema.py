@@ -16,8 +16,10 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
+from pdoflowd import schedules
 from pdoflowd.config.dsn import dsn_problems
 from pdoflowd.config.problems import number_text
+from pdoflowd.entrypoints import EntryPointRefused, split_entry_point
 
 __all__ = [
     "LOG_LEVELS",
@@ -28,6 +30,7 @@ __all__ = [
     "JobsConfig",
     "MetricsConfig",
     "Rule",
+    "ScheduleConfig",
     "WorkersConfig",
 ]
 
@@ -324,6 +327,97 @@ class DaemonConfig:
     )
 
 
+_SCHEDULE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,99}")
+# A job's priority, as the client bounds it (an SQL integer).
+_PRIORITY_MIN = -(2**31)
+_PRIORITY_MAX = 2**31 - 1
+
+
+def _schedule_name(name: str) -> Iterator[str]:
+    if not name:
+        yield "every schedule needs a name"
+    elif not _SCHEDULE_NAME.fullmatch(name):
+        yield (
+            f"{name!r} is not a schedule name: 1 to 100 letters, digits and"
+            " _ . : -, starting with a letter or digit"
+        )
+
+
+def _entry_point(entry_point: str) -> Iterator[str]:
+    if not entry_point:
+        yield "every schedule needs the entry point it posts to"
+        return
+    try:
+        split_entry_point(entry_point)
+    except EntryPointRefused as exc:
+        yield str(exc)
+
+
+def _cron(text: str) -> Iterator[str]:
+    if text:
+        try:
+            schedules.cron_expression(text)
+        except ValueError as exc:
+            yield str(exc)
+
+
+def _time_zone(name: str) -> Iterator[str]:
+    try:
+        schedules.time_zone(name)
+    except ValueError as exc:
+        yield str(exc)
+
+
+def _key_template(template: str) -> Iterator[str]:
+    if template:
+        yield from schedules.key_problems(template)
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """One ``[[schedules]]`` table: a posting made at each fire time.
+
+    Exactly one of ``cron`` and ``every_s`` is set (0 for every_s: not
+    set); ``key`` "" means :data:`pdoflowd.schedules.DEFAULT_KEY`.
+    """
+
+    name: str = field(default="", metadata=_rule(check=_schedule_name))
+    entry_point: str = field(default="", metadata=_rule(check=_entry_point))
+    cron: str = field(default="", metadata=_rule(check=_cron))
+    every_s: int = field(
+        default=0, metadata=_rule(at_least=1, at_most=_TEN_YEARS_S)
+    )
+    args: tuple[Any, ...] = ()
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+    priority: int = field(
+        default=0, metadata=_rule(at_least=_PRIORITY_MIN, at_most=_PRIORITY_MAX)
+    )
+    timezone: str = field(default="UTC", metadata=_rule(check=_time_zone))
+    backfill: int = field(default=0, metadata=_rule(at_least=0, at_most=1000))
+    key: str = field(default="", metadata=_rule(check=_key_template))
+
+    def fire_times(self) -> schedules.FireTimes:
+        """When the schedule fires (the config must have been checked)."""
+        if self.cron:
+            return schedules.FireTimes(
+                cron=schedules.cron_expression(self.cron),
+                zone=schedules.time_zone(self.timezone),
+            )
+        return schedules.FireTimes(every_s=self.every_s)
+
+    @property
+    def key_template(self) -> str:
+        return self.key or schedules.DEFAULT_KEY
+
+    @property
+    def when(self) -> str:
+        """The timing as an operator wrote it, e.g. "0 3 * * * Europe/Paris"
+        or "every 60 s"."""
+        if self.cron:
+            return f"{self.cron} ({self.timezone})"
+        return f"every {self.every_s} s"
+
+
 @dataclass(frozen=True)
 class Config:
     """The whole configuration; source is the file it was loaded from."""
@@ -333,6 +427,7 @@ class Config:
     jobs: JobsConfig = field(default_factory=JobsConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    schedules: tuple[ScheduleConfig, ...] = ()
     source: Path | None = None
 
 

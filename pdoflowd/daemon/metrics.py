@@ -17,6 +17,7 @@ supervisor's loop.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import re
@@ -100,6 +101,7 @@ DB_OPERATIONS = (
     "maintenance",
     "taking_back_jobs",
     "queue_stats",
+    "schedules",
 )
 QUEUE_STATUSES = ("waiting", "executing")
 
@@ -294,6 +296,7 @@ class PoolMetrics:
 
     ``function_labels``: the entry points that get their own ``function``
     label value; all others are counted as ``function="other"``.
+    ``schedules``: the names of the config's schedules.
     """
 
     def __init__(
@@ -301,6 +304,7 @@ class PoolMetrics:
         *,
         version: str,
         function_labels: Iterable[str] = (),
+        schedules: Iterable[str] = (),
         process_metrics: bool = True,
         proc: str = "/proc",
     ) -> None:
@@ -390,6 +394,20 @@ class PoolMetrics:
             "When the configuration was last loaded successfully.",
             registry=registry,
         )
+        self.schedule_runs = Counter(
+            "pdoflowd_schedule_runs_total",
+            "Fire times of a schedule this daemon claimed and posted.",
+            ["schedule"],
+            registry=registry,
+        )
+        self.schedule_last_run = Gauge(
+            "pdoflowd_schedule_last_run_timestamp_seconds",
+            "The newest fire time of a schedule posted by any daemon, as"
+            " this daemon last read it.",
+            ["schedule"],
+            registry=registry,
+        )
+        self._schedules: frozenset[str] = frozenset()
         self.build_info = Gauge(
             "pdoflowd_build_info",
             "Always 1; the version of pdoflowd that is running.",
@@ -408,6 +426,7 @@ class PoolMetrics:
         for name in QUEUE_STATUSES:
             self.queue_jobs.labels(name)
         self.set_function_labels(function_labels)
+        self.set_schedules(schedules)
         self.worker_processes = _WorkerProcesses(proc)
         registry.register(self.worker_processes)
         if process_metrics:
@@ -422,6 +441,18 @@ class PoolMetrics:
             for outcome in OUTCOMES:
                 self.jobs_processed.labels(outcome, function)
                 self.job_duration.labels(outcome, function)
+
+    def set_schedules(self, names: Iterable[str]) -> None:
+        """Adopt the config's schedules (e.g. after a reload): a new one's
+        runs count from 0, a removed one's series go."""
+        names = frozenset(names)
+        for name in self._schedules - names:
+            for metric in (self.schedule_runs, self.schedule_last_run):
+                with contextlib.suppress(KeyError):
+                    metric.remove(name)
+        for name in names:
+            self.schedule_runs.labels(name)
+        self._schedules = names
 
     def function_label(self, entry_point: str) -> str:
         """The ``function`` label value of an entry point."""
@@ -527,6 +558,19 @@ class PoolMetrics:
             self.queue_jobs.labels(status).set(counts.get(status, 0))
         self.queue_oldest_waiting.set(max(0.0, oldest_waiting_s or 0.0))
         self.queue_refreshed.set_to_current_time()
+
+    def count_schedule_runs(
+        self, runs: Mapping[str, int], last: Mapping[str, float]
+    ) -> None:
+        """Runs the scheduler posted, by schedule, and the newest fire
+        times it read (Unix time); schedules no longer configured (the
+        word of a session ended by a reload) are ignored."""
+        for name, count in runs.items():
+            if name in self._schedules and count > 0:
+                self.schedule_runs.labels(name).inc(count)
+        for name, stamp in last.items():
+            if name in self._schedules:
+                self.schedule_last_run.labels(name).set(stamp)
 
     def config_reloaded(self, ok: bool) -> None:
         """A reload was adopted (True) or refused (False)."""

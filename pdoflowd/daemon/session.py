@@ -36,6 +36,7 @@ import psycopg
 from pdoflowd import __version__, policy
 from pdoflowd.config import Config, connection_kwargs
 from pdoflowd.daemon import forked, logs
+from pdoflowd.daemon.scheduler import Scheduler
 from pdoflowd.daemon.scoreboard import Scoreboard, WorkerState
 from pdoflowd.daemon.sessionpipe import (
     Event,
@@ -95,6 +96,11 @@ class Session:
         self.request_buffer = b""
         self.due: dict[str, float] = {}
         self.pulse_warned = False
+        self.scheduler = (
+            Scheduler(self.config.schedules, spec.daemon_id, self.send)
+            if self.config.schedules
+            else None
+        )
 
     # ------------------------------------------------------------ plumbing
 
@@ -341,6 +347,12 @@ class Session:
         counts, oldest = upkeep.queue_stats(self.conn)
         self.send(Event.QUEUE, counts=counts, oldest=oldest)
 
+    def schedules(self) -> None:
+        assert self.conn is not None and self.scheduler is not None
+        self.scheduler.run(self.conn)
+        # Not an interval: the next pass is due at the next fire time.
+        self.due["schedules"] = time.monotonic() + self.scheduler.wait_s
+
     def note_notification(self, notify: psycopg.Notify) -> None:
         """A notification the driver read during a statement."""
         self.notified.add(notify.channel)
@@ -381,6 +393,8 @@ class Session:
         if self.config.metrics.enabled:
             interval = self.config.metrics.queue_stats_interval_s
             yield "queue_stats", interval, self.queue_stats
+        if self.scheduler is not None:
+            yield "schedules", self.scheduler.wait_s, self.schedules
 
     def run(self) -> None:
         """Serve the supervisor until it asks us to stop, or is gone."""

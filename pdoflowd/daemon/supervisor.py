@@ -95,6 +95,7 @@ class Supervisor:
         self.metrics = metrics.PoolMetrics(
             version=__version__,
             function_labels=config.metrics.function_labels,
+            schedules=[schedule.name for schedule in config.schedules],
         )
         rng = random.Random()
         self.keeper = SessionKeeper(
@@ -295,6 +296,11 @@ class Supervisor:
                 self.pool.end_cancelled_jobs(set(fields.get("jobs") or ()))
             elif event.kind is Event.CLAIMS_CANCELLED:
                 self.pool.check_claims(set(fields.get("owners") or ()))
+            elif event.kind is Event.SCHEDULE_RUNS:
+                self.metrics.count_schedule_runs(
+                    dict(fields.get("runs") or {}),
+                    dict(fields.get("last") or {}),
+                )
 
     def taken_back(self, fields: dict[str, Any]) -> None:
         takeback = self.keeper.taken_back(int(fields.get("seq", -1)))
@@ -398,6 +404,7 @@ class Supervisor:
         if self.http is not None:
             self.http.set_tls(context)
         self.metrics.set_function_labels(new.metrics.function_labels)
+        self.metrics.set_schedules(schedule.name for schedule in new.schedules)
         # Workers forked from now on, and the next connection of our own,
         # log in with the password as it reads now (a rotated file).
         self.config = new

@@ -169,12 +169,20 @@ SUBMITTER_GRANTS = (
 
 # What a daemon may do: check the schema version, claim, record, rescue and
 # settle (UPDATE on postings and jobs, which also lets it see every
-# posting), register itself, share variables with its jobs, store
-# profiles.
+# posting), post its schedules' postings (as their poster, which it cannot
+# choose) and record their runs, register itself, share variables with its
+# jobs, store profiles.
 DAEMON_GRANTS = (
     "GRANT USAGE ON SCHEMA pdoflowd TO {role}",
     "GRANT SELECT ON pdoflowd.schema_migrations TO {role}",
     "GRANT SELECT, UPDATE ON pdoflowd.postings, pdoflowd.jobs TO {role}",
+    "GRANT INSERT (uuid, target_function, entry_point, status, timeout_s,"
+    " requires, store_result, tries, idempotency_key, key_scope)"
+    " ON pdoflowd.postings TO {role}",
+    "GRANT INSERT (uuid, posting_id, priority, posargs, kwargs,"
+    " tries_remaining, run_after) ON pdoflowd.jobs TO {role}",
+    "GRANT SELECT, INSERT, UPDATE, DELETE ON pdoflowd.schedule_runs,"
+    " pdoflowd.schedules TO {role}",
     "GRANT SELECT, INSERT, UPDATE ON pdoflowd.daemons TO {role}",
     "GRANT SELECT, INSERT, UPDATE, DELETE ON pdoflowd.shared_variables"
     " TO {role}",
