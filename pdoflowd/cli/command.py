@@ -28,6 +28,7 @@ from pdoflowd.cli.following import (
 )
 from pdoflowd.cli.output import UserError, fail
 from pdoflowd.cli.parser import build_parser
+from pdoflowd.cli.scheduling import list_schedules
 from pdoflowd.cli.steering import (
     cancel,
     pause,
@@ -67,6 +68,7 @@ VERBS: dict[str, Callable[[Client, argparse.Namespace], int]] = {
     "cancel": cancel,
     "retry": retry,
     "results": results,
+    "schedules": list_schedules,
 }
 
 

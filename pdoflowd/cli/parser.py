@@ -228,4 +228,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     results = verb("results", "each job's end and stored return value")
     results.add_argument("posting_id")
+
+    verb(
+        "schedules",
+        "the live daemons' schedules: last run, its posting, next run",
+        description="Lists each [[schedules]] table the live daemons run "
+        "(as published when their database session started), its newest "
+        "run by any daemon, the posting that run made, and its next fire "
+        "time. Needs the daemon's database role (or the schema owner).",
+    )
     return parser

@@ -53,12 +53,14 @@ from pdoflowd.client.handles import (
     as_uuid,
 )
 from pdoflowd.db import postings, profiles
+from pdoflowd.db import schedules as schedule_rows
 from pdoflowd.db.postings import (
     JobRow,
     PostingSummary,
     PriorityCount,
     StoredResult,
 )
+from pdoflowd.db.schedules import ScheduleListing
 from pdoflowd.ids import uuid7, uuid7_run
 from pdoflowd.sharedvars import SharedVariables
 from pdoflowd.status import JobStatus, PostingStatus
@@ -348,6 +350,19 @@ class Client:
         """Unfinished jobs by priority, highest first."""
         with self.connect() as conn:
             return postings.priority_stats(conn)
+
+    def schedules(self) -> tuple[dt.datetime, list[ScheduleListing]]:
+        """The database's time, and the schedules the live daemons run,
+        each with its newest run. Needs the daemon's privileges (or the
+        schema owner's): :class:`PermissionError` otherwise."""
+        with self.connect() as conn:
+            try:
+                return schedule_rows.list_schedules(conn)
+            except errors.InsufficientPrivilege as exc:
+                raise PermissionError(
+                    "listing schedules needs the daemon's privileges (or the"
+                    " schema owner's): connect as the daemon's role"
+                ) from exc
 
     # ------------------------------------------------------------ steering
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime as dt
 import errno
 import fcntl
 import logging
@@ -82,7 +83,14 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--pidfile", type=Path, help="with --daemonize: a locked pidfile"
     )
-    with_config("check-config", "validate the config; exit 78 if invalid")
+    check = with_config(
+        "check-config", "validate the config; exit 78 if invalid"
+    )
+    check.add_argument(
+        "--show-schedules",
+        action="store_true",
+        help="print each schedule's next three fire times",
+    )
     add_grant_arguments(
         with_config("migrate", "bring the database schema up to date")
     )
@@ -178,13 +186,38 @@ def _load_for_running(path: Path) -> tuple[Config, str | None]:
     return config, password
 
 
-def check_config(path: Path) -> int:
+def check_config(
+    path: Path, *, show_schedules: bool = False, now: dt.datetime | None = None
+) -> int:
     try:
-        _load_for_running(path)
+        config, _ = _load_for_running(path)
     except ConfigError as exc:
         return _report(exc)
     print(f"{path}: valid")
+    if show_schedules:
+        for line in schedule_lines(
+            config, now or dt.datetime.now(dt.timezone.utc)
+        ):
+            print(line)
     return 0
+
+
+def schedule_lines(config: Config, now: dt.datetime) -> list[str]:
+    """Each schedule, and its next three fire times after ``now`` in its
+    time zone (UTC for every_s)."""
+    if not config.schedules:
+        return ["no schedules"]
+    lines = []
+    for schedule in config.schedules:
+        times = schedule.fire_times()
+        zone = times.zone
+        lines.append(
+            f"schedule {schedule.name}: {schedule.entry_point},"
+            f" {schedule.when}, backfill {schedule.backfill}"
+        )
+        for moment in times.upcoming(now, 3):
+            lines.append(f"  next: {moment.astimezone(zone).isoformat()}")
+    return lines
 
 
 def migrate(path: Path, grants: Grants | None = None) -> int:
@@ -332,7 +365,7 @@ def run(path: Path, *, daemonize: bool, pidfile: Path | None) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "check-config":
-        return check_config(args.config)
+        return check_config(args.config, show_schedules=args.show_schedules)
     if args.command == "migrate":
         return migrate(args.config, Grants.from_args(args))
     if args.pidfile and not args.daemonize:
