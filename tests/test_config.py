@@ -1013,6 +1013,8 @@ def reference_entries() -> dict[str, object]:
         if heading:
             key = heading.group(1)
             entries[key] = None
+        elif line.startswith("#"):
+            key = None  # another heading ([[schedules]]' keys, say)
         default = re.match(r"- \*\*Default:\*\* `([^`]*)`", line)
         if default and key is not None:
             entries[key] = tomllib.loads(f"v = {default.group(1)}")["v"]

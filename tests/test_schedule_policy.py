@@ -200,7 +200,9 @@ def brute_due(
     first = (last or watching_since - 2 * grace).timestamp()
     due = [
         schedules.EPOCH + dt.timedelta(seconds=k * period_s)
-        for k in range(int(first) // period_s, int(now.timestamp()) // period_s + 1)
+        for k in range(
+            int(first) // period_s, int(now.timestamp()) // period_s + 1
+        )
     ]
     due = [t for t in due if (last is None or t > last) and t <= now]
     missed = [t for t in due if t + grace <= watching_since]
@@ -232,8 +234,8 @@ def test_due_runs_posts_on_time_runs_and_at_most_backfill_missed_ones(
     anchor = schedules.EPOCH + dt.timedelta(seconds=base // period_s * period_s)
     last = None if last_k is None else anchor + last_k * period_s * SECOND
     reference = last or anchor
-    watching_since = reference + down_s * SECOND + dt.timedelta(
-        microseconds=123
+    watching_since = (
+        reference + down_s * SECOND + dt.timedelta(microseconds=123)
     )
     now = watching_since + watched_s * SECOND
     got = due_runs(
