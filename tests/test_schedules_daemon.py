@@ -313,7 +313,7 @@ def test_a_daemon_role_posts_schedules_and_a_submitter_cannot_list_them(
         assert "tick" in capsys.readouterr().out
         with pytest.raises(SystemExit) as exited:
             pdoflow(["--dsn", roles.dsn_of(submitter), "schedules"])
-        assert exited.value.code == 64
+        assert exited.value.code == 69
         assert "needs the daemon's privileges" in capsys.readouterr().err
     finally:
         daemon.close()

@@ -341,6 +341,7 @@ DEBIAN_PACKAGES = {
     "sdnotify": "python3-sdnotify",
     "python-daemon": "python3-daemon",
     "prometheus-client": "python3-prometheus-client",
+    "croniter": "python3-croniter",
 }
 
 

@@ -15,10 +15,10 @@ from typing import Any
 
 from pdoflowd import schedules
 from pdoflowd.cli import display
-from pdoflowd.cli.output import UserError, print_json
+from pdoflowd.cli.output import fail, print_json
 from pdoflowd.client import Client
 from pdoflowd.db.schedules import ScheduleListing
-from pdoflowd.exitcodes import EXIT_OK
+from pdoflowd.exitcodes import EXIT_OK, EXIT_UNAVAILABLE
 
 __all__ = ["list_schedules", "next_run"]
 
@@ -77,7 +77,8 @@ def list_schedules(client: Client, args: argparse.Namespace) -> int:
     try:
         now, listings = client.schedules()
     except PermissionError as exc:
-        raise UserError(str(exc)) from None
+        # As for any privilege the role lacks (docs/cli.md).
+        fail(str(exc), EXIT_UNAVAILABLE)
     if args.json:
         print_json([_as_json(listing, now) for listing in listings])
         return EXIT_OK

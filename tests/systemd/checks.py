@@ -14,6 +14,7 @@ scenario names without psycopg or an installed pdoflowd.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import pwd
@@ -479,6 +480,61 @@ def reload_refuses_an_invalid_config(params: dict[str, Any]) -> str:
     )
     replaced(workers, 3)
     return f"refused with STATUS {status!r}"
+
+
+SCHEDULES = """
+[[schedules]]
+name = "systest-tick"
+entry_point = "systest_jobs.record"
+every_s = 1
+args = ["schedule-tick"]
+kwargs = { note = "schedule" }
+
+[[schedules]]
+name = "systest-nightly"
+entry_point = "systest_jobs.record"
+cron = "30 2 * * *"
+timezone = "Europe/Paris"
+args = ["schedule-nightly"]
+"""
+
+
+@scenario
+def reload_adds_schedules_that_debian_croniter_fires(
+    params: dict[str, Any],
+) -> str:
+    # Debian's python3-croniter (1.3.5) and tzdata, as the package has them.
+    CONFIG.write_text(config_text(params, workers={"count": 3}) + SCHEDULES)
+    shown = run("pdoflowd", "check-config", "--show-schedules").stdout
+    check("schedule systest-nightly:" in shown, f"check-config: {shown}")
+    check(
+        re.search(r"next: \S+T02:30:00\+0[12]:00", shown),
+        f"no 02:30 Paris time in: {shown}",
+    )
+    try:
+        run("systemctl", "reload", UNIT)
+
+        def ticks() -> list[Any] | None:
+            found = [
+                row[0]
+                for row in rows(
+                    params,
+                    "SELECT run_at FROM pdoflowd.schedule_runs"
+                    " WHERE schedule = 'systest-tick' ORDER BY run_at",
+                )
+            ]
+            return found if len(found) >= 3 else None
+
+        found = wait_for("three runs of systest-tick", ticks)
+        steps = {(b - a).total_seconds() for a, b in itertools.pairwise(found)}
+        check(steps == {1.0}, f"runs not a second apart: {found}")
+        listing = run("pdoflow", "--dsn", params["dsn"], "schedules").stdout
+        check("systest-nightly" in listing, f"pdoflow schedules: {listing}")
+    finally:
+        write_config(params, workers={"count": 3})
+        run("systemctl", "reload", UNIT)
+    settled(3)
+    return f"{len(found)} runs; check-config said {shown.splitlines()[2]!r}"
 
 
 @scenario
