@@ -13,8 +13,13 @@ from typing import Any
 
 import pytest
 
-from pdoflowd.config import ConfigError, ConfigProblem, load, parse
-from pdoflowd.config.schema import ScheduleConfig
+from pdoflowd.config import (
+    ConfigError,
+    ConfigProblem,
+    ScheduleConfig,
+    load,
+    parse,
+)
 from pdoflowd.daemon.command import schedule_lines
 
 ROOT = Path(__file__).resolve().parents[1]

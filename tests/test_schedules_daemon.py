@@ -317,3 +317,63 @@ def test_a_daemon_role_posts_schedules_and_a_submitter_cannot_list_them(
         assert "needs the daemon's privileges" in capsys.readouterr().err
     finally:
         daemon.close()
+
+
+def test_the_migration_gives_daemon_roles_of_version_7_what_schedules_need(
+    empty_dsn: str,
+) -> None:
+    from psycopg import sql
+
+    from pdoflowd.db import migrate
+
+    role = "pdoflowd_t_v7_daemon"
+    new_grants = [
+        g for g in migrate.DAEMON_GRANTS if "schedule" in g or "INSERT (" in g
+    ]
+    assert len(new_grants) == 3
+    with psycopg.connect(empty_dsn, autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role))
+        )
+        conn.execute(sql.SQL("CREATE ROLE {}").format(sql.Identifier(role)))
+        try:
+            with conn.transaction():
+                conn.execute("CREATE SCHEMA pdoflowd")
+                conn.execute(
+                    "CREATE TABLE pdoflowd.schema_migrations ("
+                    " version integer PRIMARY KEY, name text NOT NULL,"
+                    " applied_at timestamptz NOT NULL DEFAULT now())"
+                )
+                for step in migrate.migrations()[:7]:
+                    conn.execute(step.sql.encode())
+                    conn.execute(
+                        "INSERT INTO pdoflowd.schema_migrations"
+                        " VALUES (%s, %s)",
+                        (step.version, step.name),
+                    )
+                for template in migrate.DAEMON_GRANTS:
+                    if template not in new_grants:
+                        conn.execute(
+                            sql.SQL(template).format(role=sql.Identifier(role))
+                        )
+            assert migrate.upgrade_connection(conn) == [8]
+            checks = conn.execute(
+                "SELECT has_column_privilege(%(r)s, 'pdoflowd.postings',"
+                "  'idempotency_key', 'INSERT'),"
+                " has_column_privilege(%(r)s, 'pdoflowd.jobs', 'posargs',"
+                "  'INSERT'),"
+                " has_column_privilege(%(r)s, 'pdoflowd.postings', 'poster',"
+                "  'INSERT'),"
+                " (SELECT bool_and(has_table_privilege(%(r)s, t, p))"
+                "  FROM unnest(ARRAY['pdoflowd.schedule_runs',"
+                "                    'pdoflowd.schedules']) AS t,"
+                "       unnest(ARRAY['SELECT', 'INSERT', 'UPDATE', 'DELETE'])"
+                "       AS p)",
+                {"r": role},
+            ).fetchone()
+            assert checks == (True, True, False, True)
+        finally:
+            conn.execute(
+                sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role))
+            )
+            conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))

@@ -21,9 +21,11 @@ import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import psycopg
+
 from pdoflowd import schedules
 from pdoflowd.arguments import encode_value
-from pdoflowd.config.schema import ScheduleConfig
+from pdoflowd.config import ScheduleConfig
 from pdoflowd.daemon.sessionpipe import Event
 from pdoflowd.db import common
 from pdoflowd.db import schedules as db
@@ -96,7 +98,21 @@ class Scheduler:
         ]
 
     def run(self, conn: common.Connection) -> None:
-        """One pass: post what is due, report it, plan the next pass."""
+        """One pass: post what is due, report it, plan the next pass.
+
+        A database error is raised (the session reconnects); any other
+        failure is logged and the next pass tried a while later, so that
+        a fault in one schedule never ends the session's other chores.
+        """
+        try:
+            self.run_pass(conn)
+        except psycopg.Error:
+            raise
+        except Exception:
+            log.exception("schedules: the pass failed; trying again later")
+            self.wait_s = LONGEST_WAIT_S
+
+    def run_pass(self, conn: common.Connection) -> None:
         started = time.monotonic()
         if conn is not self.conn or self.watching_since is None:
             # A new connection: nobody here watched since the last one.
