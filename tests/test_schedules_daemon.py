@@ -377,3 +377,21 @@ def test_the_migration_gives_daemon_roles_of_version_7_what_schedules_need(
                 sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role))
             )
             conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+
+
+def test_a_reload_without_schedules_unpublishes_them(
+    effects_dsn: str, daemons: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    daemon = daemons(schedules=[every("tick", 1)])
+    wait_until(lambda: fire_times(effects_dsn, "tick"), timeout=30)
+    write_config(daemon.config_path, daemon_config(effects_dsn))
+    daemon.send(signal.SIGHUP)
+
+    def listed() -> list[Any]:
+        assert pdoflow(["--dsn", effects_dsn, "schedules", "--json"]) == 0
+        return list(json.loads(capsys.readouterr().out))
+
+    wait_until(lambda: listed() == [], timeout=30)
+    last = fire_times(effects_dsn, "tick")[-1]
+    time.sleep(2)
+    assert fire_times(effects_dsn, "tick")[-1] == last

@@ -41,6 +41,8 @@ TRIES = 3
 PASS_LIMIT = 100
 # The longest wait between two passes: each pass reports the newest runs.
 LONGEST_WAIT_S = 60.0
+# Without schedules, a pass only notices a new connection.
+IDLE_WAIT_S = 5.0
 # A pass woken a hair before the fire time it waits for (clocks, timers)
 # would find nothing due and wake again at once: wait this much more.
 _LATE_S = 0.002
@@ -114,6 +116,11 @@ class Scheduler:
 
     def run_pass(self, conn: common.Connection) -> None:
         started = time.monotonic()
+        if not self.configs:
+            if conn is not self.conn:
+                self.unpublish(conn)
+            self.wait_s = IDLE_WAIT_S
+            return
         if conn is not self.conn or self.watching_since is None:
             # A new connection: nobody here watched since the last one.
             self.watching_since = db.publish(
@@ -149,6 +156,16 @@ class Scheduler:
             self.wait_s = 0.0
         else:
             self.wait_s = self.next_wait(now, elapsed)
+
+    def unpublish(self, conn: common.Connection) -> None:
+        """Without schedules: forget the ones this daemon published
+        before a reload, once per connection. A role without the
+        privileges schedules need runs on, without them."""
+        try:
+            db.publish(conn, self.daemon_id, [])
+        except psycopg.errors.InsufficientPrivilege as exc:
+            log.debug("no schedules to forget: %s", exc)
+        self.conn = conn
 
     def post(
         self,

@@ -96,10 +96,8 @@ class Session:
         self.request_buffer = b""
         self.due: dict[str, float] = {}
         self.pulse_warned = False
-        self.scheduler = (
-            Scheduler(self.config.schedules, spec.daemon_id, self.send)
-            if self.config.schedules
-            else None
+        self.scheduler = Scheduler(
+            self.config.schedules, spec.daemon_id, self.send
         )
 
     # ------------------------------------------------------------ plumbing
@@ -348,7 +346,7 @@ class Session:
         self.send(Event.QUEUE, counts=counts, oldest=oldest)
 
     def schedules(self) -> None:
-        assert self.conn is not None and self.scheduler is not None
+        assert self.conn is not None
         self.scheduler.run(self.conn)
         # Not an interval: the next pass is due at the next fire time.
         self.due["schedules"] = time.monotonic() + self.scheduler.wait_s
@@ -393,8 +391,7 @@ class Session:
         if self.config.metrics.enabled:
             interval = self.config.metrics.queue_stats_interval_s
             yield "queue_stats", interval, self.queue_stats
-        if self.scheduler is not None:
-            yield "schedules", self.scheduler.wait_s, self.schedules
+        yield "schedules", self.scheduler.wait_s, self.schedules
 
     def run(self) -> None:
         """Serve the supervisor until it asks us to stop, or is gone."""
