@@ -17,6 +17,7 @@ from typing import Any, NoReturn
 
 from pdoflowd import __version__
 from pdoflowd.cli.output import fail
+from pdoflowd.client import KeyScope, PostingError, check_key
 from pdoflowd.config import DEFAULT_CONFIG_PATH
 from pdoflowd.exitcodes import EXIT_USAGE
 from pdoflowd.status import PostingStatus
@@ -43,6 +44,14 @@ def _seconds(text: str) -> float:
             f"expected a number of seconds, at least 0, got {text!r}"
         )
     return value
+
+
+def _key(text: str) -> str:
+    try:
+        check_key(text)
+    except PostingError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def _positive_seconds(text: str) -> float:
@@ -130,6 +139,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     submit.add_argument(
         "--paused", action="store_true", help="post it paused (see `resume`)"
+    )
+    submit.add_argument(
+        "--key",
+        type=_key,
+        default=None,
+        metavar="K",
+        help="an idempotency key: while a posting of yours with key K has"
+        " not ended, print its id instead of posting again",
+    )
+    submit.add_argument(
+        "--key-scope",
+        choices=[scope.value for scope in KeyScope],
+        default=KeyScope.ACTIVE.value,
+        help="how long the key stays taken: until the posting ends"
+        " (active, the default) or as long as it exists (forever)",
     )
     when = submit.add_mutually_exclusive_group()
     when.add_argument(

@@ -27,6 +27,7 @@ from pdoflowd.client.checks import MAX_PRIORITY as MAX_PRIORITY
 from pdoflowd.client.checks import MAX_TRIES as MAX_TRIES
 from pdoflowd.client.checks import MIN_PRIORITY as MIN_PRIORITY
 from pdoflowd.client.checks import PostingJobs as PostingJobs
+from pdoflowd.client.checks import check_key as check_key
 from pdoflowd.client.checks import check_posting as check_posting
 from pdoflowd.client.checks import check_requires as check_requires
 from pdoflowd.client.checks import when_to_run as when_to_run
@@ -64,6 +65,7 @@ from pdoflowd.client.handles import (
     PostingState,
 )
 from pdoflowd.client.handles import as_uuid as as_uuid
+from pdoflowd.db.postings import KeyScope as KeyScope
 from pdoflowd.sharedvars import SharedVariableError, SharedVariables
 
 # ``from pdoflowd.client import *`` gives these. The names imported above
@@ -77,6 +79,7 @@ __all__ = [
     "ControlResult",
     "JobDefinition",
     "JobResult",
+    "KeyScope",
     "Posting",
     "PostingEnded",
     "PostingError",

@@ -29,6 +29,8 @@ from psycopg.pq import TransactionStatus
 
 from pdoflowd.arguments import ArgumentError, decode, shown
 from pdoflowd.client.checks import (
+    check_key,
+    check_key_scope,
     check_name,
     check_posting,
     check_requires,
@@ -132,6 +134,8 @@ class Client:
         run_after: dt.datetime | dt.timedelta | float | None = None,
         requires: Iterable[str] | None = None,
         store_result: bool | None = None,
+        key: str | None = None,
+        key_scope: str = "active",
         conn: psycopg.Connection[Any] | None = None,
     ) -> Posting:
         """Post one job per argument set to ``target``.
@@ -143,6 +147,12 @@ class Client:
         With ``conn`` the posting joins the caller's transaction and
         commits or rolls back with it (a connection in autocommit mode gets
         a transaction of its own).
+
+        With a ``key``, a post while a posting of this poster holds the key
+        writes nothing and returns that posting, ``existed`` true. A key is
+        held until its posting ends (finished, errored out or cancelled),
+        or with ``key_scope="forever"`` for as long as the posting exists.
+        Concurrent posts of one key make one posting.
         """
         definition = definition_of(target)
         check_name(definition.name)
@@ -160,6 +170,8 @@ class Client:
             store_result = definition.store_result
         check_store_result(store_result)
         at, delay_s = when_to_run(run_after)
+        key = check_key(key)
+        scope = check_key_scope(key_scope)
         try:
             jobs = check_posting(posargs, kwargs, priority)
         except ArgumentError as exc:
@@ -167,8 +179,13 @@ class Client:
         posting_id = uuid7()
         job_ids = uuid7_run(jobs.count)
 
+        # What the write found when the key was held: that posting's id
+        # and its jobs' ids (a retried write starts afresh).
+        held: list[Posting] = []
+
         def write(connection: psycopg.Connection[Any]) -> None:
-            postings.insert_posting(
+            held.clear()
+            inserted = postings.insert_posting(
                 connection,
                 posting_uuid=posting_id,
                 target_function=definition.name,
@@ -181,7 +198,12 @@ class Client:
                 delay_s=delay_s,
                 requires=needs,
                 store_result=store_result,
+                key=key,
+                key_scope=scope,
             )
+            if inserted.existed:
+                their_jobs = postings.posting_job_uuids(connection, inserted.id)
+                held.append(Posting(inserted.uuid, their_jobs, existed=True))
 
         try:
             if conn is None:
@@ -191,7 +213,7 @@ class Client:
                 _write_undoably(conn, write)
         except ArgumentError as exc:
             raise PostingError(str(exc)) from exc
-        return Posting(posting_id, job_ids)
+        return held[0] if held else Posting(posting_id, job_ids)
 
     # ------------------------------------------------------------ following
 
@@ -367,6 +389,12 @@ class Client:
             raise KeyError(f"no posting {ident}") from None
         except errors.ObjectNotInPrerequisiteState as exc:
             raise PostingStateError(exc.diag.message_primary) from None
+        except errors.UniqueViolation:
+            # Only a key can collide: another posting took it meanwhile.
+            raise PostingStateError(
+                f"posting {ident} cannot {action}: another posting of yours"
+                " holds its key now"
+            ) from None
         return ControlResult(ident, status, changed)
 
     def pause(self, posting_id: uuid.UUID | str) -> ControlResult:

@@ -30,11 +30,14 @@ class Posting:
     """A posting just made: its id and the ids of its jobs, in order.
 
     The job ids are consecutive version 7 UUIDs of one millisecond, held
-    as the first and how many (:class:`pdoflowd.ids.UuidRun`).
+    as the first and how many (:class:`pdoflowd.ids.UuidRun`). ``existed``
+    is true when a post with a key found the posting that holds the key
+    and returned it instead (its id and job ids, nothing written).
     """
 
     id: uuid.UUID
     job_ids: Sequence[uuid.UUID]
+    existed: bool = False
 
 
 @dataclass(frozen=True)

@@ -237,6 +237,19 @@ def insert_posting(
     return InsertedPosting(posting_id, posting_uuid, existed=False)
 
 
+_POSTING_JOB_UUIDS = """
+SELECT uuid FROM pdoflowd.jobs WHERE posting_id = %(posting_id)s ORDER BY id
+"""
+
+
+def posting_job_uuids(conn: Connection, posting_id: int) -> list[UUID]:
+    """The ids of a posting's jobs, in the order they were given."""
+    rows = conn.execute(
+        _POSTING_JOB_UUIDS, {"posting_id": posting_id}
+    ).fetchall()
+    return [row[0] for row in rows]
+
+
 class _Abandoned(Exception):
     """Ends a COPY whose rows could not all be made."""
 
