@@ -223,3 +223,96 @@ def test_cancel_ends_running_jobs_by_ending_their_workers(
     after = client.post("jobfns.noop", [[1]])
     finished(client, after)
     assert len(daemon.workers()) == 2
+
+
+# ------------------------------------------------------------ async def jobs
+
+
+def test_an_async_job_runs_in_its_context_on_its_workers_one_loop(
+    client: Client,
+) -> None:
+    posting = client.post(featurejobs.describe_async, [[0.01]] * 8)
+    finished(client, posting)
+    results = client.results(posting.id)
+    values = [r.value for r in results]
+    assert [v["job_id"] for v in values] == [str(r.job_id) for r in results]
+    assert {v["attempt"] for v in values} == {1}
+    loops_by_worker: dict[int, set[int]] = {}
+    for value in values:
+        loops_by_worker.setdefault(value["pid"], set()).add(value["loop"])
+    assert all(len(loops) == 1 for loops in loops_by_worker.values())
+
+
+def test_an_async_job_that_raises_is_recorded_with_its_traceback(
+    client: Client, database: str
+) -> None:
+    posting = client.post("featurejobs.fail_async", [["boom"]], tries=1)
+    state = client.wait(posting.id, timeout=30, poll_interval=0.05)
+    assert state.jobs[JobStatus.ERRORED_OUT] == 1
+    (row,) = client.jobs(posting.id)
+    assert row.error == "ValueError: boom"
+    with psycopg.connect(database) as conn:
+        found = conn.execute(
+            "SELECT traceback FROM pdoflowd.jobs WHERE uuid = %s", (row.uuid,)
+        ).fetchone()
+    assert found is not None and "fail_async" in found[0]
+
+
+def test_an_async_job_past_its_timeout_is_cancelled_and_recorded(
+    client: Client, daemon: Daemon, database: str
+) -> None:
+    workers = set(daemon.workers())
+    posting = client.post(
+        "featurejobs.sleep_async", [[30, "timed-out"]], tries=1, timeout_s=0.5
+    )
+    state = client.wait(posting.id, timeout=30, poll_interval=0.05)
+    assert state.jobs[JobStatus.ERRORED_OUT] == 1
+    (row,) = client.jobs(posting.id)
+    assert row.error == "timeout after 0.5 s"
+    with psycopg.connect(database) as conn:
+        found = conn.execute(
+            "SELECT note FROM effects WHERE key = 'timed-out'"
+        ).fetchall()
+    assert found == [("cancelled",)]
+    # Ended inside the worker: no worker was killed for it.
+    assert set(daemon.workers()) == workers
+
+
+def test_an_async_job_that_ignores_its_cancel_costs_its_worker_the_loop(
+    client: Client, daemon: Daemon
+) -> None:
+    workers = set(daemon.workers())
+    posting = client.post(
+        "featurejobs.stubborn_async", [[30]], tries=1, timeout_s=0.5
+    )
+    state = client.wait(posting.id, timeout=30, poll_interval=0.05)
+    assert state.jobs[JobStatus.ERRORED_OUT] == 1
+    (row,) = client.jobs(posting.id)
+    assert row.error == "timeout after 0.5 s"
+    assert "did not end when cancelled" in daemon.log()
+    assert set(daemon.workers()) == workers
+    after = client.post(featurejobs.describe_async, [[0]] * 4)
+    finished(client, after)
+
+
+def test_a_task_an_async_job_leaves_behind_does_not_outlive_it(
+    client: Client, database: str
+) -> None:
+    posting = client.post("featurejobs.leave_a_task_behind", [["late", 0.2]])
+    finished(client, posting)
+    (left_in,) = (r.value for r in client.results(posting.id))
+    # An async job on the same worker, longer than the task would have
+    # waited: had the task survived on that worker's loop, it would run.
+    for _ in range(20):
+        after = client.post(featurejobs.describe_async, [[0.4]])
+        finished(client, after)
+        (ran,) = (r.value for r in client.results(after.id))
+        if ran["pid"] == left_in:
+            break
+    else:
+        pytest.fail("no async job ran on the worker the task was left in")
+    with psycopg.connect(database) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM effects WHERE key = 'late'"
+        ).fetchone()
+    assert row == (0,)
