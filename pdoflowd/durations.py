@@ -25,7 +25,6 @@ DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 MAX_DURATION_S = 36500 * 86400
 
 _DURATION = re.compile(r"([0-9]+(?:\.[0-9]+)?|\.[0-9]+)([smhd])")
-_SECONDS = re.compile(r"[0-9]+(?:\.[0-9]+)?|\.[0-9]+")
 
 
 class DurationError(ValueError):
@@ -35,15 +34,17 @@ class DurationError(ValueError):
 def parse_duration(text: str, *, bare_seconds: bool = False) -> float:
     """``text`` (e.g. ``30d``, ``1.5h``, ``0s``) as seconds.
 
-    With ``bare_seconds`` a number without a unit is seconds too. Negative
-    numbers, exponents, spaces, ``inf`` and ``nan`` and durations above
+    With ``bare_seconds`` a number without a unit is seconds too, as
+    ``float`` reads it (the older spelling of such options). Negative
+    numbers, ``inf`` and ``nan``, and durations above
     :data:`MAX_DURATION_S` are refused with :class:`DurationError`.
     """
     match = _DURATION.fullmatch(text)
+    bare = _bare_seconds(text) if bare_seconds else None
     if match is not None:
         seconds = float(match[1]) * DURATION_UNITS[match[2]]
-    elif bare_seconds and _SECONDS.fullmatch(text):
-        seconds = float(text)
+    elif bare is not None:
+        seconds = bare
     else:
         plain = " or a number of seconds" if bare_seconds else ""
         raise DurationError(
@@ -56,6 +57,16 @@ def parse_duration(text: str, *, bare_seconds: bool = False) -> float:
             f" got {text!r}"
         )
     return seconds
+
+
+def _bare_seconds(text: str) -> float | None:
+    """A number of seconds as the older options took it (what ``float``
+    reads, e.g. ``1e3``), if it is one and at least 0."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        return None
+    return seconds if seconds >= 0 else None
 
 
 def duration_text(seconds: float) -> str:

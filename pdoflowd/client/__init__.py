@@ -55,6 +55,7 @@ from pdoflowd.client.errors import (
     PostingEnded,
     PostingError,
     PostingStateError,
+    PruningNotAllowed,
     WaitTimeout,
 )
 from pdoflowd.client.handles import (
@@ -82,6 +83,7 @@ __all__ = [
     "PostingError",
     "PostingState",
     "PostingStateError",
+    "PruningNotAllowed",
     "Registry",
     "SharedVariableError",
     "SharedVariables",
