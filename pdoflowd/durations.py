@@ -80,4 +80,4 @@ def duration_text(seconds: float) -> str:
             return f"{int(seconds // size)}{unit}"
     if seconds == int(seconds):
         return f"{int(seconds)}s"
-    return f"{seconds:.6f}".rstrip("0") + "s"
+    return f"{seconds:.6f}".rstrip("0").rstrip(".") + "s"

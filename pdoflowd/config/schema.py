@@ -334,12 +334,12 @@ class RetentionConfig:
     # Finished postings older than this (seconds since they ended) go, with
     # their jobs, results, profiles and shared variables; 0 keeps them.
     finished_after_s: float = field(
-        default=30 * _DAY_S, metadata=_rule(at_least=0, at_most=_TEN_YEARS_S)
+        default=30.0 * _DAY_S, metadata=_rule(at_least=0, at_most=_TEN_YEARS_S)
     )
     # The same for errored-out and cancelled postings: kept longer, for
     # their errors to be read.
     errored_after_s: float = field(
-        default=90 * _DAY_S, metadata=_rule(at_least=0, at_most=_TEN_YEARS_S)
+        default=90.0 * _DAY_S, metadata=_rule(at_least=0, at_most=_TEN_YEARS_S)
     )
     # Jobs deleted per transaction, so no lock is held for long.
     batch: int = field(default=1000, metadata=_rule(at_least=1, at_most=100000))
