@@ -13,11 +13,12 @@ from typing import Any
 
 import psycopg
 import pytest
+from psycopg import sql
 
 from harness import Roles, grant, wait_until
 from pdoflowd.cli import main
 from pdoflowd.client import Client, PruningNotAllowed
-from pdoflowd.db import profiles, retention
+from pdoflowd.db import migrate, profiles, retention
 from pdoflowd.db.retention import ChunkResult, PruneCount
 from pdoflowd.exitcodes import EXIT_NOPERM, EXIT_OK, EXIT_USAGE
 from pdoflowd.status import PostingStatus
@@ -568,3 +569,46 @@ def test_export_of_an_unknown_posting_writes_nothing(
     assert code == EXIT_USAGE
     assert "no posting" in one_line_error(err)
     assert not target.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_a_role_granted_a_daemons_privileges_before_retention_may_prune(
+    empty_dsn: str,
+) -> None:
+    steps = migrate.migrations()
+    before = [m for m in steps if "postings_ended" not in m.sql]
+    assert len(before) == len(steps) - 1
+    made = Roles(empty_dsn)
+    try:
+        role = made.make()
+        with psycopg.connect(empty_dsn, autocommit=True) as conn:
+            conn.execute("CREATE SCHEMA pdoflowd")
+            conn.execute(
+                "CREATE TABLE pdoflowd.schema_migrations (version integer"
+                " PRIMARY KEY, name text NOT NULL, applied_at timestamptz"
+                " NOT NULL DEFAULT now())"
+            )
+            for step in before:
+                conn.execute(step.sql.encode())
+                conn.execute(
+                    "INSERT INTO pdoflowd.schema_migrations VALUES (%s, %s)",
+                    (step.version, step.name),
+                )
+            # What a daemon role was granted on these tables until now.
+            conn.execute(
+                sql.SQL("GRANT USAGE ON SCHEMA pdoflowd TO {}").format(
+                    sql.Identifier(role)
+                )
+            )
+            conn.execute(
+                sql.SQL(
+                    "GRANT SELECT, UPDATE ON pdoflowd.postings, pdoflowd.jobs"
+                    " TO {}"
+                ).format(sql.Identifier(role))
+            )
+
+        assert migrate.upgrade(empty_dsn) == [steps[-1].version]
+
+        with psycopg.connect(made.dsn_of(role)) as conn:
+            assert retention.may_prune(conn)
+    finally:
+        made.drop()
