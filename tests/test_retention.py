@@ -559,6 +559,19 @@ def test_durations_are_accepted_by_the_older_options(
     assert "--timeout" in one_line_error(err)
 
 
+def test_export_to_a_file_that_cannot_be_written_is_a_usage_error(
+    dsn: str, pdoflow: Any, tmp_path: Path
+) -> None:
+    posting = ended_posting(dsn)
+    target = tmp_path / "missing" / "out.jsonl"
+
+    code, out, err = pdoflow("export", str(posting), "--output", str(target))
+
+    assert code == EXIT_USAGE
+    assert str(target) in one_line_error(err)
+    assert not target.parent.exists()
+
+
 def test_export_of_an_unknown_posting_writes_nothing(
     pdoflow: Any, tmp_path: Path
 ) -> None:

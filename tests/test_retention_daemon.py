@@ -198,6 +198,7 @@ def test_an_exported_posting_keeps_its_jobs_outcomes_and_results(
     )
 
     assert (code, out) == (0, ""), err
+    assert list(tmp_path.glob(".export.jsonl.*")) == []
     lines = [json.loads(line) for line in target.read_text().splitlines()]
     head, shared, *jobs = lines
     assert head["kind"] == "posting" and head["id"] == str(posting.id)

@@ -20,7 +20,7 @@ from pathlib import Path
 from pdoflowd.cli.output import UserError, fail, print_json
 from pdoflowd.client import Client
 from pdoflowd.durations import duration_text
-from pdoflowd.exitcodes import EXIT_OK, EXIT_UNAVAILABLE
+from pdoflowd.exitcodes import EXIT_ERRORED, EXIT_OK, EXIT_UNAVAILABLE
 
 __all__ = ["export", "prune"]
 
@@ -56,8 +56,17 @@ def prune(client: Client, args: argparse.Namespace) -> int:
 def export(client: Client, args: argparse.Namespace) -> int:
     if args.output is None:
         out = sys.stdout
-        client.export(args.posting_id, lambda line: out.write(line + "\n"))
-        out.flush()
+        try:
+            client.export(args.posting_id, lambda line: out.write(line + "\n"))
+            out.flush()
+        except BrokenPipeError:
+            # The reader left (e.g. head): nothing more can go to it, and
+            # the interpreter must not try again as it exits.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), out.fileno())
+            fail(
+                "stdout was closed before the export was complete",
+                EXIT_ERRORED,
+            )
         return EXIT_OK
     _export_to(client, args.posting_id, args.output)
     return EXIT_OK
@@ -79,6 +88,10 @@ def _export_to(client: Client, posting_id: str, path: Path) -> None:
             out.flush()
             os.fsync(out.fileno())
         os.replace(name, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(name)
+        raise UserError(f"cannot write {path}: {exc.strerror}") from None
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(name)
