@@ -104,6 +104,12 @@ def test_a_daemon_prunes_old_postings_while_it_drains_the_queue(
         ) as response:
             promtool_check_metrics(promtool, response.read())
         assert "this daemon prunes ended postings" in daemon.log()
+        # Its heartbeat never fell behind the pruning passes.
+        assert "declared lost" not in daemon.log()
+        with psycopg.connect(dsn) as conn:
+            assert conn.execute(
+                "SELECT count(*) FROM pdoflowd.daemons WHERE stopped_at IS NULL"
+            ).fetchone() == (1,)
         assert daemon.stop() == 0
     finally:
         daemon.close()
