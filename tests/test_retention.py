@@ -500,6 +500,8 @@ def test_prune_json_says_what_it_removed(dsn: str, pdoflow: Any) -> None:
         ("--status", "finished,paused", "finished, errored_out, cancelled"),
         ("--status", "finished,,", "finished, errored_out, cancelled"),
         ("--status", "", "finished, errored_out, cancelled"),
+        ("--batch", "100001", "1 to 100000"),
+        ("--batch", "0", "1 to"),
     ],
 )
 def test_prune_refuses_a_bad_duration_or_status(
@@ -567,7 +569,7 @@ def test_export_to_a_file_that_cannot_be_written_is_a_usage_error(
 
     code, out, err = pdoflow("export", str(posting), "--output", str(target))
 
-    assert code == EXIT_USAGE
+    assert (code, out) == (EXIT_USAGE, "")
     assert str(target) in one_line_error(err)
     assert not target.parent.exists()
 

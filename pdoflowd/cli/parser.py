@@ -17,6 +17,7 @@ from typing import Any, NoReturn
 
 from pdoflowd import __version__
 from pdoflowd.cli.output import fail
+from pdoflowd.client import MAX_PRUNE_BATCH
 from pdoflowd.config import DEFAULT_CONFIG_PATH
 from pdoflowd.durations import DurationError, parse_duration
 from pdoflowd.exitcodes import EXIT_USAGE
@@ -82,6 +83,15 @@ def _count(text: str) -> int:
     if not 1 <= value <= 2**31 - 1:
         raise argparse.ArgumentTypeError(
             f"expected a number from 1 to {2**31 - 1}, got {text!r}"
+        )
+    return value
+
+
+def _batch(text: str) -> int:
+    value = _count(text)
+    if value > MAX_PRUNE_BATCH:
+        raise argparse.ArgumentTypeError(
+            f"expected a number from 1 to {MAX_PRUNE_BATCH}, got {text!r}"
         )
     return value
 
@@ -279,7 +289,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="only count what would be deleted",
     )
     prune.add_argument(
-        "--batch", type=_count, default=1000, help="jobs per transaction"
+        "--batch",
+        type=_batch,
+        default=1000,
+        metavar="N",
+        help="jobs per transaction (default 1000)",
     )
 
     export = verb(

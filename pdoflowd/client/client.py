@@ -65,7 +65,10 @@ from pdoflowd.ids import uuid7, uuid7_run
 from pdoflowd.sharedvars import SharedVariables
 from pdoflowd.status import JobStatus, PostingStatus
 
-__all__ = ["Client"]
+__all__ = ["MAX_PRUNE_BATCH", "Client"]
+
+# The most jobs one pruning transaction deletes (retention.batch's bound).
+MAX_PRUNE_BATCH = 100_000
 
 
 def _write_undoably(
@@ -471,9 +474,11 @@ class Client:
         if (
             isinstance(batch, bool)
             or not isinstance(batch, int)
-            or not 1 <= batch <= 100_000
+            or not 1 <= batch <= MAX_PRUNE_BATCH
         ):
-            raise ValueError(f"batch must be from 1 to 100000, got {batch!r}")
+            raise ValueError(
+                f"batch must be from 1 to {MAX_PRUNE_BATCH}, got {batch!r}"
+            )
         with self.connect() as conn:
             if not retention.may_prune(conn):
                 raise PruningNotAllowed(
