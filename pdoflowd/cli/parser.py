@@ -4,8 +4,8 @@ they take.
 Owns the :mod:`argparse` parser (what ``--help`` shows) and the checks of
 option values (durations, counts, times with an offset, statuses); a bad
 command line ends as every error does, one line and the usage exit
-status. It must not
-connect nor run a verb: :mod:`pdoflowd.cli.command` does.
+status. It must not connect nor run a verb: :mod:`pdoflowd.cli.command`
+does.
 """
 
 from __future__ import annotations
