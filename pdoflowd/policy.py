@@ -128,6 +128,16 @@ def prune_goes_on(chunks: int, elapsed_s: float, heartbeat_s: float) -> bool:
     return chunks < PRUNE_CHUNKS_PER_PASS and elapsed_s < heartbeat_s / 4
 
 
+def prune_statement_timeout(
+    statement_timeout_s: float, heartbeat_s: float
+) -> float:
+    """The deadline of each statement of a pruning chunk: the session's
+    own, but no more than a third of the heartbeat interval, so a chunk's
+    three statements together never hold the heartbeat back by more than
+    one interval (the lease is more than two)."""
+    return min(statement_timeout_s, heartbeat_s / 3)
+
+
 def next_prune_in(more_left: bool, pass_s: float, interval_s: float) -> float:
     """Seconds until the next pruning pass: ``interval_s`` when the last
     one left nothing, else as long as it took (pruning a backlog takes at

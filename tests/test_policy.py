@@ -163,3 +163,16 @@ def test_the_next_pass_comes_no_later_than_the_interval(
 
     assert 0 <= delay <= interval
     assert delay == (min(took, interval) if more else interval)
+
+
+@given(
+    statement=st.floats(min_value=0.001, max_value=3600),
+    heartbeat=st.floats(min_value=0.001, max_value=3600),
+)
+def test_a_pruning_chunk_never_holds_the_heartbeat_back_by_an_interval(
+    statement: float, heartbeat: float
+) -> None:
+    timeout = policy.prune_statement_timeout(statement, heartbeat)
+
+    assert timeout <= statement
+    assert 3 * timeout <= heartbeat * (1 + 1e-9)

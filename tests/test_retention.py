@@ -297,6 +297,32 @@ def test_jobs_another_session_holds_are_skipped_and_keep_their_posting(
     assert prune_all(dsn) == PruneCount(1, 1)
 
 
+def test_a_chunk_past_its_deadline_is_rolled_back_whole_and_ends_the_pass(
+    dsn: str,
+) -> None:
+    posting = ended_posting(dsn, jobs=3)
+    with (
+        psycopg.connect(dsn) as holder,
+        psycopg.connect(dsn, autocommit=True) as conn,
+    ):
+        # Deleting the posting deletes its shared variable, which waits.
+        holder.execute("SELECT FROM pdoflowd.shared_variables FOR UPDATE")
+        before = conn.execute("SHOW statement_timeout").fetchone()
+        done = retention.prune_some(
+            conn, AGES, batch=10, postings=10, statement_timeout_s=0.2
+        )
+        after = conn.execute("SHOW statement_timeout").fetchone()
+        holder.rollback()
+
+    assert done.removed == PruneCount() and done.more_left
+    assert done.interrupted is not None
+    assert "statement timeout" in done.interrupted
+    assert job_count(dsn, posting) == 3 and exists(dsn, posting)
+    # The deadline was the chunk's alone.
+    assert after == before
+    assert prune_all(dsn) == PruneCount(1, 3)
+
+
 def test_a_pass_stops_when_told_and_says_more_is_left(dsn: str) -> None:
     ended_posting(dsn, jobs=25)
     with psycopg.connect(dsn, autocommit=True) as conn:

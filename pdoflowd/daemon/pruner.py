@@ -6,9 +6,10 @@ without waiting (one daemon at a time prunes, the one whose session took
 it first, while its connection lives), then deleting a few chunks of
 ``retention.batch`` jobs, each its own transaction, and saying when the
 next pass is due (:func:`pdoflowd.policy.next_prune_in`). A pass is
-bounded (:func:`pdoflowd.policy.prune_goes_on`) so that the session's
-heartbeat never waits behind it for long; a lock or statement timeout
-ends the pass, not the connection. It must not fork, block on a lock,
+bounded (:func:`pdoflowd.policy.prune_goes_on`), and each statement of a
+chunk (:func:`pdoflowd.policy.prune_statement_timeout`), so that the
+session's heartbeat never waits behind it for long; a lock or statement
+timeout ends the pass, not the connection. It must not fork, block on a lock,
 or speak to the supervisor: the session reports what it returns.
 """
 
@@ -70,6 +71,9 @@ class Pruner:
                 postings=_POSTINGS_PER_PASS,
                 go_on=lambda chunks: policy.prune_goes_on(
                     chunks, time.monotonic() - started, heartbeat
+                ),
+                statement_timeout_s=policy.prune_statement_timeout(
+                    config.database.statement_timeout_s, heartbeat
                 ),
             )
         except psycopg.Error:

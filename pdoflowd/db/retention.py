@@ -181,11 +181,19 @@ def prune_chunk(
     older_than: Mapping[PostingStatus, float],
     *,
     batch: int,
+    statement_timeout_s: float | None = None,
 ) -> ChunkResult:
     """Delete up to ``batch`` jobs of one prunable posting, and the posting
-    once none is left, in one transaction of its own."""
+    once none is left, in one transaction of its own; each of its
+    statements bounded by ``statement_timeout_s`` if given (the session's
+    own timeout otherwise)."""
     params = {**_ages(older_than), "id": posting_id, "batch": batch}
     with conn.transaction():
+        if statement_timeout_s is not None:
+            conn.execute(
+                "SELECT set_config('statement_timeout', %s, true)",
+                (f"{max(1, round(statement_timeout_s * 1000))}ms",),
+            )
         if conn.execute(_LOCK_POSTING, params).fetchone() is None:
             return ChunkResult(False, 0, False)
         jobs = conn.execute(_DELETE_JOBS, params).rowcount
@@ -212,9 +220,11 @@ def prune_some(
     batch: int,
     postings: int,
     go_on: Callable[[int], bool] = lambda chunks: True,
+    statement_timeout_s: float | None = None,
 ) -> PrunePass:
     """Prune up to ``postings`` prunable postings, oldest end first, a chunk
-    of ``batch`` jobs per transaction, while ``go_on(chunks done)`` says so.
+    of ``batch`` jobs per transaction (its statements bounded by
+    ``statement_timeout_s``, if given), while ``go_on(chunks done)`` says so.
 
     A posting that a chunk could not touch (held by another session, or no
     longer prunable) is left for a later call; so is the chunk that met a
@@ -229,7 +239,13 @@ def prune_some(
                 return PrunePass(removed, True)
             chunks += 1
             try:
-                chunk = prune_chunk(conn, posting_id, older_than, batch=batch)
+                chunk = prune_chunk(
+                    conn,
+                    posting_id,
+                    older_than,
+                    batch=batch,
+                    statement_timeout_s=statement_timeout_s,
+                )
             except (errors.LockNotAvailable, errors.QueryCanceled) as exc:
                 return PrunePass(removed, True, str(exc).strip())
             removed += PruneCount(int(chunk.posting_deleted), chunk.jobs)
