@@ -28,6 +28,7 @@ from pdoflowd.cli.following import (
 )
 from pdoflowd.cli.output import UserError, fail
 from pdoflowd.cli.parser import build_parser
+from pdoflowd.cli.retaining import export, prune
 from pdoflowd.cli.steering import (
     cancel,
     pause,
@@ -42,11 +43,13 @@ from pdoflowd.client import (
     ConnectionTarget,
     PostingError,
     PostingStateError,
+    PruningNotAllowed,
 )
 from pdoflowd.config import dsn_problems
 from pdoflowd.exitcodes import (
     EXIT_CONFIG,
     EXIT_INTERRUPTED,
+    EXIT_NOPERM,
     EXIT_UNAVAILABLE,
     EXIT_USAGE,
 )
@@ -67,6 +70,8 @@ VERBS: dict[str, Callable[[Client, argparse.Namespace], int]] = {
     "cancel": cancel,
     "retry": retry,
     "results": results,
+    "prune": prune,
+    "export": export,
 }
 
 
@@ -109,6 +114,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return VERBS[args.verb](client, args)
     except KeyboardInterrupt:
         fail("interrupted", EXIT_INTERRUPTED)
+    except PruningNotAllowed as exc:
+        fail(str(exc), EXIT_NOPERM)
     except ConfigUnusable as exc:
         fail(f"{args.config}: {exc}", EXIT_CONFIG)
     except (

@@ -2,23 +2,29 @@
 they take.
 
 Owns the :mod:`argparse` parser (what ``--help`` shows) and the checks of
-option values (seconds, counts, times with an offset); a bad command line
-ends as every error does, one line and the usage exit status. It must not
-connect nor run a verb: :mod:`pdoflowd.cli.command` does.
+option values (durations, counts, times with an offset, statuses); a bad
+command line ends as every error does, one line and the usage exit
+status. It must not connect nor run a verb: :mod:`pdoflowd.cli.command`
+does.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
-import math
 from pathlib import Path
 from typing import Any, NoReturn
 
 from pdoflowd import __version__
 from pdoflowd.cli.output import fail
-from pdoflowd.client import KeyScope, PostingError, check_key
+from pdoflowd.client import (
+    MAX_PRUNE_BATCH,
+    KeyScope,
+    PostingError,
+    check_key,
+)
 from pdoflowd.config import DEFAULT_CONFIG_PATH
+from pdoflowd.durations import DurationError, parse_duration
 from pdoflowd.exitcodes import EXIT_USAGE
 from pdoflowd.status import PostingStatus
 
@@ -33,17 +39,11 @@ class _ArgumentParser(argparse.ArgumentParser):
 
 
 def _seconds(text: str) -> float:
+    """Seconds, as a number (the older spelling) or a duration (30s, 5m)."""
     try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected a number of seconds, got {text!r}"
-        ) from None
-    if math.isnan(value) or value < 0:
-        raise argparse.ArgumentTypeError(
-            f"expected a number of seconds, at least 0, got {text!r}"
-        )
-    return value
+        return parse_duration(text, bare_seconds=True)
+    except DurationError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _key(text: str) -> str:
@@ -56,11 +56,34 @@ def _key(text: str) -> str:
 
 def _positive_seconds(text: str) -> float:
     value = _seconds(text)
-    if value == 0 or math.isinf(value):
+    if value == 0:
         raise argparse.ArgumentTypeError(
-            f"expected a positive number of seconds, got {text!r}"
+            f"expected a positive duration, got {text!r}"
         )
     return value
+
+
+def _age(text: str) -> float:
+    """A duration with its unit: a bare number would be ambiguous here."""
+    try:
+        return parse_duration(text)
+    except DurationError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+_ENDED = [s.value for s in PostingStatus if s.is_final]
+
+
+def _ended_statuses(text: str) -> list[PostingStatus]:
+    """A comma-separated list of ended posting statuses."""
+    names = [name.strip() for name in text.split(",")]
+    wrong = [name for name in names if name not in _ENDED]
+    if wrong or not names:
+        raise argparse.ArgumentTypeError(
+            f"expected ended posting statuses separated by commas "
+            f"({', '.join(_ENDED)}), got {text!r}"
+        )
+    return [PostingStatus(name) for name in dict.fromkeys(names)]
 
 
 def _count(text: str) -> int:
@@ -73,6 +96,15 @@ def _count(text: str) -> int:
     if not 1 <= value <= 2**31 - 1:
         raise argparse.ArgumentTypeError(
             f"expected a number from 1 to {2**31 - 1}, got {text!r}"
+        )
+    return value
+
+
+def _batch(text: str) -> int:
+    value = _count(text)
+    if value > MAX_PRUNE_BATCH:
+        raise argparse.ArgumentTypeError(
+            f"expected a number from 1 to {MAX_PRUNE_BATCH}, got {text!r}"
         )
     return value
 
@@ -160,8 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--delay",
         type=_seconds,
         default=None,
-        metavar="S",
-        help="run the jobs no sooner than S seconds from now",
+        metavar="DURATION",
+        help="run the jobs no sooner than DURATION from now (seconds, or "
+        "e.g. 90s, 5m, 2h, 1d)",
     )
     when.add_argument(
         "--run-after",
@@ -184,13 +217,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout",
         type=_seconds,
         default=None,
-        help="give up after this many seconds (exit 2)",
+        metavar="DURATION",
+        help="give up after DURATION (seconds, or e.g. 30s, 5m; exit 2)",
     )
     wait.add_argument(
         "--interval",
         type=_positive_seconds,
         default=0.5,
-        help="seconds between two looks at the posting",
+        metavar="DURATION",
+        help="time between two looks at the posting (seconds, or e.g. 2s)",
     )
 
     listing = verb("list-postings", "the newest postings")
@@ -252,4 +287,57 @@ def build_parser() -> argparse.ArgumentParser:
 
     results = verb("results", "each job's end and stored return value")
     results.add_argument("posting_id")
+
+    prune = verb(
+        "prune",
+        "delete ended postings older than a duration, with their jobs",
+        description="Deletes postings that ended (finished, errored out or "
+        "cancelled) longer ago than --older-than, with their jobs, results, "
+        "profiles and shared variables, a batch of jobs per transaction. "
+        "Postings with a job still running are kept. Needs a daemon's role.",
+    )
+    prune.add_argument(
+        "--older-than",
+        type=_age,
+        required=True,
+        metavar="DURATION",
+        help="how long ago they ended: <number><s|m|h|d>, e.g. 30d",
+    )
+    prune.add_argument(
+        "--status",
+        type=_ended_statuses,
+        default=[PostingStatus(name) for name in _ENDED],
+        metavar="STATUSES",
+        help="which ended postings, separated by commas (default: "
+        f"{','.join(_ENDED)})",
+    )
+    prune.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="only count what would be deleted",
+    )
+    prune.add_argument(
+        "--batch",
+        type=_batch,
+        default=1000,
+        metavar="N",
+        help="jobs per transaction (default 1000)",
+    )
+
+    export = verb(
+        "export",
+        "write a posting, its jobs and results as JSON lines",
+        description="One JSON object per line: the posting, its shared "
+        "variables, then each job with its arguments, outcome and stored "
+        "result (in the stored encoding), in the order given.",
+    )
+    export.add_argument("posting_id")
+    export.add_argument(
+        "--output",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="write to FILE (replaced only when the export is complete) "
+        "instead of stdout",
+    )
     return parser

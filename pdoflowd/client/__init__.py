@@ -31,6 +31,7 @@ from pdoflowd.client.checks import check_key as check_key
 from pdoflowd.client.checks import check_posting as check_posting
 from pdoflowd.client.checks import check_requires as check_requires
 from pdoflowd.client.checks import when_to_run as when_to_run
+from pdoflowd.client.client import MAX_PRUNE_BATCH as MAX_PRUNE_BATCH
 from pdoflowd.client.client import Client
 from pdoflowd.client.connection import (
     LIBPQ_TARGET_VARIABLES as LIBPQ_TARGET_VARIABLES,
@@ -56,6 +57,7 @@ from pdoflowd.client.errors import (
     PostingEnded,
     PostingError,
     PostingStateError,
+    PruningNotAllowed,
     WaitTimeout,
 )
 from pdoflowd.client.handles import (
@@ -85,6 +87,7 @@ __all__ = [
     "PostingError",
     "PostingState",
     "PostingStateError",
+    "PruningNotAllowed",
     "Registry",
     "SharedVariableError",
     "SharedVariables",

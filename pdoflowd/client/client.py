@@ -5,7 +5,8 @@ database), writing a posting all or nothing (one transaction of its own,
 or a savepoint in the caller's when a connection is passed, so that a bad
 argument anywhere leaves no row of it behind), reading a posting's state,
 jobs and results, waiting for it, and its controls (pause, resume, cancel,
-retry, set status), shared variables and profiles. The SQL is
+retry, set status), shared variables and profiles, exporting a posting
+and pruning ended ones. The SQL is
 :mod:`pdoflowd.db.postings`'s; what a posting may be is
 :mod:`pdoflowd.client.checks`'s. It must not run jobs; the poster is never
 sent, PostgreSQL records it.
@@ -45,6 +46,7 @@ from pdoflowd.client.errors import (
     PostingEnded,
     PostingError,
     PostingStateError,
+    PruningNotAllowed,
     WaitTimeout,
 )
 from pdoflowd.client.handles import (
@@ -54,7 +56,7 @@ from pdoflowd.client.handles import (
     PostingState,
     as_uuid,
 )
-from pdoflowd.db import postings, profiles
+from pdoflowd.db import export, postings, profiles, retention
 from pdoflowd.db.postings import (
     JobRow,
     PostingSummary,
@@ -65,7 +67,10 @@ from pdoflowd.ids import uuid7, uuid7_run
 from pdoflowd.sharedvars import SharedVariables
 from pdoflowd.status import JobStatus, PostingStatus
 
-__all__ = ["Client"]
+__all__ = ["MAX_PRUNE_BATCH", "Client"]
+
+# The most jobs one pruning transaction deletes (retention.batch's bound).
+MAX_PRUNE_BATCH = 100_000
 
 
 def _write_undoably(
@@ -460,6 +465,73 @@ class Client:
             raise KeyError(f"no job {ident}")
         return _job_result(row)
 
+    def export(
+        self, posting_id: uuid.UUID | str, write: Callable[[str], object]
+    ) -> export.ExportCount:
+        """Pass ``write`` the posting as JSON lines, one snapshot: its own
+        line, its shared variables', then each job's (arguments, outcome,
+        stored result, in the stored encoding), in order; no newlines.
+        KeyError (nothing written) if there is no such posting."""
+        ident = as_uuid(posting_id)
+        with self.connect() as conn:
+            count = export.export_posting(conn, ident, write)
+        if count is None:
+            raise KeyError(f"no posting {ident}")
+        return count
+
+    def prune(
+        self,
+        older_than_s: float,
+        statuses: Iterable[PostingStatus | str] = retention.ENDED,
+        *,
+        dry_run: bool = False,
+        batch: int = 1000,
+    ) -> retention.PruneCount:
+        """Delete postings of ``statuses`` (ended ones: finished,
+        errored_out, cancelled) that ended more than ``older_than_s`` seconds
+        ago, with their jobs, results, profiles and shared variables, in
+        transactions of ``batch`` jobs; with ``dry_run`` only count them.
+
+        Postings with a job still running are kept. Returns how many
+        postings and jobs went (or would). Needs DELETE on postings and
+        jobs (a daemon's role): :class:`PruningNotAllowed` otherwise. A
+        lock or statement timeout of the session ends it with a
+        TimeoutError that says how much had gone.
+        """
+        ages = _retention_ages(older_than_s, statuses)
+        if (
+            isinstance(batch, bool)
+            or not isinstance(batch, int)
+            or not 1 <= batch <= MAX_PRUNE_BATCH
+        ):
+            raise ValueError(
+                f"batch must be from 1 to {MAX_PRUNE_BATCH}, got {batch!r}"
+            )
+        with self.connect() as conn:
+            if not retention.may_prune(conn):
+                raise PruningNotAllowed(
+                    "this role may not prune: it needs DELETE on "
+                    "pdoflowd.postings and pdoflowd.jobs (a daemon's role, "
+                    "see pdoflowd migrate --grant-daemon)"
+                )
+            if dry_run:
+                return retention.count_prunable(conn, ages)
+            removed = retention.PruneCount()
+            while True:
+                done = retention.prune_some(
+                    conn, ages, batch=batch, postings=100
+                )
+                removed += done.removed
+                if done.interrupted:
+                    raise TimeoutError(
+                        f"pruning stopped after {removed.postings} postings "
+                        f"and {removed.jobs} jobs: {done.interrupted}"
+                    )
+                if not done.more_left or not (
+                    done.removed.postings or done.removed.jobs
+                ):
+                    return removed
+
     def shared(self, posting_id: uuid.UUID | str) -> SharedVariables:
         """The posting's shared variables (each call connects anew)."""
         return SharedVariables(as_uuid(posting_id), self._session)
@@ -491,6 +563,32 @@ def _job_statuses(status: JobStatus | Iterable[JobStatus]) -> set[JobStatus]:
     if not statuses:
         raise ValueError("status must name at least one job status")
     return statuses
+
+
+def _retention_ages(
+    older_than_s: float, statuses: Iterable[PostingStatus | str]
+) -> dict[PostingStatus, float]:
+    if (
+        isinstance(older_than_s, bool)
+        or not isinstance(older_than_s, (int, float))
+        or not 0 <= older_than_s < math.inf
+    ):
+        raise ValueError(
+            f"older_than_s must be a number of seconds, at least 0, got "
+            f"{older_than_s!r}"
+        )
+    if isinstance(statuses, (str, PostingStatus)):
+        statuses = [statuses]
+    wanted = {_posting_status(s) for s in statuses}
+    if not wanted:
+        raise ValueError("name at least one posting status to prune")
+    unended = sorted(s.value for s in wanted if not s.is_final)
+    if unended:
+        raise PostingStateError(
+            f"only ended postings can be pruned (finished, errored_out, "
+            f"cancelled), not {', '.join(unended)}"
+        )
+    return dict.fromkeys(wanted, float(older_than_s))
 
 
 def _posting_status(status: PostingStatus | str) -> PostingStatus:

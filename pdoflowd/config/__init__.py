@@ -36,6 +36,7 @@ from pdoflowd.config.schema import (
     DatabaseConfig,
     JobsConfig,
     MetricsConfig,
+    RetentionConfig,
     WorkersConfig,
 )
 
@@ -51,6 +52,7 @@ __all__ = [
     "DatabaseConfig",
     "JobsConfig",
     "MetricsConfig",
+    "RetentionConfig",
     "WorkersConfig",
     "connection_kwargs",
     "dsn_problems",

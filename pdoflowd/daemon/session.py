@@ -4,7 +4,8 @@ Owns everything the supervisor needs from PostgreSQL: the LISTEN for new
 work, the heartbeat (with the owner tokens of the live workers, read from
 the scoreboard), the maintenance (taking back jobs that have no live owner,
 finding running jobs whose posting was cancelled, settling postings), the
-queue gauges, and taking back a dead worker's jobs when asked. It runs in
+queue gauges, pruning ended postings (:mod:`~pdoflowd.daemon.pruner`), and
+taking back a dead worker's jobs when asked. It runs in
 a process the supervisor forks (holding no connection when it does), with
 statement and lock timeouts on its session and a TCP user timeout and
 keepalives on its connection, so a poster's lock or a network path that
@@ -36,6 +37,7 @@ import psycopg
 from pdoflowd import __version__, policy
 from pdoflowd.config import Config, connection_kwargs
 from pdoflowd.daemon import forked, logs
+from pdoflowd.daemon.pruner import Pruner
 from pdoflowd.daemon.scoreboard import Scoreboard, WorkerState
 from pdoflowd.daemon.sessionpipe import (
     Event,
@@ -95,6 +97,7 @@ class Session:
         self.request_buffer = b""
         self.due: dict[str, float] = {}
         self.pulse_warned = False
+        self.pruner = Pruner()
 
     # ------------------------------------------------------------ plumbing
 
@@ -341,6 +344,17 @@ class Session:
         counts, oldest = upkeep.queue_stats(self.conn)
         self.send(Event.QUEUE, counts=counts, oldest=oldest)
 
+    def prune(self) -> None:
+        assert self.conn is not None
+        done = self.pruner.prune(self.conn, self.config)
+        self.due["pruning"] = time.monotonic() + done.next_in_s
+        if done.removed.postings or done.removed.jobs:
+            self.send(
+                Event.PRUNED,
+                postings=done.removed.postings,
+                jobs=done.removed.jobs,
+            )
+
     def note_notification(self, notify: psycopg.Notify) -> None:
         """A notification the driver read during a statement."""
         self.notified.add(notify.channel)
@@ -381,6 +395,8 @@ class Session:
         if self.config.metrics.enabled:
             interval = self.config.metrics.queue_stats_interval_s
             yield "queue_stats", interval, self.queue_stats
+        if self.config.retention.enabled:
+            yield "pruning", self.config.retention.interval_s, self.prune
 
     def run(self) -> None:
         """Serve the supervisor until it asks us to stop, or is gone."""

@@ -39,6 +39,7 @@ class Event(enum.Enum):
     QUEUE = "queue"
     CANCELLED = "cancelled"
     CLAIMS_CANCELLED = "claims_cancelled"
+    PRUNED = "pruned"
 
 
 @dataclass(frozen=True)

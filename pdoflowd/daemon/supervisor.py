@@ -295,6 +295,11 @@ class Supervisor:
                 self.pool.end_cancelled_jobs(set(fields.get("jobs") or ()))
             elif event.kind is Event.CLAIMS_CANCELLED:
                 self.pool.check_claims(set(fields.get("owners") or ()))
+            elif event.kind is Event.PRUNED:
+                self.metrics.count_pruned(
+                    postings=int(fields.get("postings", 0)),
+                    jobs=int(fields.get("jobs", 0)),
+                )
 
     def taken_back(self, fields: dict[str, Any]) -> None:
         takeback = self.keeper.taken_back(int(fields.get("seq", -1)))

@@ -169,12 +169,14 @@ SUBMITTER_GRANTS = (
 
 # What a daemon may do: check the schema version, claim, record, rescue and
 # settle (UPDATE on postings and jobs, which also lets it see every
-# posting), register itself, share variables with its jobs, store
-# profiles.
+# posting), prune ended postings (DELETE; their jobs' profiles and their
+# shared variables go by ON DELETE CASCADE), register itself, share
+# variables with its jobs, store profiles.
 DAEMON_GRANTS = (
     "GRANT USAGE ON SCHEMA pdoflowd TO {role}",
     "GRANT SELECT ON pdoflowd.schema_migrations TO {role}",
-    "GRANT SELECT, UPDATE ON pdoflowd.postings, pdoflowd.jobs TO {role}",
+    "GRANT SELECT, UPDATE, DELETE ON pdoflowd.postings, pdoflowd.jobs"
+    " TO {role}",
     "GRANT SELECT, INSERT, UPDATE ON pdoflowd.daemons TO {role}",
     "GRANT SELECT, INSERT, UPDATE, DELETE ON pdoflowd.shared_variables"
     " TO {role}",

@@ -500,3 +500,8 @@ $$;
 -- table is never what settling needs: the (posting_id, status) index is.
 ALTER FUNCTION pdoflowd.settle_postings(bigint[], integer)
     SET enable_seqscan = off;
+
+-- Pruning looks for postings that ended before a cutoff, oldest first: it
+-- reads this index, never the postings still running nor the whole table.
+CREATE INDEX postings_ended ON pdoflowd.postings (finished_at)
+    WHERE status IN ('finished', 'errored_out', 'cancelled');
