@@ -9,6 +9,7 @@ profiles every job and keeps results of at most 1000 bytes.
 from __future__ import annotations
 
 import math
+import socket
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -316,3 +317,61 @@ def test_a_task_an_async_job_leaves_behind_does_not_outlive_it(
             "SELECT count(*) FROM effects WHERE key = 'late'"
         ).fetchone()
     assert row == (0,)
+
+
+# ------------------------------------------------------------ one job
+
+
+def test_a_done_job_shows_its_timings_result_and_daemon(
+    client: Client, daemon: Daemon
+) -> None:
+    posting = client.post(featurejobs.describe, [["x"]])
+    finished(client, posting)
+    info = client.job(posting.job_ids[0])
+    assert info.status is JobStatus.DONE
+    assert info.result_stored and info.result["args"] == ["x"]
+    assert info.attempt == 1
+    assert info.created_at <= info.claimed_at <= info.started_at
+    assert info.started_at <= info.completed_at
+    assert (info.daemon_host, info.daemon_pid) == (
+        socket.gethostname(),
+        daemon.pid,
+    )
+
+
+def test_cancelling_a_running_job_ends_its_worker_and_only_that_job(
+    client: Client, daemon: Daemon
+) -> None:
+    workers = set(daemon.workers())
+    posting = client.post("featurejobs.wait_for_flag", [["later"], ["later"]])
+
+    def running() -> list[Any]:
+        return [r for r in client.jobs(posting.id) if r.progress == 0.5]
+
+    first = wait_until(running, timeout=20)[0].uuid
+    assert client.cancel_job(first).status is JobStatus.ERRORED_OUT
+    wait_until(lambda: len(workers - set(daemon.workers())) == 1)
+    assert "was cancelled" in daemon.log()
+    # The other job runs on (or again, had the killed worker claimed it
+    # too), and the posting ends once it does.
+    client.shared(posting.id).set("later", True)
+    state = client.wait(posting.id, timeout=30, poll_interval=0.05)
+    assert state.status is PostingStatus.FINISHED
+    assert (state.jobs[JobStatus.DONE], state.jobs[JobStatus.ERRORED_OUT]) == (
+        1,
+        1,
+    )
+    assert client.job(first).error == "cancelled"
+    assert len(daemon.workers()) == 2
+
+
+def test_retry_job_runs_an_errored_out_job_again(client: Client) -> None:
+    posting = client.post("featurejobs.fail_until_flag", [["ok"]], tries=1)
+    state = client.wait(posting.id, timeout=30, poll_interval=0.05)
+    assert state.jobs[JobStatus.ERRORED_OUT] == 1
+    (job_id,) = posting.job_ids
+    client.shared(posting.id).set("ok", True)
+    assert client.retry_job(job_id).status is JobStatus.WAITING
+    state = finished(client, posting)
+    assert state.jobs[JobStatus.DONE] == 1
+    assert client.job(job_id).attempt == 2

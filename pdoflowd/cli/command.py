@@ -26,6 +26,7 @@ from pdoflowd.cli.following import (
     status,
     wait,
 )
+from pdoflowd.cli.jobverbs import cancel_job, job, retry_job
 from pdoflowd.cli.output import UserError, fail
 from pdoflowd.cli.parser import build_parser
 from pdoflowd.cli.steering import (
@@ -67,6 +68,9 @@ VERBS: dict[str, Callable[[Client, argparse.Namespace], int]] = {
     "cancel": cancel,
     "retry": retry,
     "results": results,
+    "job": job,
+    "cancel-job": cancel_job,
+    "retry-job": retry_job,
 }
 
 

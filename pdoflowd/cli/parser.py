@@ -252,4 +252,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     results = verb("results", "each job's end and stored return value")
     results.add_argument("posting_id")
+
+    one = verb("job", "one job in full: status, error, result, timings")
+    one.add_argument("job_id")
+    verb(
+        "cancel-job", "end one job (a running one by ending its worker)"
+    ).add_argument("job_id")
+    retry_one = verb(
+        "retry-job", "put one errored-out job back with fresh tries"
+    )
+    retry_one.add_argument("job_id")
+    retry_one.add_argument(
+        "--tries", type=_count, default=None, help="default: the posting's"
+    )
     return parser

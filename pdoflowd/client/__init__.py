@@ -60,6 +60,8 @@ from pdoflowd.client.errors import (
 )
 from pdoflowd.client.handles import (
     ControlResult,
+    JobControlResult,
+    JobInfo,
     JobResult,
     Posting,
     PostingState,
@@ -77,7 +79,9 @@ __all__ = [
     "ConnectionConfigError",
     "ConnectionTarget",
     "ControlResult",
+    "JobControlResult",
     "JobDefinition",
+    "JobInfo",
     "JobResult",
     "KeyScope",
     "Posting",
