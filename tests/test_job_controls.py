@@ -9,19 +9,26 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import psycopg
 import pytest
 from psycopg import sql
-from test_posting_keys import SUBMITTER_GRANTS_AT_6
 
-from harness import Roles, grant
+from harness import (
+    SUBMITTER_GRANTS_AT_6,
+    Daemon,
+    Roles,
+    create_effects_table,
+    daemon_config,
+    grant,
+)
 from pdoflowd.client import (
     Client,
     PostingError,
     PostingStateError,
 )
-from pdoflowd.db import migrate
+from pdoflowd.db import migrate, singlejob
 from pdoflowd.status import JobStatus, PostingStatus
 
 NOOP = "jobfns.noop"
@@ -259,7 +266,9 @@ def test_a_submitter_granted_before_job_controls_may_use_them(
     its jobs after the upgrade, without being granted again."""
     role, daemon_role = empty_roles.make(), empty_roles.make()
     steps = migrate.migrations()
-    before = [m for m in steps if "control_job" not in m.sql]
+    before = steps[
+        : next(i for i, m in enumerate(steps) if "control_job" in m.sql)
+    ]
     with psycopg.connect(empty_dsn) as conn:
         conn.execute("CREATE SCHEMA pdoflowd")
         conn.execute(
@@ -277,7 +286,7 @@ def test_a_submitter_granted_before_job_controls_may_use_them(
         for template in SUBMITTER_GRANTS_AT_7:
             conn.execute(sql.SQL(template).format(role=sql.Identifier(role)))
         for template in migrate.DAEMON_GRANTS:
-            if "control_job" not in template:
+            if "control_job" not in template and "job_output" not in template:
                 conn.execute(
                     sql.SQL(template).format(role=sql.Identifier(daemon_role))
                 )
@@ -294,3 +303,89 @@ def test_a_submitter_granted_before_job_controls_may_use_them(
     (job_id,) = posting.job_ids
     assert client.cancel_job(job_id).status is JobStatus.ERRORED_OUT
     assert client.job(job_id).daemon_host is None
+
+
+# ------------------------------------------------------------ output
+
+
+def _store(dsn: str, job_id: uuid.UUID, attempt: int, text: str) -> None:
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute(
+            "SELECT id FROM pdoflowd.jobs WHERE uuid = %s", (job_id,)
+        ).fetchone()
+        assert row is not None
+        conn.execute(
+            "UPDATE pdoflowd.jobs SET attempt = %s WHERE id = %s",
+            (attempt, row[0]),
+        )
+        singlejob.store_output(
+            conn,
+            job_id=row[0],
+            attempt=attempt,
+            output=text,
+            total=len(text.encode()) + 10,
+        )
+
+
+def test_pdoflow_logs_prints_an_attempts_output(dsn: str) -> None:
+    posting = Client(dsn).post(NOOP, [[1]])
+    job_id = str(posting.job_ids[0])
+    _store(dsn, posting.job_ids[0], 2, "second\n")
+    done = pdoflow(dsn, "logs", job_id)
+    assert (done.returncode, done.stdout) == (0, "second\n")
+    assert "the last 7 of 17 bytes" in done.stderr
+    first = pdoflow(dsn, "logs", job_id, "--attempt", "1", "--json")
+    assert json.loads(first.stdout) == {
+        "id": job_id,
+        "attempt": 1,
+        "output": None,
+        "total_bytes": 0,
+        "truncated": False,
+    }
+    beyond = pdoflow(dsn, "logs", job_id, "--attempt", "3")
+    assert beyond.returncode == 64
+    assert "no attempt 3" in beyond.stderr
+
+
+def test_a_poster_reads_only_its_own_jobs_output(
+    dsn: str, submitters: tuple[str, str]
+) -> None:
+    alice, bob = (Client(d) for d in submitters)
+    posting = alice.post(NOOP, [[1]])
+    (job_id,) = posting.job_ids
+    _store(dsn, job_id, 1, "alice's\n")
+    assert [o.output for o in alice.job_output(job_id)] == ["alice's\n"]
+    with pytest.raises(KeyError, match="no job"):
+        bob.job_output(job_id)
+    with psycopg.connect(submitters[1]) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pdoflowd.job_output"
+        ).fetchone()
+    assert row == (0,)
+
+
+def test_with_output_tail_bytes_0_output_is_not_captured(
+    dsn: str, tmp_path: Path
+) -> None:
+    create_effects_table(dsn)
+    config = daemon_config(
+        dsn,
+        workers={"count": 1},
+        jobs={
+            "allowed_modules": ["jobfns", "featurejobs"],
+            "output_tail_bytes": 0,
+        },
+    )
+    daemon = Daemon(tmp_path, config, effects_dsn=dsn)
+    try:
+        daemon.start().wait_ready()
+        client = Client(dsn)
+        posting = client.post("featurejobs.print_lines", [[2]])
+        client.wait(posting.id, timeout=30, poll_interval=0.05)
+        assert client.job_output(posting.job_ids[0]) == []
+        log = daemon.log()
+        assert "line 0000000 " in log
+        assert "[job " not in log
+        assert daemon.stop() == 0
+    finally:
+        daemon.close()

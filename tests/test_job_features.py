@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import math
 import socket
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -375,3 +377,85 @@ def test_retry_job_runs_an_errored_out_job_again(client: Client) -> None:
     state = finished(client, posting)
     assert state.jobs[JobStatus.DONE] == 1
     assert client.job(job_id).attempt == 2
+
+
+# ------------------------------------------------------------ job output
+
+
+def _printed(count: int) -> bytes:
+    return b"".join(
+        f"line {n:07d} ".encode() + b"x" * 50 + b"\n" for n in range(count)
+    )
+
+
+def test_a_job_that_prints_a_mebibyte_keeps_its_last_64_kib(
+    client: Client, daemon: Daemon
+) -> None:
+    count = 1024 * 1024 // 64 + 1
+    posting = client.post("featurejobs.print_lines", [[count, "on stderr"]])
+    finished(client, posting)
+    (job_id,) = posting.job_ids
+    (output,) = client.job_output(job_id)
+    printed = _printed(count) + b"on stderr\n"
+    assert output.attempt == 1
+    assert output.total_bytes == len(printed)
+    assert output.truncated
+    assert output.output.encode() == printed[-65536:]
+    log = daemon.log()
+    assert f"[job {job_id}] line 0000000 " in log
+    assert f"[job {job_id}] on stderr" in log
+
+
+def test_each_attempt_keeps_its_own_output(
+    client: Client, database: str
+) -> None:
+    posting = client.post(
+        "featurejobs.print_attempt_then_fail_once", [["no line end"]], tries=2
+    )
+    finished(client, posting)
+    (job_id,) = posting.job_ids
+    outputs = client.job_output(job_id)
+    assert [(o.attempt, o.output) for o in outputs] == [
+        (1, "attempt 1\nno line end"),
+        (2, "attempt 2\nno line end"),
+    ]
+    assert not any(o.truncated for o in outputs)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pdoflowd.cli",
+            "--dsn",
+            database,
+            "logs",
+            str(job_id),
+            "--attempt",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (done.returncode, done.stdout) == (0, "attempt 1\nno line end")
+
+
+def test_a_job_that_prints_nothing_stores_nothing_and_takes_nothing(
+    client: Client,
+) -> None:
+    """Output written by a job is never counted as the next one's."""
+    loud = client.post("featurejobs.print_lines", [[3]])
+    quiet = client.post("jobfns.noop", [[1]] * 5)
+    finished(client, loud)
+    finished(client, quiet)
+    assert [len(client.job_output(j)) for j in quiet.job_ids] == [0] * 5
+    (output,) = client.job_output(loud.job_ids[0])
+    assert output.output.encode() == _printed(3)
+
+
+def test_what_a_jobs_child_process_prints_is_its_output(
+    client: Client,
+) -> None:
+    posting = client.post("featurejobs.child_prints", [["from the child"]])
+    finished(client, posting)
+    (output,) = client.job_output(posting.job_ids[0])
+    assert output.output == "from the child\n"

@@ -26,7 +26,7 @@ from pdoflowd.cli.following import (
     status,
     wait,
 )
-from pdoflowd.cli.jobverbs import cancel_job, job, retry_job
+from pdoflowd.cli.jobverbs import cancel_job, job, logs, retry_job
 from pdoflowd.cli.output import UserError, fail
 from pdoflowd.cli.parser import build_parser
 from pdoflowd.cli.steering import (
@@ -71,6 +71,7 @@ VERBS: dict[str, Callable[[Client, argparse.Namespace], int]] = {
     "job": job,
     "cancel-job": cancel_job,
     "retry-job": retry_job,
+    "logs": logs,
 }
 
 

@@ -1,4 +1,4 @@
-"""The verbs of one job: ``job``, ``cancel-job`` and ``retry-job``.
+"""The verbs of one job: ``job``, ``cancel-job``, ``retry-job``, ``logs``.
 
 Owns what they print: for people, a job's fields one per line (its
 traceback last) and a line after a control; for scripts ``--json`` with
@@ -12,15 +12,16 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import sys
 from typing import Any
 
 from pdoflowd.arguments import encode_value
 from pdoflowd.cli import display
-from pdoflowd.cli.output import print_json
+from pdoflowd.cli.output import UserError, print_json
 from pdoflowd.client import Client, JobControlResult, JobInfo
 from pdoflowd.exitcodes import EXIT_OK
 
-__all__ = ["cancel_job", "job", "retry_job"]
+__all__ = ["cancel_job", "job", "logs", "retry_job"]
 
 
 def _when(value: dt.datetime | None) -> str | None:
@@ -133,3 +134,41 @@ def cancel_job(client: Client, args: argparse.Namespace) -> int:
 def retry_job(client: Client, args: argparse.Namespace) -> int:
     result = client.retry_job(args.job_id, tries=args.tries)
     return _print_control(result, args.json)
+
+
+def logs(client: Client, args: argparse.Namespace) -> int:
+    """Print what one attempt of a job wrote (default: its last attempt)."""
+    info = client.job(args.job_id)
+    attempt = info.attempt if args.attempt is None else args.attempt
+    if not 1 <= attempt <= max(info.attempt, 1):
+        raise UserError(
+            f"job {info.id} has had {info.attempt} attempt(s): no attempt"
+            f" {attempt}"
+        )
+    found = {o.attempt: o for o in client.job_output(info.id)}
+    output = found.get(attempt)
+    if args.json:
+        print_json(
+            {
+                "id": str(info.id),
+                "attempt": attempt,
+                "output": None if output is None else output.output,
+                "total_bytes": 0 if output is None else output.total_bytes,
+                "truncated": output is not None and output.truncated,
+            }
+        )
+        return EXIT_OK
+    if output is None:
+        print(
+            f"attempt {attempt} of job {info.id} wrote nothing that was kept",
+            file=sys.stderr,
+        )
+        return EXIT_OK
+    if output.truncated:
+        print(
+            f"(the last {len(output.output.encode('utf-8'))} of"
+            f" {output.total_bytes} bytes attempt {attempt} wrote)",
+            file=sys.stderr,
+        )
+    sys.stdout.write(output.output)
+    return EXIT_OK

@@ -265,4 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     retry_one.add_argument(
         "--tries", type=_count, default=None, help="default: the posting's"
     )
+    output = verb("logs", "what one attempt of a job wrote (its end)")
+    output.add_argument("job_id")
+    output.add_argument(
+        "--attempt", type=_count, default=None, help="default: the last"
+    )
     return parser

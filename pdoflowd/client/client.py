@@ -51,6 +51,7 @@ from pdoflowd.client.handles import (
     ControlResult,
     JobControlResult,
     JobInfo,
+    JobOutput,
     JobResult,
     Posting,
     PostingState,
@@ -490,6 +491,20 @@ class Client:
             daemon_host=row.daemon_host,
             daemon_pid=row.daemon_pid,
         )
+
+    def job_output(self, job_id: uuid.UUID | str) -> list[JobOutput]:
+        """What each attempt of the job wrote to stdout and stderr, by
+        attempt; attempts that wrote nothing are absent. KeyError if there
+        is no such job, or it is not yours to see."""
+        ident = as_uuid(job_id, "job")
+        with self.connect() as conn, conn.transaction():
+            if singlejob.job_details(conn, ident) is None:
+                raise KeyError(f"no job {ident}")
+            found = singlejob.job_output(conn, ident)
+        return [
+            JobOutput(ident, o.attempt, o.output, o.total_bytes, o.written_at)
+            for o in found
+        ]
 
     def cancel_job(self, job_id: uuid.UUID | str) -> JobControlResult:
         """End one waiting or executing job: errored out with the error

@@ -21,6 +21,7 @@ __all__ = [
     "ControlResult",
     "JobControlResult",
     "JobInfo",
+    "JobOutput",
     "JobResult",
     "Posting",
     "PostingState",
@@ -135,6 +136,23 @@ class JobInfo:
     completed_at: dt.datetime | None
     daemon_host: str | None
     daemon_pid: int | None
+
+
+@dataclass(frozen=True)
+class JobOutput:
+    """What one attempt of a job wrote to stdout and stderr: the end of it
+    (as text; at most the daemon's ``jobs.output_tail_bytes``) and how many
+    bytes in all (``truncated``: more than was kept)."""
+
+    job_id: uuid.UUID
+    attempt: int
+    output: str
+    total_bytes: int
+    written_at: dt.datetime
+
+    @property
+    def truncated(self) -> bool:
+        return self.total_bytes > len(self.output.encode("utf-8"))
 
 
 @dataclass(frozen=True)

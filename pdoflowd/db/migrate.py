@@ -168,6 +168,7 @@ SUBMITTER_GRANTS = (
     " pdoflowd.control_posting(uuid, text, integer) TO {role}",
     "GRANT EXECUTE ON FUNCTION"
     " pdoflowd.control_job(uuid, text, integer) TO {role}",
+    "GRANT SELECT ON pdoflowd.job_output TO {role}",
 )
 
 # What a daemon may do: check the schema version, claim, record, rescue and
@@ -188,6 +189,7 @@ DAEMON_GRANTS = (
     " pdoflowd.control_posting(uuid, text, integer) TO {role}",
     "GRANT EXECUTE ON FUNCTION"
     " pdoflowd.control_job(uuid, text, integer) TO {role}",
+    "GRANT SELECT, INSERT, UPDATE ON pdoflowd.job_output TO {role}",
 )
 
 

@@ -1,11 +1,12 @@
-"""One job's statements: reading it whole, and the checked job controls.
+"""One job's statements: reading it whole, its controls, its output.
 
-Owns the SQL behind ``pdoflow job``, ``cancel-job`` and ``retry-job`` and
-their :class:`pdoflowd.client.Client` methods: a job with its posting, its
-timings and the daemon that claimed it, and ``pdoflowd.control_job``,
-which checks the poster as ``control_posting`` does. Row-level security
-shows a submitter only its own jobs. Callers pass plain values and their
-own connection.
+Owns the SQL behind ``pdoflow job``, ``cancel-job``, ``retry-job`` and
+``logs`` and their :class:`pdoflowd.client.Client` methods: a job with its
+posting, its timings and the daemon that claimed it;
+``pdoflowd.control_job``, which checks the poster as ``control_posting``
+does; and the output each attempt wrote, which a worker stores. Row-level
+security shows a submitter only its own jobs. Callers pass plain values
+and their own connection.
 """
 
 from __future__ import annotations
@@ -18,7 +19,15 @@ from uuid import UUID
 from pdoflowd.db.common import Connection, one_statement
 from pdoflowd.status import JobStatus, PostingStatus
 
-__all__ = ["JOB_ACTIONS", "JobDetails", "control_job", "job_details"]
+__all__ = [
+    "JOB_ACTIONS",
+    "AttemptOutput",
+    "JobDetails",
+    "control_job",
+    "job_details",
+    "job_output",
+    "store_output",
+]
 
 
 @dataclass(frozen=True)
@@ -131,3 +140,58 @@ def control_job(
         ).fetchone()
     assert row is not None
     return JobStatus(row[0]), PostingStatus(row[1])
+
+
+# ---------------------------------------------------------------- output
+
+_STORE_OUTPUT = """
+INSERT INTO pdoflowd.job_output (job_id, attempt, output, total_bytes)
+VALUES (%(job_id)s, %(attempt)s, %(output)s, %(total_bytes)s)
+ON CONFLICT (job_id, attempt) DO UPDATE
+SET output = excluded.output, total_bytes = excluded.total_bytes,
+    written_at = now()
+"""
+
+
+def store_output(
+    conn: Connection, *, job_id: int, attempt: int, output: str, total: int
+) -> None:
+    """Keep the end of what one attempt of a job wrote (``output``, text
+    PostgreSQL can store) and how many bytes it wrote in all."""
+    with one_statement(conn):
+        conn.execute(
+            _STORE_OUTPUT,
+            {
+                "job_id": job_id,
+                "attempt": attempt,
+                "output": output,
+                "total_bytes": total,
+            },
+        )
+
+
+@dataclass(frozen=True)
+class AttemptOutput:
+    """What one attempt of a job wrote: the end of it, and how many bytes
+    in all (more than the text holds: its beginning was not kept)."""
+
+    attempt: int
+    output: str
+    total_bytes: int
+    written_at: dt.datetime
+
+
+_JOB_OUTPUT = """
+SELECT o.attempt, o.output, o.total_bytes, o.written_at
+FROM pdoflowd.jobs AS j
+JOIN pdoflowd.job_output AS o ON o.job_id = j.id
+WHERE j.uuid = %(uuid)s
+ORDER BY o.attempt
+"""
+
+
+def job_output(conn: Connection, job_uuid: UUID) -> list[AttemptOutput]:
+    """The stored output of each attempt of the job that wrote any."""
+    with one_statement(conn):
+        rows = conn.execute(_JOB_OUTPUT, {"uuid": job_uuid}).fetchall()
+    return [AttemptOutput(*row) for row in rows]
