@@ -11,6 +11,8 @@ import asyncio
 import math
 import os
 import signal
+import subprocess
+import sys
 import time
 from typing import Any
 
@@ -171,3 +173,29 @@ async def leave_a_task_behind(name: str, after_s: float) -> int:
 async def fail_async(message: str) -> None:
     await asyncio.sleep(0)
     raise ValueError(message)
+
+
+@job()
+def print_lines(count: int, stderr_line: str = "") -> None:
+    """Print ``count`` numbered lines to stdout (and one to stderr)."""
+    for number in range(count):
+        print(f"line {number:07d} " + "x" * 50)
+    if stderr_line:
+        print(stderr_line, file=sys.stderr)
+
+
+@job()
+def print_attempt_then_fail_once(text: str) -> None:
+    """Print the attempt's number and ``text`` without a line end; fail
+    on the first attempt."""
+    attempt = current_job().attempt
+    print(f"attempt {attempt}")
+    sys.stdout.write(text)
+    if attempt == 1:
+        raise RuntimeError("first attempt fails")
+
+
+@job()
+def child_prints(text: str) -> None:
+    """A child process writes to the inherited stdout."""
+    subprocess.run(["echo", text], check=True)

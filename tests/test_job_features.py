@@ -9,6 +9,9 @@ profiles every job and keeps results of at most 1000 bytes.
 from __future__ import annotations
 
 import math
+import socket
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -316,3 +319,143 @@ def test_a_task_an_async_job_leaves_behind_does_not_outlive_it(
             "SELECT count(*) FROM effects WHERE key = 'late'"
         ).fetchone()
     assert row == (0,)
+
+
+# ------------------------------------------------------------ one job
+
+
+def test_a_done_job_shows_its_timings_result_and_daemon(
+    client: Client, daemon: Daemon
+) -> None:
+    posting = client.post(featurejobs.describe, [["x"]])
+    finished(client, posting)
+    info = client.job(posting.job_ids[0])
+    assert info.status is JobStatus.DONE
+    assert info.result_stored and info.result["args"] == ["x"]
+    assert info.attempt == 1
+    assert info.created_at <= info.claimed_at <= info.started_at
+    assert info.started_at <= info.completed_at
+    assert (info.daemon_host, info.daemon_pid) == (
+        socket.gethostname(),
+        daemon.pid,
+    )
+
+
+def test_cancelling_a_running_job_ends_its_worker_and_only_that_job(
+    client: Client, daemon: Daemon
+) -> None:
+    workers = set(daemon.workers())
+    posting = client.post("featurejobs.wait_for_flag", [["later"], ["later"]])
+
+    def running() -> list[Any]:
+        return [r for r in client.jobs(posting.id) if r.progress == 0.5]
+
+    first = wait_until(running, timeout=20)[0].uuid
+    assert client.cancel_job(first).status is JobStatus.ERRORED_OUT
+    wait_until(lambda: len(workers - set(daemon.workers())) == 1)
+    assert "was cancelled" in daemon.log()
+    # The other job runs on (or again, had the killed worker claimed it
+    # too), and the posting ends once it does.
+    client.shared(posting.id).set("later", True)
+    state = client.wait(posting.id, timeout=30, poll_interval=0.05)
+    assert state.status is PostingStatus.FINISHED
+    assert (state.jobs[JobStatus.DONE], state.jobs[JobStatus.ERRORED_OUT]) == (
+        1,
+        1,
+    )
+    assert client.job(first).error == "cancelled"
+    assert len(daemon.workers()) == 2
+
+
+def test_retry_job_runs_an_errored_out_job_again(client: Client) -> None:
+    posting = client.post("featurejobs.fail_until_flag", [["ok"]], tries=1)
+    state = client.wait(posting.id, timeout=30, poll_interval=0.05)
+    assert state.jobs[JobStatus.ERRORED_OUT] == 1
+    (job_id,) = posting.job_ids
+    client.shared(posting.id).set("ok", True)
+    assert client.retry_job(job_id).status is JobStatus.WAITING
+    state = finished(client, posting)
+    assert state.jobs[JobStatus.DONE] == 1
+    assert client.job(job_id).attempt == 2
+
+
+# ------------------------------------------------------------ job output
+
+
+def _printed(count: int) -> bytes:
+    return b"".join(
+        f"line {n:07d} ".encode() + b"x" * 50 + b"\n" for n in range(count)
+    )
+
+
+def test_a_job_that_prints_a_mebibyte_keeps_its_last_64_kib(
+    client: Client, daemon: Daemon
+) -> None:
+    count = 1024 * 1024 // 64 + 1
+    posting = client.post("featurejobs.print_lines", [[count, "on stderr"]])
+    finished(client, posting)
+    (job_id,) = posting.job_ids
+    (output,) = client.job_output(job_id)
+    printed = _printed(count) + b"on stderr\n"
+    assert output.attempt == 1
+    assert output.total_bytes == len(printed)
+    assert output.truncated
+    assert output.output.encode() == printed[-65536:]
+    log = daemon.log()
+    assert f"[job {job_id}] line 0000000 " in log
+    assert f"[job {job_id}] on stderr" in log
+
+
+def test_each_attempt_keeps_its_own_output(
+    client: Client, database: str
+) -> None:
+    posting = client.post(
+        "featurejobs.print_attempt_then_fail_once", [["no line end"]], tries=2
+    )
+    finished(client, posting)
+    (job_id,) = posting.job_ids
+    outputs = client.job_output(job_id)
+    assert [(o.attempt, o.output) for o in outputs] == [
+        (1, "attempt 1\nno line end"),
+        (2, "attempt 2\nno line end"),
+    ]
+    assert not any(o.truncated for o in outputs)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pdoflowd.cli",
+            "--dsn",
+            database,
+            "logs",
+            str(job_id),
+            "--attempt",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (done.returncode, done.stdout) == (0, "attempt 1\nno line end")
+
+
+def test_a_job_that_prints_nothing_stores_nothing_and_takes_nothing(
+    client: Client,
+) -> None:
+    """Output written by a job is never counted as the next one's."""
+    loud = client.post("featurejobs.print_lines", [[3]])
+    quiet = client.post("jobfns.noop", [[1]] * 5)
+    finished(client, loud)
+    finished(client, quiet)
+    assert [len(client.job_output(j)) for j in quiet.job_ids] == [0] * 5
+    (output,) = client.job_output(loud.job_ids[0])
+    assert output.output.encode() == _printed(3)
+
+
+def test_what_a_jobs_child_process_prints_is_its_output(
+    client: Client,
+) -> None:
+    posting = client.post("featurejobs.child_prints", [["from the child"]])
+    finished(client, posting)
+    (output,) = client.job_output(posting.job_ids[0])
+    assert output.output == "from the child\n"

@@ -17,7 +17,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from harness import Roles, grant
+from harness import SUBMITTER_GRANTS_AT_6, Roles, grant
 from pdoflowd.client import (
     Client,
     KeyScope,
@@ -321,13 +321,6 @@ def empty_roles(empty_dsn: str) -> Iterator[Roles]:
         made.drop()
 
 
-# A submitter's INSERT on postings as granted before schema version 7.
-_SUBMITTER_INSERT_BEFORE_KEYS = (
-    "GRANT INSERT (uuid, target_function, entry_point, status, timeout_s,"
-    " requires, store_result, tries) ON pdoflowd.postings TO {role}"
-)
-
-
 def test_a_submitter_granted_before_version_7_may_post_with_a_key(
     empty_dsn: str, empty_roles: Roles
 ) -> None:
@@ -347,9 +340,7 @@ def test_a_submitter_granted_before_version_7_may_post_with_a_key(
                 " VALUES (%s, %s)",
                 (step.version, step.name),
             )
-        for template in migrate.SUBMITTER_GRANTS:
-            if template.startswith("GRANT INSERT (uuid, target_function"):
-                template = _SUBMITTER_INSERT_BEFORE_KEYS
+        for template in SUBMITTER_GRANTS_AT_6:
             conn.execute(sql.SQL(template).format(role=sql.Identifier(role)))
     assert migrate.upgrade(empty_dsn) == [m.version for m in steps[6:]]
     client = Client(empty_roles.dsn_of(role))

@@ -26,6 +26,7 @@ from pdoflowd.cli.following import (
     status,
     wait,
 )
+from pdoflowd.cli.jobverbs import cancel_job, job, logs, retry_job
 from pdoflowd.cli.output import UserError, fail
 from pdoflowd.cli.parser import build_parser
 from pdoflowd.cli.retaining import export, prune
@@ -72,6 +73,10 @@ VERBS: dict[str, Callable[[Client, argparse.Namespace], int]] = {
     "results": results,
     "prune": prune,
     "export": export,
+    "job": job,
+    "cancel-job": cancel_job,
+    "retry-job": retry_job,
+    "logs": logs,
 }
 
 

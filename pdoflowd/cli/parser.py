@@ -340,4 +340,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="write to FILE (replaced only when the export is complete) "
         "instead of stdout",
     )
+
+    one = verb("job", "one job in full: status, error, result, timings")
+    one.add_argument("job_id")
+    verb(
+        "cancel-job", "end one job (a running one by ending its worker)"
+    ).add_argument("job_id")
+    retry_one = verb(
+        "retry-job", "put one errored-out job back with fresh tries"
+    )
+    retry_one.add_argument("job_id")
+    retry_one.add_argument(
+        "--tries", type=_count, default=None, help="default: the posting's"
+    )
+    output = verb("logs", "what one attempt of a job wrote (its end)")
+    output.add_argument("job_id")
+    output.add_argument(
+        "--attempt", type=_count, default=None, help="default: the last"
+    )
     return parser

@@ -62,6 +62,9 @@ from pdoflowd.client.errors import (
 )
 from pdoflowd.client.handles import (
     ControlResult,
+    JobControlResult,
+    JobInfo,
+    JobOutput,
     JobResult,
     Posting,
     PostingState,
@@ -79,7 +82,10 @@ __all__ = [
     "ConnectionConfigError",
     "ConnectionTarget",
     "ControlResult",
+    "JobControlResult",
     "JobDefinition",
+    "JobInfo",
+    "JobOutput",
     "JobResult",
     "KeyScope",
     "Posting",

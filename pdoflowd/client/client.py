@@ -51,12 +51,15 @@ from pdoflowd.client.errors import (
 )
 from pdoflowd.client.handles import (
     ControlResult,
+    JobControlResult,
+    JobInfo,
+    JobOutput,
     JobResult,
     Posting,
     PostingState,
     as_uuid,
 )
-from pdoflowd.db import export, postings, profiles, retention
+from pdoflowd.db import export, postings, profiles, retention, singlejob
 from pdoflowd.db.postings import (
     JobRow,
     PostingSummary,
@@ -455,6 +458,96 @@ class Client:
         if rows is None:
             raise KeyError(f"no posting {ident}")
         return [_job_result(row) for row in rows]
+
+    # ------------------------------------------------------------ one job
+
+    def job(self, job_id: uuid.UUID | str) -> JobInfo:
+        """One job whole (see :class:`JobInfo`); KeyError if there is no
+        such job, or it is not yours to see."""
+        ident = as_uuid(job_id, "job")
+        with self.connect() as conn:
+            row = singlejob.job_details(conn, ident)
+        if row is None:
+            raise KeyError(f"no job {ident}")
+        posargs, kwargs = decode(row.posargs), decode(row.kwargs)
+        return JobInfo(
+            id=row.uuid,
+            posting_id=row.posting_uuid,
+            target_function=row.target_function,
+            entry_point=row.entry_point,
+            status=row.status,
+            posting_status=row.posting_status,
+            priority=row.priority,
+            attempt=row.attempt,
+            tries_remaining=row.tries_remaining,
+            args=posargs,
+            kwargs=kwargs,
+            error=row.error,
+            traceback=row.traceback,
+            result_stored=row.result_stored,
+            result=decode(row.result) if row.result_stored else None,
+            progress=row.progress,
+            progress_note=row.progress_note,
+            created_at=row.created_at,
+            run_after=row.run_after,
+            claimed_at=row.claimed_at,
+            started_at=row.work_started_at,
+            completed_at=row.completed_at,
+            daemon_host=row.daemon_host,
+            daemon_pid=row.daemon_pid,
+        )
+
+    def job_output(self, job_id: uuid.UUID | str) -> list[JobOutput]:
+        """What each attempt of the job wrote to stdout and stderr, by
+        attempt; attempts that wrote nothing are absent. KeyError if there
+        is no such job, or it is not yours to see."""
+        ident = as_uuid(job_id, "job")
+        with self.connect() as conn, conn.transaction():
+            if singlejob.job_details(conn, ident) is None:
+                raise KeyError(f"no job {ident}")
+            found = singlejob.job_output(conn, ident)
+        return [
+            JobOutput(ident, o.attempt, o.output, o.total_bytes, o.written_at)
+            for o in found
+        ]
+
+    def cancel_job(self, job_id: uuid.UUID | str) -> JobControlResult:
+        """End one waiting or executing job: errored out with the error
+        ``cancelled``. A running one is stopped by ending its worker, as a
+        posting's cancel does. PostingStateError if it has ended."""
+        return self._control_job(job_id, "cancel")
+
+    def retry_job(
+        self, job_id: uuid.UUID | str, *, tries: int | None = None
+    ) -> JobControlResult:
+        """Put one errored-out job back to waiting with fresh tries (its
+        posting's, or ``tries``); its posting executes again unless paused.
+        PostingStateError if the job has not errored out, or its posting
+        was cancelled (retry the posting then)."""
+        if tries is not None:
+            check_tries(tries)
+        return self._control_job(job_id, "retry", tries)
+
+    def _control_job(
+        self, job_id: uuid.UUID | str, action: str, tries: int | None = None
+    ) -> JobControlResult:
+        ident = as_uuid(job_id, "job")
+        try:
+            with self.connect() as conn:
+                status, posting_status = singlejob.control_job(
+                    conn, ident, action, tries=tries
+                )
+        except errors.NoDataFound:
+            raise KeyError(f"no job {ident}") from None
+        except errors.ObjectNotInPrerequisiteState as exc:
+            raise PostingStateError(exc.diag.message_primary) from None
+        except errors.UniqueViolation:
+            # Only a key can collide: another posting took it meanwhile.
+            raise PostingStateError(
+                f"job {ident} cannot {action}: another posting of yours"
+                " holds its posting's key now"
+            ) from None
+        return JobControlResult(ident, status, posting_status)
 
     def result(self, job_id: uuid.UUID | str) -> JobResult:
         """One job's end and return value; KeyError if there is no job."""

@@ -262,6 +262,11 @@ class JobsConfig:
     profile_sample_rate: float = field(
         default=0.0, metadata=_rule(at_least=0, at_most=1)
     )
+    # How much of each attempt's stdout and stderr is kept (its end); 0:
+    # the output is not captured (it goes to the journal as it is).
+    output_tail_bytes: int = field(
+        default=65536, metadata=_rule(at_least=0, at_most=16777216)
+    )
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
 Owns everything the supervisor needs from PostgreSQL: the LISTEN for new
 work, the heartbeat (with the owner tokens of the live workers, read from
 the scoreboard), the maintenance (taking back jobs that have no live owner,
-finding running jobs whose posting was cancelled, settling postings), the
+finding running jobs that were cancelled, settling postings), the
 queue gauges, pruning ended postings (:mod:`~pdoflowd.daemon.pruner`), and
 taking back a dead worker's jobs when asked. It runs in
 a process the supervisor forks (holding no connection when it does), with

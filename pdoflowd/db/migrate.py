@@ -149,8 +149,9 @@ def upgrade_connection(
 
 # What a submitter may do: read and add postings and jobs (row-level
 # security shows it only its own), keep its postings' shared variables, ask
-# which daemons run what, and steer its postings through the one checked
-# function. It cannot update a job, nor choose the poster of a posting.
+# which daemons (and hosts) run what, and steer its postings and jobs
+# through the checked functions. It cannot update a job, nor choose the
+# poster of a posting.
 SUBMITTER_GRANTS = (
     "GRANT USAGE ON SCHEMA pdoflowd TO {role}",
     "GRANT SELECT ON pdoflowd.postings, pdoflowd.jobs,"
@@ -161,10 +162,13 @@ SUBMITTER_GRANTS = (
     "GRANT INSERT (uuid, posting_id, priority, posargs, kwargs,"
     " tries_remaining, run_after) ON pdoflowd.jobs TO {role}",
     "GRANT INSERT, UPDATE, DELETE ON pdoflowd.shared_variables TO {role}",
-    "GRANT SELECT (provides, posters, stopped_at) ON pdoflowd.daemons"
-    " TO {role}",
+    "GRANT SELECT (id, hostname, pid, provides, posters, stopped_at)"
+    " ON pdoflowd.daemons TO {role}",
     "GRANT EXECUTE ON FUNCTION"
     " pdoflowd.control_posting(uuid, text, integer) TO {role}",
+    "GRANT EXECUTE ON FUNCTION"
+    " pdoflowd.control_job(uuid, text, integer) TO {role}",
+    "GRANT SELECT ON pdoflowd.job_output TO {role}",
 )
 
 # What a daemon may do: check the schema version, claim, record, rescue and
@@ -185,6 +189,9 @@ DAEMON_GRANTS = (
     " pdoflowd.profile_call_map TO {role}",
     "GRANT EXECUTE ON FUNCTION"
     " pdoflowd.control_posting(uuid, text, integer) TO {role}",
+    "GRANT EXECUTE ON FUNCTION"
+    " pdoflowd.control_job(uuid, text, integer) TO {role}",
+    "GRANT SELECT, INSERT, UPDATE ON pdoflowd.job_output TO {role}",
 )
 
 
