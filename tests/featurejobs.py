@@ -16,7 +16,6 @@ import sys
 import time
 from typing import Any
 
-import jobfns
 from pdoflowd import current_job
 from pdoflowd.client import job
 
@@ -141,7 +140,7 @@ async def sleep_async(seconds: float, name: str) -> None:
     try:
         await asyncio.sleep(seconds)
     except asyncio.CancelledError:
-        jobfns.record(name, "cancelled")
+        _record(name, "cancelled")
         raise
 
 
@@ -163,7 +162,7 @@ async def leave_a_task_behind(name: str, after_s: float) -> int:
 
     async def later() -> None:
         await asyncio.sleep(after_s)
-        jobfns.record(name, "a task that outlived its job")
+        _record(name, "a task that outlived its job")
 
     asyncio.get_running_loop().create_task(later())
     return os.getpid()
@@ -199,3 +198,12 @@ def print_attempt_then_fail_once(text: str) -> None:
 def child_prints(text: str) -> None:
     """A child process writes to the inherited stdout."""
     subprocess.run(["echo", text], check=True)
+
+
+def _record(key: str, note: str) -> None:
+    """jobfns.record, imported only when a job writes an effect: importing
+    jobfns here would make its names known to every process that imports
+    this module (pdoflow execute-job's tests run in pytest's own)."""
+    import jobfns
+
+    jobfns.record(key, note)
