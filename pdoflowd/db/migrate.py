@@ -142,7 +142,37 @@ def upgrade_connection(
                 " VALUES (%s, %s)",
                 (step.version, step.name),
             )
+        if have:
+            _grant_again(conn)
         return [m.version for m in pending]
+
+
+# Roles granted a submitter's privileges (INSERT on a posting's uuid), and
+# a daemon's (UPDATE on the jobs table), by name.
+_GRANTED_ROLES = """
+SELECT DISTINCT pg_get_userbyid(g.grantee), 'submitter'
+FROM pg_attribute AS a, aclexplode(a.attacl) AS g
+WHERE a.attrelid = 'pdoflowd.postings'::regclass AND a.attname = 'uuid'
+  AND g.privilege_type = 'INSERT' AND g.grantee <> 0
+UNION
+SELECT DISTINCT pg_get_userbyid(g.grantee), 'daemon'
+FROM pg_class AS c, aclexplode(c.relacl) AS g
+WHERE c.oid = 'pdoflowd.jobs'::regclass AND g.privilege_type = 'UPDATE'
+  AND g.grantee <> 0 AND g.grantee <> c.relowner
+"""
+
+
+def _grant_again(conn: psycopg.Connection[Any]) -> None:
+    """Give the roles granted before an upgrade what the grants give now
+    (a new version's columns, tables and functions), in the upgrade's
+    transaction: their owners need not grant again after upgrading."""
+    rows = conn.execute(_GRANTED_ROLES).fetchall()
+    grants = Grants(
+        submitters=[r[0] for r in rows if r[1] == "submitter"],
+        daemons=[r[0] for r in rows if r[1] == "daemon"],
+    )
+    for statement in grant_statements(grants):
+        conn.execute(statement)
 
 
 # ---------------------------------------------------------------- roles
