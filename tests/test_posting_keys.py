@@ -110,12 +110,12 @@ def test_a_cancel_then_retry_cannot_make_two_postings_hold_one_key(
     second = client.post(NOOP, [[1]], key="k")
     assert second.id != first.id
     # Retrying the first would make two active postings with one key.
-    with pytest.raises(PostingStateError, match="holds its key"):
+    with pytest.raises(PostingStateError, match="holds the key now"):
         client.retry(first.id)
     errored = client.post(NOOP, [[1]], key="e")
     _set_status(dsn, errored.id, "errored_out")
     client.post(NOOP, [[1]], key="e")
-    with pytest.raises(PostingStateError, match="holds its key"):
+    with pytest.raises(PostingStateError, match="holds the key now"):
         client.resume(errored.id)
     assert client.status(first.id).status is PostingStatus.CANCELLED
 

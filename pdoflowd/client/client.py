@@ -388,21 +388,10 @@ class Client:
         tries: int | None = None,
     ) -> ControlResult:
         ident = as_uuid(posting_id)
-        try:
-            with self.connect() as conn:
-                status, changed = postings.control_posting(
-                    conn, ident, action, tries=tries
-                )
-        except errors.NoDataFound:
-            raise KeyError(f"no posting {ident}") from None
-        except errors.ObjectNotInPrerequisiteState as exc:
-            raise PostingStateError(exc.diag.message_primary) from None
-        except errors.UniqueViolation:
-            # Only a key can collide: another posting took it meanwhile.
-            raise PostingStateError(
-                f"posting {ident} cannot {action}: another posting of yours"
-                " holds its key now"
-            ) from None
+        with _refusals(f"posting {ident}", action), self.connect() as conn:
+            status, changed = postings.control_posting(
+                conn, ident, action, tries=tries
+            )
         return ControlResult(ident, status, changed)
 
     def pause(self, posting_id: uuid.UUID | str) -> ControlResult:
@@ -532,21 +521,10 @@ class Client:
         self, job_id: uuid.UUID | str, action: str, tries: int | None = None
     ) -> JobControlResult:
         ident = as_uuid(job_id, "job")
-        try:
-            with self.connect() as conn:
-                status, posting_status = singlejob.control_job(
-                    conn, ident, action, tries=tries
-                )
-        except errors.NoDataFound:
-            raise KeyError(f"no job {ident}") from None
-        except errors.ObjectNotInPrerequisiteState as exc:
-            raise PostingStateError(exc.diag.message_primary) from None
-        except errors.UniqueViolation:
-            # Only a key can collide: another posting took it meanwhile.
-            raise PostingStateError(
-                f"job {ident} cannot {action}: another posting of yours"
-                " holds its posting's key now"
-            ) from None
+        with _refusals(f"job {ident}", action), self.connect() as conn:
+            status, posting_status = singlejob.control_job(
+                conn, ident, action, tries=tries
+            )
         return JobControlResult(ident, status, posting_status)
 
     def result(self, job_id: uuid.UUID | str) -> JobResult:
@@ -637,6 +615,25 @@ class Client:
             return profiles.function_stats(
                 conn, entry_point=entry_point, limit=limit
             )
+
+
+@contextlib.contextmanager
+def _refusals(what: str, action: str) -> Iterator[None]:
+    """A control's refusals by the database as the client's errors:
+    ``what`` (``posting ID``, ``job ID``) missing or not the caller's is a
+    KeyError, a status that does not allow ``action`` a PostingStateError."""
+    try:
+        yield
+    except errors.NoDataFound:
+        raise KeyError(f"no {what}") from None
+    except errors.ObjectNotInPrerequisiteState as exc:
+        raise PostingStateError(exc.diag.message_primary) from None
+    except errors.UniqueViolation:
+        # Only a key can collide: another posting took it meanwhile.
+        raise PostingStateError(
+            f"{what} cannot {action}: another posting of yours holds the"
+            " key now"
+        ) from None
 
 
 def _job_result(row: StoredResult) -> JobResult:
