@@ -53,6 +53,8 @@ SUMMARY_KEYS = [
     "percent_done",
     "mean_progress",
     "claimable_by",
+    "key",
+    "key_scope",
 ]
 JOB_KEYS = [
     "id",

@@ -418,3 +418,32 @@ def test_pdoflow_submit_says_on_stderr_that_the_posting_existed(
     assert first.stdout == second.stdout
     assert first.stderr == ""
     assert "holds the key 'k' already" in second.stderr
+
+
+def test_posting_status_shows_the_key_and_its_scope(dsn: str) -> None:
+    client = Client(dsn)
+    keyed = client.post(NOOP, [[1]], key="shown", key_scope="forever")
+    plain = client.post(NOOP, [[1]])
+    shape = json.loads(
+        pdoflow_out(dsn, "posting-status", str(keyed.id), "--json")
+    )
+    assert (shape["key"], shape["key_scope"]) == ("shown", "forever")
+    shape = json.loads(
+        pdoflow_out(dsn, "posting-status", str(plain.id), "--json")
+    )
+    assert (shape["key"], shape["key_scope"]) == (None, None)
+    lines = pdoflow_out(dsn, "posting-status", str(keyed.id)).splitlines()
+    assert ["key", "'shown'", "(held", "forever)"] in [
+        line.split() for line in lines
+    ]
+
+
+def pdoflow_out(dsn: str, *args: str) -> str:
+    done = subprocess.run(
+        [sys.executable, "-m", "pdoflowd.cli", "--dsn", dsn, *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
