@@ -9,7 +9,7 @@ child processes and C libraries are captured as its prints are.
 
 The worker's log records bypass the pipe (:func:`pdoflowd.daemon.logs.
 use_stream`), so nothing the worker says is lost should it die with output
-not yet read. A job with no output costs a lock and an ``ioctl``; one with
+not yet read. A job with no output costs an ``ioctl`` and no lock; one with
 output, a line the worker writes after it and waits for the reader to see.
 It must not know of claims, outcomes or the database.
 """
@@ -71,6 +71,13 @@ class OutputCapture:
         self._ends_seen = 0
         self._ends_sent = 0
         self._partial = b""
+        # Read without the lock, so that a job that wrote nothing costs no
+        # lock: chunks the reader has taken (counted once taken), whether
+        # it is taking one now (set before it reads), and the count the
+        # job's thread saw last.
+        self._taken = 0
+        self._reading = False
+        self._taken_seen = 0
         for stream in (sys.stdout, sys.stderr):
             stream.flush()
         read_fd, write_fd = os.pipe()
@@ -89,6 +96,10 @@ class OutputCapture:
 
     def begin(self, job_id: uuid.UUID) -> None:
         """A job starts: its lines are prefixed with its id from now on."""
+        if self._taken == self._taken_seen and not self._reading:
+            # Nothing written since the last job ended: nothing to reset.
+            self._job = job_id
+            return
         with self._lock:
             # A line written between jobs without its end is not the job's.
             left = self._partial
@@ -98,6 +109,7 @@ class OutputCapture:
             self._prefix = b""
             self._tail.clear()
             self._total = 0
+            self._taken_seen = self._taken
         if left:
             self._forward([left + b"\n"])
 
@@ -108,9 +120,20 @@ class OutputCapture:
             sys.stderr.flush()
         except (OSError, ValueError):  # a job closed or broke them
             pass
+        # In this order: a byte the job wrote is in the pipe, or being
+        # read, or taken (the reader counts a chunk before it says it is
+        # done reading).
+        if (
+            not self._unread()
+            and not self._reading
+            and self._taken == self._taken_seen
+        ):
+            self._job = None
+            return None
         with self._lock:
             if not (self._total or self._partial or self._unread()):
                 self._job = None
+                self._taken_seen = self._taken
                 return None
             self._ends_sent += 1
             wanted = self._ends_sent
@@ -127,6 +150,7 @@ class OutputCapture:
             self._prefix = b""
             self._tail.clear()
             self._total = 0
+            self._taken_seen = self._taken
         return captured if captured.total_bytes else None
 
     def _unread(self) -> int:
@@ -139,14 +163,18 @@ class OutputCapture:
     def _read(self) -> None:
         while True:
             select.select([self._read_fd], [], [])
+            self._reading = True
             with self._lock:
                 try:
                     chunk = os.read(self._read_fd, _CHUNK)
                 except BlockingIOError:
+                    self._reading = False
                     continue
                 if not chunk:
                     return
                 out = self._take(chunk)
+                self._taken += 1
+            self._reading = False
             self._forward(out)
 
     def _forward(self, lines: list[bytes]) -> None:
