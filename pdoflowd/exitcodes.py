@@ -29,6 +29,7 @@ EXIT_SCHEMA = 4  # the database schema is not the version this code needs
 # sysexits.h, for errors of the command itself.
 EXIT_USAGE = os.EX_USAGE  # 64: bad arguments or input, no such posting
 EXIT_UNAVAILABLE = os.EX_UNAVAILABLE  # 69: the database cannot be used
+EXIT_NOPERM = os.EX_NOPERM  # 77: the role may not do that (prune)
 EXIT_CONFIG = os.EX_CONFIG  # 78: the configuration is invalid
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it

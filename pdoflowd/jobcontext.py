@@ -22,7 +22,7 @@ from typing import Any
 
 import psycopg
 
-from pdoflowd import profiling
+from pdoflowd import asyncjobs, profiling
 from pdoflowd.arguments import (
     ValueNotStorable,
     check_text,
@@ -283,6 +283,12 @@ class JobCall:
         )
         _current = self.context
         try:
+            if asyncjobs.is_async(function):
+                # Profiled too: the loop runs the coroutine inside runcall.
+                function = functools.partial(
+                    asyncjobs.run, function, posargs, kwargs
+                )
+                posargs, kwargs = [], {}
             if self.profiled:
                 self.profile = cProfile.Profile()
                 value = self.profile.runcall(function, *posargs, **kwargs)

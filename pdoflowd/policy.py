@@ -13,6 +13,8 @@ import os
 import signal
 from collections.abc import Sequence
 
+from pdoflowd.status import PostingStatus
+
 
 def backoff_delay(failures: int, first_s: float, max_s: float) -> float:
     """Seconds to wait after ``failures`` failures in a row: the one backoff.
@@ -92,6 +94,58 @@ def may_rescue(connected_for_s: float, lease_s: float) -> bool:
 def poll_timeout(interval_s: float, jitter: float) -> float:
     """An idle worker's wait, spread by a draw from [0, 1) over +/-50%."""
     return interval_s * (0.5 + jitter)
+
+
+def retention_ages(
+    finished_after_s: float, errored_after_s: float
+) -> dict[PostingStatus, float]:
+    """How old each ended posting status may grow before it is pruned, from
+    the two configured ages (0 keeps that status): finished postings by
+    the first, errored-out and cancelled ones by the second."""
+    ages = {}
+    if finished_after_s > 0:
+        ages[PostingStatus.FINISHED] = finished_after_s
+    if errored_after_s > 0:
+        ages[PostingStatus.ERRORED_OUT] = errored_after_s
+        ages[PostingStatus.CANCELLED] = errored_after_s
+    return ages
+
+
+# Chunks one pruning pass deletes at most.
+PRUNE_CHUNKS_PER_PASS = 8
+
+
+def prune_goes_on(chunks: int, elapsed_s: float, heartbeat_s: float) -> bool:
+    """Whether a pruning pass that has deleted ``chunks`` chunks in
+    ``elapsed_s`` may start another.
+
+    The first chunk always; then at most :data:`PRUNE_CHUNKS_PER_PASS`,
+    and none after a quarter of the heartbeat interval: the heartbeat that
+    runs on the same connection never waits behind pruning for long.
+    """
+    if chunks == 0:
+        return True
+    return chunks < PRUNE_CHUNKS_PER_PASS and elapsed_s < heartbeat_s / 4
+
+
+def prune_statement_timeout(
+    statement_timeout_s: float, heartbeat_s: float
+) -> float:
+    """The deadline of each statement of a pruning chunk: the session's
+    own, but no more than a third of the heartbeat interval, so a chunk's
+    three statements together never hold the heartbeat back by more than
+    one interval (the lease is more than two)."""
+    return min(statement_timeout_s, heartbeat_s / 3)
+
+
+def next_prune_in(more_left: bool, pass_s: float, interval_s: float) -> float:
+    """Seconds until the next pruning pass: ``interval_s`` when the last
+    one left nothing, else as long as it took (pruning a backlog takes at
+    most half of the connection's time, and the other chores run between
+    two passes), but never later than ``interval_s``."""
+    if not more_left:
+        return interval_s
+    return min(interval_s, max(pass_s, 0.0))
 
 
 def describe_exit(status: int) -> str:

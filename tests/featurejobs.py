@@ -7,9 +7,12 @@ stored results; the daemon under test imports them, and
 
 from __future__ import annotations
 
+import asyncio
 import math
 import os
 import signal
+import subprocess
+import sys
 import time
 from typing import Any
 
@@ -115,3 +118,92 @@ def nap_deaf(seconds: float) -> None:
         time.sleep(seconds)
     finally:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, deaf)
+
+
+@job(store_result=True)
+async def describe_async(delay_s: float = 0.0) -> dict[str, Any]:
+    """An async job: awaits, then says who it is, as a stored result."""
+    await asyncio.sleep(delay_s)
+    context = current_job()
+    return {
+        "job_id": str(context.job_id),
+        "attempt": context.attempt,
+        "pid": os.getpid(),
+        "loop": id(asyncio.get_running_loop()),
+    }
+
+
+@job()
+async def sleep_async(seconds: float, name: str) -> None:
+    """An async job that awaits longer than its timeout; writes the effect
+    ``name`` when it is cancelled."""
+    try:
+        await asyncio.sleep(seconds)
+    except asyncio.CancelledError:
+        _record(name, "cancelled")
+        raise
+
+
+@job()
+async def stubborn_async(seconds: float) -> None:
+    """Swallows the first cancel and awaits on: a timeout must still end
+    it (the worker is killed after the grace) and the worker carry on."""
+    try:
+        await asyncio.sleep(seconds)
+    except asyncio.CancelledError:
+        await asyncio.sleep(seconds)
+
+
+@job(store_result=True)
+async def leave_a_task_behind(name: str, after_s: float) -> int:
+    """Starts a task that would write the effect ``name`` after ``after_s``
+    seconds, and returns its process id at once: the task must not outlive
+    the job."""
+
+    async def later() -> None:
+        await asyncio.sleep(after_s)
+        _record(name, "a task that outlived its job")
+
+    asyncio.get_running_loop().create_task(later())
+    return os.getpid()
+
+
+@job()
+async def fail_async(message: str) -> None:
+    await asyncio.sleep(0)
+    raise ValueError(message)
+
+
+@job()
+def print_lines(count: int, stderr_line: str = "") -> None:
+    """Print ``count`` numbered lines to stdout (and one to stderr)."""
+    for number in range(count):
+        print(f"line {number:07d} " + "x" * 50)
+    if stderr_line:
+        print(stderr_line, file=sys.stderr)
+
+
+@job()
+def print_attempt_then_fail_once(text: str) -> None:
+    """Print the attempt's number and ``text`` without a line end; fail
+    on the first attempt."""
+    attempt = current_job().attempt
+    print(f"attempt {attempt}")
+    sys.stdout.write(text)
+    if attempt == 1:
+        raise RuntimeError("first attempt fails")
+
+
+@job()
+def child_prints(text: str) -> None:
+    """A child process writes to the inherited stdout."""
+    subprocess.run(["echo", text], check=True)
+
+
+def _record(key: str, note: str) -> None:
+    """jobfns.record, imported only when a job writes an effect: importing
+    jobfns here would make its names known to every process that imports
+    this module (pdoflow execute-job's tests run in pytest's own)."""
+    import jobfns
+
+    jobfns.record(key, note)

@@ -318,3 +318,20 @@ class Roles:
 def grant(dsn: str, **grants: list[str]) -> None:
     with psycopg.connect(dsn, autocommit=True) as conn:
         migrate.apply_grants(conn, migrate.Grants(**grants))
+
+
+# What `pdoflowd migrate --grant-submitter` granted at schema version 6.
+SUBMITTER_GRANTS_AT_6 = (
+    "GRANT USAGE ON SCHEMA pdoflowd TO {role}",
+    "GRANT SELECT ON pdoflowd.postings, pdoflowd.jobs,"
+    " pdoflowd.shared_variables TO {role}",
+    "GRANT INSERT (uuid, target_function, entry_point, status, timeout_s,"
+    " requires, store_result, tries) ON pdoflowd.postings TO {role}",
+    "GRANT INSERT (uuid, posting_id, priority, posargs, kwargs,"
+    " tries_remaining, run_after) ON pdoflowd.jobs TO {role}",
+    "GRANT INSERT, UPDATE, DELETE ON pdoflowd.shared_variables TO {role}",
+    "GRANT SELECT (provides, posters, stopped_at) ON pdoflowd.daemons"
+    " TO {role}",
+    "GRANT EXECUTE ON FUNCTION"
+    " pdoflowd.control_posting(uuid, text, integer) TO {role}",
+)

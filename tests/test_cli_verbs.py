@@ -53,6 +53,8 @@ SUMMARY_KEYS = [
     "percent_done",
     "mean_progress",
     "claimable_by",
+    "key",
+    "key_scope",
 ]
 JOB_KEYS = [
     "id",
@@ -450,6 +452,20 @@ def test_execute_job_runs_the_job_here_and_records_it(
             "SELECT stopped_at IS NOT NULL FROM pdoflowd.daemons"
         ).fetchall()
     assert stopped == [(True,)]
+
+
+def test_execute_job_runs_an_async_job_to_its_end(
+    dsn: str, pdoflow: Any, job_config: Path
+) -> None:
+    posting = Client(dsn).post("featurejobs.describe_async", [[0.01]])
+    job_id = str(posting.job_ids[0])
+    code, out, err = pdoflow(
+        "execute-job", job_id, "--config", str(job_config), "--json"
+    )
+    assert code == EXIT_OK, err
+    shape = json.loads(out)
+    assert shape["status"] == "done"
+    assert shape["result"]["job_id"] == job_id
 
 
 def test_execute_job_reports_a_failure_with_its_traceback(

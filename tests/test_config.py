@@ -28,6 +28,7 @@ from pdoflowd.config import (
     DatabaseConfig,
     JobsConfig,
     MetricsConfig,
+    RetentionConfig,
     WorkersConfig,
     connection_kwargs,
     load,
@@ -46,6 +47,7 @@ SECTIONS = {
     "jobs": JobsConfig,
     "metrics": MetricsConfig,
     "daemon": DaemonConfig,
+    "retention": RetentionConfig,
 }
 
 
@@ -493,6 +495,63 @@ def test_host_lease_is_not_compared_with_a_rejected_heartbeat() -> None:
     )
 
     assert [p.key for p in problems] == ["daemon.heartbeat_interval_s"]
+
+
+def test_retention_is_off_by_default() -> None:
+    assert parse({}).retention.enabled is False
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("retention.batch", 0, "must be between 1 and 100000, got 0"),
+        ("retention.batch", 100001, "must be between 1 and 100000, got 100001"),
+        (
+            "retention.finished_after_s",
+            -1,
+            "must be between 0 and 315360000, got -1",
+        ),
+        (
+            "retention.errored_after_s",
+            315360001,
+            "must be between 0 and 315360000, got 315360001",
+        ),
+        (
+            "retention.interval_s",
+            0,
+            "must be greater than 0 and at most 86400, got 0",
+        ),
+        ("retention.enabled", "yes", "expected a boolean, got string"),
+    ],
+)
+def test_a_bad_retention_value_is_named_by_its_dotted_key(
+    key: str, value: object, message: str
+) -> None:
+    section, name = key.split(".")
+
+    assert the_problem({section: {name: value}}) == ConfigProblem(key, message)
+
+
+def test_retention_enabled_with_both_ages_zero_is_rejected() -> None:
+    problem = the_problem(
+        {
+            "retention": {
+                "enabled": True,
+                "finished_after_s": 0,
+                "errored_after_s": 0,
+            }
+        }
+    )
+
+    assert problem.key == "retention.enabled"
+    assert "nothing would be pruned" in problem.message
+
+
+def test_retention_may_keep_one_kind_of_posting_for_ever() -> None:
+    config = parse({"retention": {"enabled": True, "errored_after_s": 0}})
+
+    assert config.retention.finished_after_s == 30 * 86400
+    assert config.retention.errored_after_s == 0
 
 
 def test_retry_delay_max_below_retry_delay_is_rejected() -> None:

@@ -9,6 +9,9 @@ profiles every job and keeps results of at most 1000 bytes.
 from __future__ import annotations
 
 import math
+import socket
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -223,3 +226,236 @@ def test_cancel_ends_running_jobs_by_ending_their_workers(
     after = client.post("jobfns.noop", [[1]])
     finished(client, after)
     assert len(daemon.workers()) == 2
+
+
+# ------------------------------------------------------------ async def jobs
+
+
+def test_an_async_job_runs_in_its_context_on_its_workers_one_loop(
+    client: Client,
+) -> None:
+    posting = client.post(featurejobs.describe_async, [[0.01]] * 8)
+    finished(client, posting)
+    results = client.results(posting.id)
+    values = [r.value for r in results]
+    assert [v["job_id"] for v in values] == [str(r.job_id) for r in results]
+    assert {v["attempt"] for v in values} == {1}
+    loops_by_worker: dict[int, set[int]] = {}
+    for value in values:
+        loops_by_worker.setdefault(value["pid"], set()).add(value["loop"])
+    assert all(len(loops) == 1 for loops in loops_by_worker.values())
+
+
+def test_an_async_job_that_raises_is_recorded_with_its_traceback(
+    client: Client, database: str
+) -> None:
+    posting = client.post("featurejobs.fail_async", [["boom"]], tries=1)
+    state = client.wait(posting.id, timeout=30, poll_interval=0.05)
+    assert state.jobs[JobStatus.ERRORED_OUT] == 1
+    (row,) = client.jobs(posting.id)
+    assert row.error == "ValueError: boom"
+    with psycopg.connect(database) as conn:
+        found = conn.execute(
+            "SELECT traceback FROM pdoflowd.jobs WHERE uuid = %s", (row.uuid,)
+        ).fetchone()
+    assert found is not None and "fail_async" in found[0]
+
+
+def test_an_async_job_past_its_timeout_is_cancelled_and_recorded(
+    client: Client, daemon: Daemon, database: str
+) -> None:
+    workers = set(daemon.workers())
+    posting = client.post(
+        "featurejobs.sleep_async", [[30, "timed-out"]], tries=1, timeout_s=0.5
+    )
+    state = client.wait(posting.id, timeout=30, poll_interval=0.05)
+    assert state.jobs[JobStatus.ERRORED_OUT] == 1
+    (row,) = client.jobs(posting.id)
+    assert row.error == "timeout after 0.5 s"
+    with psycopg.connect(database) as conn:
+        found = conn.execute(
+            "SELECT note FROM effects WHERE key = 'timed-out'"
+        ).fetchall()
+    assert found == [("cancelled",)]
+    # Ended inside the worker: no worker was killed for it.
+    assert set(daemon.workers()) == workers
+
+
+def test_an_async_job_that_ignores_its_cancel_costs_its_worker_the_loop(
+    client: Client, daemon: Daemon
+) -> None:
+    workers = set(daemon.workers())
+    posting = client.post(
+        "featurejobs.stubborn_async", [[30]], tries=1, timeout_s=0.5
+    )
+    state = client.wait(posting.id, timeout=30, poll_interval=0.05)
+    assert state.jobs[JobStatus.ERRORED_OUT] == 1
+    (row,) = client.jobs(posting.id)
+    assert row.error == "timeout after 0.5 s"
+    assert "did not end when cancelled" in daemon.log()
+    assert set(daemon.workers()) == workers
+    after = client.post(featurejobs.describe_async, [[0]] * 4)
+    finished(client, after)
+
+
+def test_a_task_an_async_job_leaves_behind_does_not_outlive_it(
+    client: Client, database: str
+) -> None:
+    posting = client.post("featurejobs.leave_a_task_behind", [["late", 0.2]])
+    finished(client, posting)
+    (left_in,) = (r.value for r in client.results(posting.id))
+    # An async job on the same worker, longer than the task would have
+    # waited: had the task survived on that worker's loop, it would run.
+    for _ in range(20):
+        after = client.post(featurejobs.describe_async, [[0.4]])
+        finished(client, after)
+        (ran,) = (r.value for r in client.results(after.id))
+        if ran["pid"] == left_in:
+            break
+    else:
+        pytest.fail("no async job ran on the worker the task was left in")
+    with psycopg.connect(database) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM effects WHERE key = 'late'"
+        ).fetchone()
+    assert row == (0,)
+
+
+# ------------------------------------------------------------ one job
+
+
+def test_a_done_job_shows_its_timings_result_and_daemon(
+    client: Client, daemon: Daemon
+) -> None:
+    posting = client.post(featurejobs.describe, [["x"]])
+    finished(client, posting)
+    info = client.job(posting.job_ids[0])
+    assert info.status is JobStatus.DONE
+    assert info.result_stored and info.result["args"] == ["x"]
+    assert info.attempt == 1
+    assert info.created_at <= info.claimed_at <= info.started_at
+    assert info.started_at <= info.completed_at
+    assert (info.daemon_host, info.daemon_pid) == (
+        socket.gethostname(),
+        daemon.pid,
+    )
+
+
+def test_cancelling_a_running_job_ends_its_worker_and_only_that_job(
+    client: Client, daemon: Daemon
+) -> None:
+    workers = set(daemon.workers())
+    posting = client.post("featurejobs.wait_for_flag", [["later"], ["later"]])
+
+    def running() -> list[Any]:
+        return [r for r in client.jobs(posting.id) if r.progress == 0.5]
+
+    first = wait_until(running, timeout=20)[0].uuid
+    assert client.cancel_job(first).status is JobStatus.ERRORED_OUT
+    wait_until(lambda: len(workers - set(daemon.workers())) == 1)
+    assert "was cancelled" in daemon.log()
+    # The other job runs on (or again, had the killed worker claimed it
+    # too), and the posting ends once it does.
+    client.shared(posting.id).set("later", True)
+    state = client.wait(posting.id, timeout=30, poll_interval=0.05)
+    assert state.status is PostingStatus.FINISHED
+    assert (state.jobs[JobStatus.DONE], state.jobs[JobStatus.ERRORED_OUT]) == (
+        1,
+        1,
+    )
+    assert client.job(first).error == "cancelled"
+    assert len(daemon.workers()) == 2
+
+
+def test_retry_job_runs_an_errored_out_job_again(client: Client) -> None:
+    posting = client.post("featurejobs.fail_until_flag", [["ok"]], tries=1)
+    state = client.wait(posting.id, timeout=30, poll_interval=0.05)
+    assert state.jobs[JobStatus.ERRORED_OUT] == 1
+    (job_id,) = posting.job_ids
+    client.shared(posting.id).set("ok", True)
+    assert client.retry_job(job_id).status is JobStatus.WAITING
+    state = finished(client, posting)
+    assert state.jobs[JobStatus.DONE] == 1
+    assert client.job(job_id).attempt == 2
+
+
+# ------------------------------------------------------------ job output
+
+
+def _printed(count: int) -> bytes:
+    return b"".join(
+        f"line {n:07d} ".encode() + b"x" * 50 + b"\n" for n in range(count)
+    )
+
+
+def test_a_job_that_prints_a_mebibyte_keeps_its_last_64_kib(
+    client: Client, daemon: Daemon
+) -> None:
+    count = 1024 * 1024 // 64 + 1
+    posting = client.post("featurejobs.print_lines", [[count, "on stderr"]])
+    finished(client, posting)
+    (job_id,) = posting.job_ids
+    (output,) = client.job_output(job_id)
+    printed = _printed(count) + b"on stderr\n"
+    assert output.attempt == 1
+    assert output.total_bytes == len(printed)
+    assert output.truncated
+    assert output.output.encode() == printed[-65536:]
+    log = daemon.log()
+    assert f"[job {job_id}] line 0000000 " in log
+    assert f"[job {job_id}] on stderr" in log
+
+
+def test_each_attempt_keeps_its_own_output(
+    client: Client, database: str
+) -> None:
+    posting = client.post(
+        "featurejobs.print_attempt_then_fail_once", [["no line end"]], tries=2
+    )
+    finished(client, posting)
+    (job_id,) = posting.job_ids
+    outputs = client.job_output(job_id)
+    assert [(o.attempt, o.output) for o in outputs] == [
+        (1, "attempt 1\nno line end"),
+        (2, "attempt 2\nno line end"),
+    ]
+    assert not any(o.truncated for o in outputs)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pdoflowd.cli",
+            "--dsn",
+            database,
+            "logs",
+            str(job_id),
+            "--attempt",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (done.returncode, done.stdout) == (0, "attempt 1\nno line end")
+
+
+def test_a_job_that_prints_nothing_stores_nothing_and_takes_nothing(
+    client: Client,
+) -> None:
+    """Output written by a job is never counted as the next one's."""
+    loud = client.post("featurejobs.print_lines", [[3]])
+    quiet = client.post("jobfns.noop", [[1]] * 5)
+    finished(client, loud)
+    finished(client, quiet)
+    assert [len(client.job_output(j)) for j in quiet.job_ids] == [0] * 5
+    (output,) = client.job_output(loud.job_ids[0])
+    assert output.output.encode() == _printed(3)
+
+
+def test_what_a_jobs_child_process_prints_is_its_output(
+    client: Client,
+) -> None:
+    posting = client.post("featurejobs.child_prints", [["from the child"]])
+    finished(client, posting)
+    (output,) = client.job_output(posting.job_ids[0])
+    assert output.output == "from the child\n"

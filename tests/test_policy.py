@@ -11,6 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pdoflowd import policy
+from pdoflowd.status import PostingStatus
 
 
 def test_retry_delay_is_zero_without_a_base() -> None:
@@ -111,3 +112,67 @@ def test_describe_exit_names_the_signal() -> None:
 def test_describe_exit_names_the_exit_code() -> None:
     status = _status_of("import os; os._exit(7)")
     assert policy.describe_exit(status) == "worker died: exit code 7"
+
+
+# Retention.
+
+
+def test_retention_ages_give_errored_and_cancelled_postings_the_second() -> (
+    None
+):
+    assert policy.retention_ages(10.0, 20.0) == {
+        PostingStatus.FINISHED: 10.0,
+        PostingStatus.ERRORED_OUT: 20.0,
+        PostingStatus.CANCELLED: 20.0,
+    }
+
+
+def test_an_age_of_zero_keeps_that_kind_of_posting() -> None:
+    assert policy.retention_ages(0.0, 5.0) == {
+        PostingStatus.ERRORED_OUT: 5.0,
+        PostingStatus.CANCELLED: 5.0,
+    }
+    assert policy.retention_ages(5.0, 0.0) == {PostingStatus.FINISHED: 5.0}
+
+
+@given(
+    chunks=st.integers(min_value=0, max_value=100),
+    elapsed=st.floats(min_value=0, max_value=1e6),
+    heartbeat=st.floats(min_value=0.001, max_value=3600),
+)
+def test_a_pruning_pass_is_bounded_and_always_makes_progress(
+    chunks: int, elapsed: float, heartbeat: float
+) -> None:
+    goes_on = policy.prune_goes_on(chunks, elapsed, heartbeat)
+
+    if chunks == 0:
+        assert goes_on
+    if chunks >= policy.PRUNE_CHUNKS_PER_PASS or elapsed >= heartbeat / 4:
+        assert goes_on == (chunks == 0)
+
+
+@given(
+    more=st.booleans(),
+    took=st.floats(min_value=0, max_value=1e5),
+    interval=st.floats(min_value=0.001, max_value=86400),
+)
+def test_the_next_pass_comes_no_later_than_the_interval(
+    more: bool, took: float, interval: float
+) -> None:
+    delay = policy.next_prune_in(more, took, interval)
+
+    assert 0 <= delay <= interval
+    assert delay == (min(took, interval) if more else interval)
+
+
+@given(
+    statement=st.floats(min_value=0.001, max_value=3600),
+    heartbeat=st.floats(min_value=0.001, max_value=3600),
+)
+def test_a_pruning_chunk_never_holds_the_heartbeat_back_by_an_interval(
+    statement: float, heartbeat: float
+) -> None:
+    timeout = policy.prune_statement_timeout(statement, heartbeat)
+
+    assert timeout <= statement
+    assert 3 * timeout <= heartbeat * (1 + 1e-9)

@@ -319,14 +319,14 @@ def test_a_daemon_role_posts_schedules_and_a_submitter_cannot_list_them(
         daemon.close()
 
 
-def test_the_migration_gives_daemon_roles_of_version_7_what_schedules_need(
+def test_an_upgrade_gives_daemon_roles_of_version_10_what_schedules_need(
     empty_dsn: str,
 ) -> None:
     from psycopg import sql
 
     from pdoflowd.db import migrate
 
-    role = "pdoflowd_t_v7_daemon"
+    role = "pdoflowd_t_v10_daemon"
     new_grants = [
         g for g in migrate.DAEMON_GRANTS if "schedule" in g or "INSERT (" in g
     ]
@@ -344,7 +344,7 @@ def test_the_migration_gives_daemon_roles_of_version_7_what_schedules_need(
                     " version integer PRIMARY KEY, name text NOT NULL,"
                     " applied_at timestamptz NOT NULL DEFAULT now())"
                 )
-                for step in migrate.migrations()[:7]:
+                for step in migrate.migrations()[:10]:
                     conn.execute(step.sql.encode())
                     conn.execute(
                         "INSERT INTO pdoflowd.schema_migrations"
@@ -356,7 +356,7 @@ def test_the_migration_gives_daemon_roles_of_version_7_what_schedules_need(
                         conn.execute(
                             sql.SQL(template).format(role=sql.Identifier(role))
                         )
-            assert migrate.upgrade_connection(conn) == [8]
+            assert migrate.upgrade_connection(conn) == [11]
             checks = conn.execute(
                 "SELECT has_column_privilege(%(r)s, 'pdoflowd.postings',"
                 "  'idempotency_key', 'INSERT'),"

@@ -18,6 +18,7 @@ code of its own:
 - :mod:`~pdoflowd.cli.submitting`: ``submit`` and its JSON lines;
 - :mod:`~pdoflowd.cli.following`: the verbs that read and ``wait``;
 - :mod:`~pdoflowd.cli.steering`: the verbs that control a posting;
+- :mod:`~pdoflowd.cli.jobverbs`: ``job``, ``cancel-job``, ``retry-job``;
 - :mod:`~pdoflowd.cli.executing`: ``execute-job``;
 - :mod:`~pdoflowd.cli.output`: JSON out, errors as one line;
 - :mod:`~pdoflowd.cli.display`: tables and the progress bar.

@@ -26,8 +26,10 @@ from pdoflowd.cli.following import (
     status,
     wait,
 )
+from pdoflowd.cli.jobverbs import cancel_job, job, logs, retry_job
 from pdoflowd.cli.output import UserError, fail
 from pdoflowd.cli.parser import build_parser
+from pdoflowd.cli.retaining import export, prune
 from pdoflowd.cli.scheduling import list_schedules
 from pdoflowd.cli.steering import (
     cancel,
@@ -43,11 +45,13 @@ from pdoflowd.client import (
     ConnectionTarget,
     PostingError,
     PostingStateError,
+    PruningNotAllowed,
 )
 from pdoflowd.config import dsn_problems
 from pdoflowd.exitcodes import (
     EXIT_CONFIG,
     EXIT_INTERRUPTED,
+    EXIT_NOPERM,
     EXIT_UNAVAILABLE,
     EXIT_USAGE,
 )
@@ -68,6 +72,12 @@ VERBS: dict[str, Callable[[Client, argparse.Namespace], int]] = {
     "cancel": cancel,
     "retry": retry,
     "results": results,
+    "prune": prune,
+    "export": export,
+    "job": job,
+    "cancel-job": cancel_job,
+    "retry-job": retry_job,
+    "logs": logs,
     "schedules": list_schedules,
 }
 
@@ -111,6 +121,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return VERBS[args.verb](client, args)
     except KeyboardInterrupt:
         fail("interrupted", EXIT_INTERRUPTED)
+    except PruningNotAllowed as exc:
+        fail(str(exc), EXIT_NOPERM)
     except ConfigUnusable as exc:
         fail(f"{args.config}: {exc}", EXIT_CONFIG)
     except (

@@ -141,6 +141,12 @@ def _percent_done(summary: PostingSummary) -> float:
     return round(100.0 * done / summary.total, 1) if summary.total else 0.0
 
 
+def _key_line(summary: PostingSummary) -> str:
+    if summary.key is None:
+        return "-"
+    return f"{summary.key!r} (held {summary.key_scope})"
+
+
 def _summary_json(summary: PostingSummary) -> dict[str, Any]:
     return {
         "id": str(summary.uuid),
@@ -159,6 +165,8 @@ def _summary_json(summary: PostingSummary) -> dict[str, Any]:
         "percent_done": _percent_done(summary),
         "mean_progress": summary.mean_progress,
         "claimable_by": summary.claimable_by,
+        "key": summary.key,
+        "key_scope": summary.key_scope if summary.key is not None else None,
     }
 
 
@@ -238,6 +246,7 @@ def posting_status(client: Client, args: argparse.Namespace) -> int:
         ("requires", ", ".join(summary.requires) or "-"),
         ("results", "stored" if summary.store_result else "not stored"),
         ("tries", str(summary.tries)),
+        ("key", _key_line(summary)),
         ("jobs", str(summary.total)),
         (
             "  waiting",

@@ -2,22 +2,29 @@
 they take.
 
 Owns the :mod:`argparse` parser (what ``--help`` shows) and the checks of
-option values (seconds, counts, times with an offset); a bad command line
-ends as every error does, one line and the usage exit status. It must not
-connect nor run a verb: :mod:`pdoflowd.cli.command` does.
+option values (durations, counts, times with an offset, statuses); a bad
+command line ends as every error does, one line and the usage exit
+status. It must not connect nor run a verb: :mod:`pdoflowd.cli.command`
+does.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
-import math
 from pathlib import Path
 from typing import Any, NoReturn
 
 from pdoflowd import __version__
 from pdoflowd.cli.output import fail
+from pdoflowd.client import (
+    MAX_PRUNE_BATCH,
+    KeyScope,
+    PostingError,
+    check_key,
+)
 from pdoflowd.config import DEFAULT_CONFIG_PATH
+from pdoflowd.durations import DurationError, parse_duration
 from pdoflowd.exitcodes import EXIT_USAGE
 from pdoflowd.status import PostingStatus
 
@@ -32,26 +39,51 @@ class _ArgumentParser(argparse.ArgumentParser):
 
 
 def _seconds(text: str) -> float:
+    """Seconds, as a number (the older spelling) or a duration (30s, 5m)."""
     try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected a number of seconds, got {text!r}"
-        ) from None
-    if math.isnan(value) or value < 0:
-        raise argparse.ArgumentTypeError(
-            f"expected a number of seconds, at least 0, got {text!r}"
-        )
-    return value
+        return parse_duration(text, bare_seconds=True)
+    except DurationError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _key(text: str) -> str:
+    try:
+        check_key(text)
+    except PostingError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def _positive_seconds(text: str) -> float:
     value = _seconds(text)
-    if value == 0 or math.isinf(value):
+    if value == 0:
         raise argparse.ArgumentTypeError(
-            f"expected a positive number of seconds, got {text!r}"
+            f"expected a positive duration, got {text!r}"
         )
     return value
+
+
+def _age(text: str) -> float:
+    """A duration with its unit: a bare number would be ambiguous here."""
+    try:
+        return parse_duration(text)
+    except DurationError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+_ENDED = [s.value for s in PostingStatus if s.is_final]
+
+
+def _ended_statuses(text: str) -> list[PostingStatus]:
+    """A comma-separated list of ended posting statuses."""
+    names = [name.strip() for name in text.split(",")]
+    wrong = [name for name in names if name not in _ENDED]
+    if wrong or not names:
+        raise argparse.ArgumentTypeError(
+            f"expected ended posting statuses separated by commas "
+            f"({', '.join(_ENDED)}), got {text!r}"
+        )
+    return [PostingStatus(name) for name in dict.fromkeys(names)]
 
 
 def _count(text: str) -> int:
@@ -64,6 +96,15 @@ def _count(text: str) -> int:
     if not 1 <= value <= 2**31 - 1:
         raise argparse.ArgumentTypeError(
             f"expected a number from 1 to {2**31 - 1}, got {text!r}"
+        )
+    return value
+
+
+def _batch(text: str) -> int:
+    value = _count(text)
+    if value > MAX_PRUNE_BATCH:
+        raise argparse.ArgumentTypeError(
+            f"expected a number from 1 to {MAX_PRUNE_BATCH}, got {text!r}"
         )
     return value
 
@@ -131,13 +172,29 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument(
         "--paused", action="store_true", help="post it paused (see `resume`)"
     )
+    submit.add_argument(
+        "--key",
+        type=_key,
+        default=None,
+        metavar="K",
+        help="an idempotency key: while a posting of yours with key K has"
+        " not ended, print its id instead of posting again",
+    )
+    submit.add_argument(
+        "--key-scope",
+        choices=[scope.value for scope in KeyScope],
+        default=KeyScope.ACTIVE.value,
+        help="how long the key stays taken: until the posting ends"
+        " (active, the default) or as long as it exists (forever)",
+    )
     when = submit.add_mutually_exclusive_group()
     when.add_argument(
         "--delay",
         type=_seconds,
         default=None,
-        metavar="S",
-        help="run the jobs no sooner than S seconds from now",
+        metavar="DURATION",
+        help="run the jobs no sooner than DURATION from now (seconds, or "
+        "e.g. 90s, 5m, 2h, 1d)",
     )
     when.add_argument(
         "--run-after",
@@ -160,13 +217,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout",
         type=_seconds,
         default=None,
-        help="give up after this many seconds (exit 2)",
+        metavar="DURATION",
+        help="give up after DURATION (seconds, or e.g. 30s, 5m; exit 2)",
     )
     wait.add_argument(
         "--interval",
         type=_positive_seconds,
         default=0.5,
-        help="seconds between two looks at the posting",
+        metavar="DURATION",
+        help="time between two looks at the posting (seconds, or e.g. 2s)",
     )
 
     listing = verb("list-postings", "the newest postings")
@@ -228,6 +287,77 @@ def build_parser() -> argparse.ArgumentParser:
 
     results = verb("results", "each job's end and stored return value")
     results.add_argument("posting_id")
+
+    prune = verb(
+        "prune",
+        "delete ended postings older than a duration, with their jobs",
+        description="Deletes postings that ended (finished, errored out or "
+        "cancelled) longer ago than --older-than, with their jobs, results, "
+        "profiles and shared variables, a batch of jobs per transaction. "
+        "Postings with a job still running are kept. Needs a daemon's role.",
+    )
+    prune.add_argument(
+        "--older-than",
+        type=_age,
+        required=True,
+        metavar="DURATION",
+        help="how long ago they ended: <number><s|m|h|d>, e.g. 30d",
+    )
+    prune.add_argument(
+        "--status",
+        type=_ended_statuses,
+        default=[PostingStatus(name) for name in _ENDED],
+        metavar="STATUSES",
+        help="which ended postings, separated by commas (default: "
+        f"{','.join(_ENDED)})",
+    )
+    prune.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="only count what would be deleted",
+    )
+    prune.add_argument(
+        "--batch",
+        type=_batch,
+        default=1000,
+        metavar="N",
+        help="jobs per transaction (default 1000)",
+    )
+
+    export = verb(
+        "export",
+        "write a posting, its jobs and results as JSON lines",
+        description="One JSON object per line: the posting, its shared "
+        "variables, then each job with its arguments, outcome and stored "
+        "result (in the stored encoding), in the order given.",
+    )
+    export.add_argument("posting_id")
+    export.add_argument(
+        "--output",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="write to FILE (replaced only when the export is complete) "
+        "instead of stdout",
+    )
+
+    one = verb("job", "one job in full: status, error, result, timings")
+    one.add_argument("job_id")
+    verb(
+        "cancel-job", "end one job (a running one by ending its worker)"
+    ).add_argument("job_id")
+    retry_one = verb(
+        "retry-job", "put one errored-out job back with fresh tries"
+    )
+    retry_one.add_argument("job_id")
+    retry_one.add_argument(
+        "--tries", type=_count, default=None, help="default: the posting's"
+    )
+    output = verb("logs", "what one attempt of a job wrote (its end)")
+    output.add_argument("job_id")
+    output.add_argument(
+        "--attempt", type=_count, default=None, help="default: the last"
+    )
 
     verb(
         "schedules",

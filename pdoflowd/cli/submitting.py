@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import sys
 from collections.abc import Iterable
 from typing import Any
 
@@ -150,9 +151,24 @@ def submit(
         run_after=run_after,
         requires=args.requires,
         store_result=True if args.store_result else None,
+        key=args.key,
+        key_scope=args.key_scope,
     )
     if args.json:
-        print_json({"id": str(posting.id), "jobs": len(posting.job_ids)})
+        print_json(
+            {
+                "id": str(posting.id),
+                "jobs": len(posting.job_ids),
+                "existed": posting.existed,
+            }
+        )
     else:
         print(posting.id)
+    if posting.existed:
+        # Exit 0 all the same: a script re-run after a crash goes on.
+        print(
+            f"posting {posting.id} holds the key {args.key!r} already:"
+            " nothing posted",
+            file=sys.stderr,
+        )
     return EXIT_OK

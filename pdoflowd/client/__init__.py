@@ -27,9 +27,11 @@ from pdoflowd.client.checks import MAX_PRIORITY as MAX_PRIORITY
 from pdoflowd.client.checks import MAX_TRIES as MAX_TRIES
 from pdoflowd.client.checks import MIN_PRIORITY as MIN_PRIORITY
 from pdoflowd.client.checks import PostingJobs as PostingJobs
+from pdoflowd.client.checks import check_key as check_key
 from pdoflowd.client.checks import check_posting as check_posting
 from pdoflowd.client.checks import check_requires as check_requires
 from pdoflowd.client.checks import when_to_run as when_to_run
+from pdoflowd.client.client import MAX_PRUNE_BATCH as MAX_PRUNE_BATCH
 from pdoflowd.client.client import Client
 from pdoflowd.client.connection import (
     LIBPQ_TARGET_VARIABLES as LIBPQ_TARGET_VARIABLES,
@@ -55,15 +57,20 @@ from pdoflowd.client.errors import (
     PostingEnded,
     PostingError,
     PostingStateError,
+    PruningNotAllowed,
     WaitTimeout,
 )
 from pdoflowd.client.handles import (
     ControlResult,
+    JobControlResult,
+    JobInfo,
+    JobOutput,
     JobResult,
     Posting,
     PostingState,
 )
 from pdoflowd.client.handles import as_uuid as as_uuid
+from pdoflowd.db.postings import KeyScope as KeyScope
 from pdoflowd.sharedvars import SharedVariableError, SharedVariables
 
 # ``from pdoflowd.client import *`` gives these. The names imported above
@@ -75,13 +82,18 @@ __all__ = [
     "ConnectionConfigError",
     "ConnectionTarget",
     "ControlResult",
+    "JobControlResult",
     "JobDefinition",
+    "JobInfo",
+    "JobOutput",
     "JobResult",
+    "KeyScope",
     "Posting",
     "PostingEnded",
     "PostingError",
     "PostingState",
     "PostingStateError",
+    "PruningNotAllowed",
     "Registry",
     "SharedVariableError",
     "SharedVariables",

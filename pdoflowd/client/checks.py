@@ -22,13 +22,16 @@ from typing import Any
 
 from pdoflowd.arguments import ValueNotStorable, check_text, encode_job, shown
 from pdoflowd.client.errors import PostingError
-from pdoflowd.db.postings import NewJob
+from pdoflowd.db.postings import KeyScope, NewJob
 
 __all__ = [
+    "MAX_KEY_CHARS",
     "MAX_PRIORITY",
     "MAX_TRIES",
     "MIN_PRIORITY",
     "PostingJobs",
+    "check_key",
+    "check_key_scope",
     "check_name",
     "check_posting",
     "check_requires",
@@ -42,6 +45,8 @@ __all__ = [
 MIN_PRIORITY = -(2**31)
 MAX_PRIORITY = 2**31 - 1
 MAX_TRIES = 2**31 - 1
+# A posting's key, as the schema's check allows it.
+MAX_KEY_CHARS = 200
 
 # ---------------------------------------------------------------- options
 
@@ -82,6 +87,40 @@ def check_requires(requires: Any) -> tuple[str, ...]:
         if name not in names:
             names.append(name)
     return tuple(names)
+
+
+def check_key(key: Any) -> str | None:
+    """A posting's idempotency key: None, or 1 to MAX_KEY_CHARS printable
+    characters (no line breaks or other control characters, which a log
+    line or a terminal would show wrongly)."""
+    if key is None:
+        return None
+    if not isinstance(key, str) or not key:
+        raise PostingError(f"a key must be a non-empty string: {shown(key)}")
+    if len(key) > MAX_KEY_CHARS:
+        raise PostingError(
+            f"a key is at most {MAX_KEY_CHARS} characters, got {len(key)}"
+        )
+    try:
+        check_text(key, "key", "a key")
+    except ValueNotStorable as exc:
+        raise PostingError(exc.problem) from None
+    if not key.isprintable():
+        raise PostingError(
+            f"a key must be printable (no control characters): {shown(key)}"
+        )
+    return key
+
+
+def check_key_scope(scope: Any) -> KeyScope:
+    """How long a key stays taken: ``active`` or ``forever``."""
+    try:
+        return KeyScope(scope)
+    except ValueError:
+        choices = ", ".join(repr(s.value) for s in KeyScope)
+        raise PostingError(
+            f"key_scope must be one of {choices}, got {shown(scope)}"
+        ) from None
 
 
 def check_tries(tries: Any) -> None:

@@ -5,7 +5,8 @@ database), writing a posting all or nothing (one transaction of its own,
 or a savepoint in the caller's when a connection is passed, so that a bad
 argument anywhere leaves no row of it behind), reading a posting's state,
 jobs and results, waiting for it, and its controls (pause, resume, cancel,
-retry, set status), shared variables and profiles. The SQL is
+retry, set status), shared variables and profiles, exporting a posting
+and pruning ended ones. The SQL is
 :mod:`pdoflowd.db.postings`'s; what a posting may be is
 :mod:`pdoflowd.client.checks`'s. It must not run jobs; the poster is never
 sent, PostgreSQL records it.
@@ -29,6 +30,8 @@ from psycopg.pq import TransactionStatus
 
 from pdoflowd.arguments import ArgumentError, decode, shown
 from pdoflowd.client.checks import (
+    check_key,
+    check_key_scope,
     check_name,
     check_posting,
     check_requires,
@@ -43,16 +46,20 @@ from pdoflowd.client.errors import (
     PostingEnded,
     PostingError,
     PostingStateError,
+    PruningNotAllowed,
     WaitTimeout,
 )
 from pdoflowd.client.handles import (
     ControlResult,
+    JobControlResult,
+    JobInfo,
+    JobOutput,
     JobResult,
     Posting,
     PostingState,
     as_uuid,
 )
-from pdoflowd.db import postings, profiles
+from pdoflowd.db import export, postings, profiles, retention, singlejob
 from pdoflowd.db import schedules as schedule_rows
 from pdoflowd.db.postings import (
     JobRow,
@@ -65,7 +72,10 @@ from pdoflowd.ids import uuid7, uuid7_run
 from pdoflowd.sharedvars import SharedVariables
 from pdoflowd.status import JobStatus, PostingStatus
 
-__all__ = ["Client"]
+__all__ = ["MAX_PRUNE_BATCH", "Client"]
+
+# The most jobs one pruning transaction deletes (retention.batch's bound).
+MAX_PRUNE_BATCH = 100_000
 
 
 def _write_undoably(
@@ -134,6 +144,8 @@ class Client:
         run_after: dt.datetime | dt.timedelta | float | None = None,
         requires: Iterable[str] | None = None,
         store_result: bool | None = None,
+        key: str | None = None,
+        key_scope: str = "active",
         conn: psycopg.Connection[Any] | None = None,
     ) -> Posting:
         """Post one job per argument set to ``target``.
@@ -145,6 +157,12 @@ class Client:
         With ``conn`` the posting joins the caller's transaction and
         commits or rolls back with it (a connection in autocommit mode gets
         a transaction of its own).
+
+        With a ``key``, a post while a posting of this poster holds the key
+        writes nothing and returns that posting, ``existed`` true. A key is
+        held until its posting ends (finished, errored out or cancelled),
+        or with ``key_scope="forever"`` for as long as the posting exists.
+        Concurrent posts of one key make one posting.
         """
         definition = definition_of(target)
         check_name(definition.name)
@@ -162,6 +180,8 @@ class Client:
             store_result = definition.store_result
         check_store_result(store_result)
         at, delay_s = when_to_run(run_after)
+        key = check_key(key)
+        scope = check_key_scope(key_scope)
         try:
             jobs = check_posting(posargs, kwargs, priority)
         except ArgumentError as exc:
@@ -169,8 +189,13 @@ class Client:
         posting_id = uuid7()
         job_ids = uuid7_run(jobs.count)
 
+        # What the write found when the key was held: that posting's id
+        # and its jobs' ids (a retried write starts afresh).
+        held: list[Posting] = []
+
         def write(connection: psycopg.Connection[Any]) -> None:
-            postings.insert_posting(
+            held.clear()
+            inserted = postings.insert_posting(
                 connection,
                 posting_uuid=posting_id,
                 target_function=definition.name,
@@ -183,7 +208,12 @@ class Client:
                 delay_s=delay_s,
                 requires=needs,
                 store_result=store_result,
+                key=key,
+                key_scope=scope,
             )
+            if inserted.existed:
+                their_jobs = postings.posting_job_uuids(connection, inserted.id)
+                held.append(Posting(inserted.uuid, their_jobs, existed=True))
 
         try:
             if conn is None:
@@ -193,7 +223,7 @@ class Client:
                 _write_undoably(conn, write)
         except ArgumentError as exc:
             raise PostingError(str(exc)) from exc
-        return Posting(posting_id, job_ids)
+        return held[0] if held else Posting(posting_id, job_ids)
 
     # ------------------------------------------------------------ following
 
@@ -373,15 +403,10 @@ class Client:
         tries: int | None = None,
     ) -> ControlResult:
         ident = as_uuid(posting_id)
-        try:
-            with self.connect() as conn:
-                status, changed = postings.control_posting(
-                    conn, ident, action, tries=tries
-                )
-        except errors.NoDataFound:
-            raise KeyError(f"no posting {ident}") from None
-        except errors.ObjectNotInPrerequisiteState as exc:
-            raise PostingStateError(exc.diag.message_primary) from None
+        with _refusals(f"posting {ident}", action), self.connect() as conn:
+            status, changed = postings.control_posting(
+                conn, ident, action, tries=tries
+            )
         return ControlResult(ident, status, changed)
 
     def pause(self, posting_id: uuid.UUID | str) -> ControlResult:
@@ -438,6 +463,85 @@ class Client:
             raise KeyError(f"no posting {ident}")
         return [_job_result(row) for row in rows]
 
+    # ------------------------------------------------------------ one job
+
+    def job(self, job_id: uuid.UUID | str) -> JobInfo:
+        """One job whole (see :class:`JobInfo`); KeyError if there is no
+        such job, or it is not yours to see."""
+        ident = as_uuid(job_id, "job")
+        with self.connect() as conn:
+            row = singlejob.job_details(conn, ident)
+        if row is None:
+            raise KeyError(f"no job {ident}")
+        posargs, kwargs = decode(row.posargs), decode(row.kwargs)
+        return JobInfo(
+            id=row.uuid,
+            posting_id=row.posting_uuid,
+            target_function=row.target_function,
+            entry_point=row.entry_point,
+            status=row.status,
+            posting_status=row.posting_status,
+            priority=row.priority,
+            attempt=row.attempt,
+            tries_remaining=row.tries_remaining,
+            args=posargs,
+            kwargs=kwargs,
+            error=row.error,
+            traceback=row.traceback,
+            result_stored=row.result_stored,
+            result=decode(row.result) if row.result_stored else None,
+            progress=row.progress,
+            progress_note=row.progress_note,
+            created_at=row.created_at,
+            run_after=row.run_after,
+            claimed_at=row.claimed_at,
+            started_at=row.work_started_at,
+            completed_at=row.completed_at,
+            daemon_host=row.daemon_host,
+            daemon_pid=row.daemon_pid,
+        )
+
+    def job_output(self, job_id: uuid.UUID | str) -> list[JobOutput]:
+        """What each attempt of the job wrote to stdout and stderr, by
+        attempt; attempts that wrote nothing are absent. KeyError if there
+        is no such job, or it is not yours to see."""
+        ident = as_uuid(job_id, "job")
+        with self.connect() as conn, conn.transaction():
+            if singlejob.job_details(conn, ident) is None:
+                raise KeyError(f"no job {ident}")
+            found = singlejob.job_output(conn, ident)
+        return [
+            JobOutput(ident, o.attempt, o.output, o.total_bytes, o.written_at)
+            for o in found
+        ]
+
+    def cancel_job(self, job_id: uuid.UUID | str) -> JobControlResult:
+        """End one waiting or executing job: errored out with the error
+        ``cancelled``. A running one is stopped by ending its worker, as a
+        posting's cancel does. PostingStateError if it has ended."""
+        return self._control_job(job_id, "cancel")
+
+    def retry_job(
+        self, job_id: uuid.UUID | str, *, tries: int | None = None
+    ) -> JobControlResult:
+        """Put one errored-out job back to waiting with fresh tries (its
+        posting's, or ``tries``); its posting executes again unless paused.
+        PostingStateError if the job has not errored out, or its posting
+        was cancelled (retry the posting then)."""
+        if tries is not None:
+            check_tries(tries)
+        return self._control_job(job_id, "retry", tries)
+
+    def _control_job(
+        self, job_id: uuid.UUID | str, action: str, tries: int | None = None
+    ) -> JobControlResult:
+        ident = as_uuid(job_id, "job")
+        with _refusals(f"job {ident}", action), self.connect() as conn:
+            status, posting_status = singlejob.control_job(
+                conn, ident, action, tries=tries
+            )
+        return JobControlResult(ident, status, posting_status)
+
     def result(self, job_id: uuid.UUID | str) -> JobResult:
         """One job's end and return value; KeyError if there is no job."""
         ident = as_uuid(job_id, "job")
@@ -446,6 +550,73 @@ class Client:
         if row is None:
             raise KeyError(f"no job {ident}")
         return _job_result(row)
+
+    def export(
+        self, posting_id: uuid.UUID | str, write: Callable[[str], object]
+    ) -> export.ExportCount:
+        """Pass ``write`` the posting as JSON lines, one snapshot: its own
+        line, its shared variables', then each job's (arguments, outcome,
+        stored result, in the stored encoding), in order; no newlines.
+        KeyError (nothing written) if there is no such posting."""
+        ident = as_uuid(posting_id)
+        with self.connect() as conn:
+            count = export.export_posting(conn, ident, write)
+        if count is None:
+            raise KeyError(f"no posting {ident}")
+        return count
+
+    def prune(
+        self,
+        older_than_s: float,
+        statuses: Iterable[PostingStatus | str] = retention.ENDED,
+        *,
+        dry_run: bool = False,
+        batch: int = 1000,
+    ) -> retention.PruneCount:
+        """Delete postings of ``statuses`` (ended ones: finished,
+        errored_out, cancelled) that ended more than ``older_than_s`` seconds
+        ago, with their jobs, results, profiles and shared variables, in
+        transactions of ``batch`` jobs; with ``dry_run`` only count them.
+
+        Postings with a job still running are kept. Returns how many
+        postings and jobs went (or would). Needs DELETE on postings and
+        jobs (a daemon's role): :class:`PruningNotAllowed` otherwise. A
+        lock or statement timeout of the session ends it with a
+        TimeoutError that says how much had gone.
+        """
+        ages = _retention_ages(older_than_s, statuses)
+        if (
+            isinstance(batch, bool)
+            or not isinstance(batch, int)
+            or not 1 <= batch <= MAX_PRUNE_BATCH
+        ):
+            raise ValueError(
+                f"batch must be from 1 to {MAX_PRUNE_BATCH}, got {batch!r}"
+            )
+        with self.connect() as conn:
+            if not retention.may_prune(conn):
+                raise PruningNotAllowed(
+                    "this role may not prune: it needs DELETE on "
+                    "pdoflowd.postings and pdoflowd.jobs (a daemon's role, "
+                    "see pdoflowd migrate --grant-daemon)"
+                )
+            if dry_run:
+                return retention.count_prunable(conn, ages)
+            removed = retention.PruneCount()
+            while True:
+                done = retention.prune_some(
+                    conn, ages, batch=batch, postings=100
+                )
+                removed += done.removed
+                if done.interrupted:
+                    raise TimeoutError(
+                        f"pruning stopped after {removed.postings} postings "
+                        f"and {removed.jobs} jobs: {done.interrupted}"
+                    )
+                if not done.more_left or not (
+                    done.removed.postings or done.removed.jobs
+                ):
+                    return removed
 
     def shared(self, posting_id: uuid.UUID | str) -> SharedVariables:
         """The posting's shared variables (each call connects anew)."""
@@ -459,6 +630,25 @@ class Client:
             return profiles.function_stats(
                 conn, entry_point=entry_point, limit=limit
             )
+
+
+@contextlib.contextmanager
+def _refusals(what: str, action: str) -> Iterator[None]:
+    """A control's refusals by the database as the client's errors:
+    ``what`` (``posting ID``, ``job ID``) missing or not the caller's is a
+    KeyError, a status that does not allow ``action`` a PostingStateError."""
+    try:
+        yield
+    except errors.NoDataFound:
+        raise KeyError(f"no {what}") from None
+    except errors.ObjectNotInPrerequisiteState as exc:
+        raise PostingStateError(exc.diag.message_primary) from None
+    except errors.UniqueViolation:
+        # Only a key can collide: another posting took it meanwhile.
+        raise PostingStateError(
+            f"{what} cannot {action}: another posting of yours holds the"
+            " key now"
+        ) from None
 
 
 def _job_result(row: StoredResult) -> JobResult:
@@ -478,6 +668,32 @@ def _job_statuses(status: JobStatus | Iterable[JobStatus]) -> set[JobStatus]:
     if not statuses:
         raise ValueError("status must name at least one job status")
     return statuses
+
+
+def _retention_ages(
+    older_than_s: float, statuses: Iterable[PostingStatus | str]
+) -> dict[PostingStatus, float]:
+    if (
+        isinstance(older_than_s, bool)
+        or not isinstance(older_than_s, (int, float))
+        or not 0 <= older_than_s < math.inf
+    ):
+        raise ValueError(
+            f"older_than_s must be a number of seconds, at least 0, got "
+            f"{older_than_s!r}"
+        )
+    if isinstance(statuses, (str, PostingStatus)):
+        statuses = [statuses]
+    wanted = {_posting_status(s) for s in statuses}
+    if not wanted:
+        raise ValueError("name at least one posting status to prune")
+    unended = sorted(s.value for s in wanted if not s.is_final)
+    if unended:
+        raise PostingStateError(
+            f"only ended postings can be pruned (finished, errored_out, "
+            f"cancelled), not {', '.join(unended)}"
+        )
+    return dict.fromkeys(wanted, float(older_than_s))
 
 
 def _posting_status(status: PostingStatus | str) -> PostingStatus:

@@ -116,10 +116,17 @@ class JobDefinition:
         tries: int | None = None,
         run_after: dt.datetime | dt.timedelta | float | None = None,
         paused: bool = False,
+        key: str | None = None,
+        key_scope: str = "active",
         dsn: str | None = None,
         conn: psycopg.Connection[Any] | None = None,
     ) -> tuple[uuid.UUID, Sequence[uuid.UUID]]:
-        """Post one job per argument set; return (posting id, job ids)."""
+        """Post one job per argument set; return (posting id, job ids).
+
+        With a ``key`` held by a posting of this poster, that posting's ids
+        are returned and nothing is written (see :meth:`Client.post`, whose
+        :class:`Posting` also says whether it existed).
+        """
         # Imported here: the client imports the definitions it posts.
         from pdoflowd.client.client import Client
 
@@ -131,6 +138,8 @@ class JobDefinition:
             tries=tries,
             run_after=run_after,
             paused=paused,
+            key=key,
+            key_scope=key_scope,
             conn=conn,
         )
         return posting.id, posting.job_ids

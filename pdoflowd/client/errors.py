@@ -20,6 +20,7 @@ __all__ = [
     "PostingEnded",
     "PostingError",
     "PostingStateError",
+    "PruningNotAllowed",
     "WaitTimeout",
 ]
 
@@ -34,6 +35,11 @@ class PostingStateError(ValueError):
 
 class ConnectionConfigError(ValueError):
     """The connection settings cannot be used (never shows a password)."""
+
+
+class PruningNotAllowed(PermissionError):
+    """The role connected may not delete postings and jobs (a submitter):
+    pruning is for a daemon's role or the schema's owner."""
 
 
 class WaitTimeout(TimeoutError):
@@ -63,6 +69,7 @@ for _error in (
     ConnectionConfigError,
     WaitTimeout,
     PostingEnded,
+    PruningNotAllowed,
 ):
     _error.__module__ = "pdoflowd.client"
 del _error

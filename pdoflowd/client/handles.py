@@ -8,6 +8,7 @@ not connect, post or wait.
 
 from __future__ import annotations
 
+import datetime as dt
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -18,6 +19,9 @@ from pdoflowd.status import JobStatus, PostingStatus
 
 __all__ = [
     "ControlResult",
+    "JobControlResult",
+    "JobInfo",
+    "JobOutput",
     "JobResult",
     "Posting",
     "PostingState",
@@ -30,11 +34,14 @@ class Posting:
     """A posting just made: its id and the ids of its jobs, in order.
 
     The job ids are consecutive version 7 UUIDs of one millisecond, held
-    as the first and how many (:class:`pdoflowd.ids.UuidRun`).
+    as the first and how many (:class:`pdoflowd.ids.UuidRun`). ``existed``
+    is true when a post with a key found the posting that holds the key
+    and returned it instead (its id and job ids, nothing written).
     """
 
     id: uuid.UUID
     job_ids: Sequence[uuid.UUID]
+    existed: bool = False
 
 
 @dataclass(frozen=True)
@@ -95,6 +102,67 @@ class JobResult:
     stored: bool
     value: Any
     error: str | None
+
+
+@dataclass(frozen=True)
+class JobInfo:
+    """One job whole, as :meth:`Client.job` reads it: its posting, status,
+    arguments (decoded), last error and traceback, its stored return value
+    (``result_stored`` False: none kept), progress, timings (all
+    timezone-aware, None where not reached) and the host and process id of
+    the daemon that claimed it last."""
+
+    id: uuid.UUID
+    posting_id: uuid.UUID
+    target_function: str
+    entry_point: str
+    status: JobStatus
+    posting_status: PostingStatus
+    priority: int
+    attempt: int
+    tries_remaining: int
+    args: list[Any]
+    kwargs: dict[str, Any]
+    error: str | None
+    traceback: str | None
+    result_stored: bool
+    result: Any
+    progress: float | None
+    progress_note: str | None
+    created_at: dt.datetime
+    run_after: dt.datetime | None
+    claimed_at: dt.datetime | None
+    started_at: dt.datetime | None
+    completed_at: dt.datetime | None
+    daemon_host: str | None
+    daemon_pid: int | None
+
+
+@dataclass(frozen=True)
+class JobOutput:
+    """What one attempt of a job wrote to stdout and stderr: the end of it
+    (as text; at most the daemon's ``jobs.output_tail_bytes``) and how many
+    bytes in all (``truncated``: more than was kept)."""
+
+    job_id: uuid.UUID
+    attempt: int
+    output: str
+    total_bytes: int
+    written_at: dt.datetime
+
+    @property
+    def truncated(self) -> bool:
+        return self.total_bytes > len(self.output.encode("utf-8"))
+
+
+@dataclass(frozen=True)
+class JobControlResult:
+    """What a job's cancel or retry left: the job's status and its
+    posting's."""
+
+    id: uuid.UUID
+    status: JobStatus
+    posting_status: PostingStatus
 
 
 def as_uuid(value: uuid.UUID | str, what: str = "posting") -> uuid.UUID:

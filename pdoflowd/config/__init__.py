@@ -36,6 +36,7 @@ from pdoflowd.config.schema import (
     DatabaseConfig,
     JobsConfig,
     MetricsConfig,
+    RetentionConfig,
     ScheduleConfig,
     WorkersConfig,
 )
@@ -52,6 +53,7 @@ __all__ = [
     "DatabaseConfig",
     "JobsConfig",
     "MetricsConfig",
+    "RetentionConfig",
     "ScheduleConfig",
     "WorkersConfig",
     "connection_kwargs",

@@ -309,6 +309,22 @@ def _cross_problems(
                 yield ConfigProblem(
                     f"metrics.{name}", "needs metrics.tls_cert_file"
                 )
+    retention = config.retention
+    if (
+        accepted(
+            "retention.enabled",
+            "retention.finished_after_s",
+            "retention.errored_after_s",
+        )
+        and retention.enabled
+        and not retention.finished_after_s
+        and not retention.errored_after_s
+    ):
+        yield ConfigProblem(
+            "retention.enabled",
+            "true, but retention.finished_after_s and"
+            " retention.errored_after_s are both 0: nothing would be pruned",
+        )
     if (
         accepted("jobs.retry_delay_max_s", "jobs.retry_delay_s")
         and jobs.retry_delay_max_s < jobs.retry_delay_s

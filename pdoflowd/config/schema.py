@@ -29,6 +29,7 @@ __all__ = [
     "DatabaseConfig",
     "JobsConfig",
     "MetricsConfig",
+    "RetentionConfig",
     "Rule",
     "ScheduleConfig",
     "WorkersConfig",
@@ -264,6 +265,11 @@ class JobsConfig:
     profile_sample_rate: float = field(
         default=0.0, metadata=_rule(at_least=0, at_most=1)
     )
+    # How much of each attempt's stdout and stderr is kept (its end); 0:
+    # the output is not captured (it goes to the journal as it is).
+    output_tail_bytes: int = field(
+        default=65536, metadata=_rule(at_least=0, at_most=16777216)
+    )
 
 
 @dataclass(frozen=True)
@@ -419,6 +425,29 @@ class ScheduleConfig:
 
 
 @dataclass(frozen=True)
+class RetentionConfig:
+    """How long ended postings are kept before the daemons prune them."""
+
+    # Off unless enabled: pruning deletes jobs, results and profiles.
+    enabled: bool = False
+    # Finished postings older than this (seconds since they ended) go, with
+    # their jobs, results, profiles and shared variables; 0 keeps them.
+    finished_after_s: float = field(
+        default=30.0 * _DAY_S, metadata=_rule(at_least=0, at_most=_TEN_YEARS_S)
+    )
+    # The same for errored-out and cancelled postings: kept longer, for
+    # their errors to be read.
+    errored_after_s: float = field(
+        default=90.0 * _DAY_S, metadata=_rule(at_least=0, at_most=_TEN_YEARS_S)
+    )
+    # Jobs deleted per transaction, so no lock is held for long.
+    batch: int = field(default=1000, metadata=_rule(at_least=1, at_most=100000))
+    interval_s: float = field(
+        default=60.0, metadata=_rule(above=0, at_most=_DAY_S)
+    )
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration; source is the file it was loaded from."""
 
@@ -428,6 +457,7 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     schedules: tuple[ScheduleConfig, ...] = ()
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
     source: Path | None = None
 
 

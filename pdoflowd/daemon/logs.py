@@ -17,6 +17,7 @@ import os
 import sys
 from collections.abc import Mapping
 from types import TracebackType
+from typing import TextIO
 
 from pdoflowd.redaction import redact
 
@@ -125,3 +126,11 @@ def configure(level: str, environ: Mapping[str, str] | None = None) -> None:
     own.propagate = True
     logging.captureWarnings(True)
     sys.excepthook = _log_uncaught
+
+
+def use_stream(stream: TextIO) -> None:
+    """Send the log records :func:`configure` formats to ``stream`` from
+    now on (a worker whose stderr captures its jobs' output logs past it)."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.StreamHandler):
+            handler.setStream(stream)

@@ -8,7 +8,8 @@ it goes idle and as it exits, its durations already binned into the
 histograms' buckets; the supervisor applies it (:meth:`PoolMetrics.apply`:
 it adds counts, it observes no sample) and counts itself what only it
 sees: jobs taken back from dead workers, restarts, database errors, the
-pool, and the queue gauges it reads from PostgreSQL. So counters stay
+pool, ended postings its database session pruned, and the queue gauges it
+reads from PostgreSQL. So counters stay
 exact across workers that die or are replaced. The pages that serve the
 registry and readiness are :mod:`~pdoflowd.daemon.endpoint`'s. It must
 not touch the database, block, or start threads: it runs inside the
@@ -70,6 +71,7 @@ __all__ = [
     "DB_OPERATIONS",
     "OTHER_FUNCTION",
     "OUTCOMES",
+    "PRUNED_KINDS",
     "RESTART_REASONS",
     "WORKER_STATES",
     "MetricsEndpoint",
@@ -102,7 +104,9 @@ DB_OPERATIONS = (
     "taking_back_jobs",
     "queue_stats",
     "schedules",
+    "pruning",
 )
+PRUNED_KINDS = ("postings", "jobs")
 QUEUE_STATUSES = ("waiting", "executing")
 
 # The histograms' bucket bounds are the report's (reports.py): workers bin
@@ -384,6 +388,13 @@ class PoolMetrics:
             "When the queue gauges were last read from the database.",
             registry=registry,
         )
+        self.pruned = Counter(
+            "pdoflowd_pruned",
+            "Ended postings, and their jobs, this daemon deleted because"
+            " they were older than the retention ages allow.",
+            ["kind"],
+            registry=registry,
+        )
         self.config_reload_ok = Gauge(
             "pdoflowd_config_last_reload_successful",
             "1 when the last configuration reload was adopted, 0 if refused.",
@@ -425,6 +436,8 @@ class PoolMetrics:
             self.db_errors.labels(name)
         for name in QUEUE_STATUSES:
             self.queue_jobs.labels(name)
+        for name in PRUNED_KINDS:
+            self.pruned.labels(name)
         self.set_function_labels(function_labels)
         self.set_schedules(schedules)
         self.worker_processes = _WorkerProcesses(proc)
@@ -525,6 +538,13 @@ class PoolMetrics:
             durations = bins_of(DURATION_BUCKETS, [duration_s])
         self._count_outcome(outcome, function, running, durations)
         self._count_outcome("released", "", released, Bins())
+
+    def count_pruned(self, *, postings: int, jobs: int) -> None:
+        """The database session pruned these ended postings and jobs."""
+        if postings:
+            self.pruned.labels("postings").inc(postings)
+        if jobs:
+            self.pruned.labels("jobs").inc(jobs)
 
     def count_worker_restart(self, reason: str) -> None:
         """A worker was replaced; ``reason`` is one of RESTART_REASONS."""

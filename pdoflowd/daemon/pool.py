@@ -52,7 +52,7 @@ class WorkerEnd(enum.Enum):
     BOOT_FAILED = "boot_failed"
     # Its job overran: TERM (the job raises), KILL after the grace.
     TIMED_OUT = "timed_out"
-    # Killed: the posting of the job it ran was cancelled.
+    # Killed: the job it ran (or that job's posting) was cancelled.
     CANCELLED = "cancelled"
     # Killed: the daemon's stop reached its deadline.
     KILLED_ON_STOP = "killed_on_stop"
@@ -575,7 +575,8 @@ class Pool:
                 signal_process(handle.pid, worker.CLAIMS_SIGNAL)
 
     def end_cancelled_jobs(self, cancelled: set[int]) -> None:
-        """KILL the workers running a job whose posting was cancelled.
+        """KILL the workers running a job that was cancelled, alone or with
+        its posting.
 
         The cancel has ended the job in the database already (a late outcome
         of it is fenced off); ending the process stops the work itself.

@@ -3,8 +3,9 @@
 Owns everything the supervisor needs from PostgreSQL: the LISTEN for new
 work, the heartbeat (with the owner tokens of the live workers, read from
 the scoreboard), the maintenance (taking back jobs that have no live owner,
-finding running jobs whose posting was cancelled, settling postings), the
-queue gauges, and taking back a dead worker's jobs when asked. It runs in
+finding running jobs that were cancelled, settling postings), the
+queue gauges, pruning ended postings (:mod:`~pdoflowd.daemon.pruner`), and
+taking back a dead worker's jobs when asked. It runs in
 a process the supervisor forks (holding no connection when it does), with
 statement and lock timeouts on its session and a TCP user timeout and
 keepalives on its connection, so a poster's lock or a network path that
@@ -36,6 +37,7 @@ import psycopg
 from pdoflowd import __version__, policy
 from pdoflowd.config import Config, connection_kwargs
 from pdoflowd.daemon import forked, logs
+from pdoflowd.daemon.pruner import Pruner
 from pdoflowd.daemon.scheduler import Scheduler
 from pdoflowd.daemon.scoreboard import Scoreboard, WorkerState
 from pdoflowd.daemon.sessionpipe import (
@@ -99,6 +101,7 @@ class Session:
         self.scheduler = Scheduler(
             self.config.schedules, spec.daemon_id, self.send
         )
+        self.pruner = Pruner()
 
     # ------------------------------------------------------------ plumbing
 
@@ -351,6 +354,17 @@ class Session:
         # Not an interval: the next pass is due at the next fire time.
         self.due["schedules"] = time.monotonic() + self.scheduler.wait_s
 
+    def prune(self) -> None:
+        assert self.conn is not None
+        done = self.pruner.prune(self.conn, self.config)
+        self.due["pruning"] = time.monotonic() + done.next_in_s
+        if done.removed.postings or done.removed.jobs:
+            self.send(
+                Event.PRUNED,
+                postings=done.removed.postings,
+                jobs=done.removed.jobs,
+            )
+
     def note_notification(self, notify: psycopg.Notify) -> None:
         """A notification the driver read during a statement."""
         self.notified.add(notify.channel)
@@ -392,6 +406,8 @@ class Session:
             interval = self.config.metrics.queue_stats_interval_s
             yield "queue_stats", interval, self.queue_stats
         yield "schedules", self.scheduler.wait_s, self.schedules
+        if self.config.retention.enabled:
+            yield "pruning", self.config.retention.interval_s, self.prune
 
     def run(self) -> None:
         """Serve the supervisor until it asks us to stop, or is gone."""

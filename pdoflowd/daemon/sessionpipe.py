@@ -40,6 +40,7 @@ class Event(enum.Enum):
     CANCELLED = "cancelled"
     CLAIMS_CANCELLED = "claims_cancelled"
     SCHEDULE_RUNS = "schedule_runs"
+    PRUNED = "pruned"
 
 
 @dataclass(frozen=True)

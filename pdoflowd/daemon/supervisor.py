@@ -301,6 +301,11 @@ class Supervisor:
                     dict(fields.get("runs") or {}),
                     dict(fields.get("last") or {}),
                 )
+            elif event.kind is Event.PRUNED:
+                self.metrics.count_pruned(
+                    postings=int(fields.get("postings", 0)),
+                    jobs=int(fields.get("jobs", 0)),
+                )
 
     def taken_back(self, fields: dict[str, Any]) -> None:
         takeback = self.keeper.taken_back(int(fields.get("seq", -1)))

@@ -16,7 +16,8 @@ it runs through the scoreboard and sends it a report
 what it counted for the metrics at most every
 :data:`~pdoflowd.daemon.tally.REPORT_INTERVAL_S` while busy, at once when
 it goes idle or exits, with a copy in its scoreboard slot before each job
-should the job kill it.
+should the job kill it. What its jobs write to stdout and stderr is
+captured (:mod:`~pdoflowd.daemon.capture`) and each attempt's end stored.
 It must not import the supervisor, speak to systemd, or outlive its parent
 by more than its current job; how a job is run and its outcome written is
 the runner's.
@@ -44,6 +45,7 @@ import psycopg
 from pdoflowd import policy
 from pdoflowd.config import Config, connection_kwargs
 from pdoflowd.daemon import forked, logs, reports
+from pdoflowd.daemon.capture import CapturedOutput, OutputCapture
 from pdoflowd.daemon.runner import (
     RECORD_OUTCOMES,
     JobRunner,
@@ -53,7 +55,8 @@ from pdoflowd.daemon.runner import (
 )
 from pdoflowd.daemon.scoreboard import Scoreboard, WorkerState
 from pdoflowd.daemon.tally import REPORT_INTERVAL_S, WorkerTally
-from pdoflowd.db import queue
+from pdoflowd.db import queue, singlejob
+from pdoflowd.db.common import storable_text
 from pdoflowd.exitcodes import EXIT_OK, EXIT_WORKER_BOOT_FAILED
 from pdoflowd.redaction import redact
 
@@ -124,6 +127,8 @@ class Worker:
         )
         # Whether a claim not yet started may have been cancelled.
         self.claims_in_doubt = False
+        # What jobs write, once the worker runs as a process of its own.
+        self.capture: OutputCapture | None = None
         # Report lines the pipe has not taken yet (the first may be begun),
         # and a metrics report not yet begun, to merge later ones into.
         self.outbox = bytearray()
@@ -145,6 +150,27 @@ class Worker:
         # A busy or stopped supervisor must not stop the jobs (see report).
         os.set_blocking(self.spec.report_fd, False)
         logs.set_process_label(f"worker {self.spec.slot}")
+        self.capture_output()
+
+    def capture_output(self) -> None:
+        """Capture what jobs write to stdout and stderr from now on (unless
+        ``jobs.output_tail_bytes`` is 0); log past it to the journal."""
+        tail_bytes = self.config.jobs.output_tail_bytes
+        if not tail_bytes:
+            return
+        journal_fd = os.dup(2)
+        journal = os.fdopen(journal_fd, "wb", buffering=0)
+        logs.use_stream(
+            open(  # noqa: SIM115 (the log's stream, for the process's life)
+                journal_fd,
+                "w",
+                encoding="utf-8",
+                errors="backslashreplace",
+                buffering=1,
+                closefd=False,
+            )
+        )
+        self.capture = OutputCapture(tail_bytes, journal)
 
     def _set_signals(self) -> None:
         signal.signal(signal.SIGTERM, self._on_term)
@@ -475,7 +501,13 @@ class Worker:
         self.send_metrics(
             force=(self.mean_job_s or 0.0) >= REPORT_INTERVAL_S, stash=True
         )
+        if self.capture is not None:
+            self.capture.begin(job.uuid)
         result = self.runner.run(job, self.outcomes.claim_token())
+        if self.capture is not None:
+            output = self.capture.end()
+            if output is not None:
+                self.store_output(job, output)
         self.jobs_run += 1
         self.mean_job_s = policy.mean_update(
             self.mean_job_s, result.elapsed_s, 0.2
@@ -488,6 +520,23 @@ class Worker:
             timed_out=result.timed_out,
         )
         return result.outcome
+
+    def store_output(
+        self, job: queue.ClaimedJob, output: CapturedOutput
+    ) -> None:
+        """Keep the end of what the job's attempt wrote; best effort, as a
+        profile: a database that refuses it costs the job nothing."""
+        text = storable_text(output.tail.decode("utf-8", "backslashreplace"))
+        try:
+            singlejob.store_output(
+                self.connect(),
+                job_id=job.id,
+                attempt=job.attempt,
+                output=text,
+                total=output.total_bytes,
+            )
+        except psycopg.Error as exc:
+            log.warning("output of job %s not stored: %s", job.uuid, exc)
 
     def close(self) -> None:
         self.mark(WorkerState.EXITING)

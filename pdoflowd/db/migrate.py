@@ -142,15 +142,46 @@ def upgrade_connection(
                 " VALUES (%s, %s)",
                 (step.version, step.name),
             )
+        if have:
+            _grant_again(conn)
         return [m.version for m in pending]
+
+
+# Roles granted a submitter's privileges (INSERT on a posting's uuid), and
+# a daemon's (UPDATE on the jobs table), by name.
+_GRANTED_ROLES = """
+SELECT DISTINCT pg_get_userbyid(g.grantee), 'submitter'
+FROM pg_attribute AS a, aclexplode(a.attacl) AS g
+WHERE a.attrelid = 'pdoflowd.postings'::regclass AND a.attname = 'uuid'
+  AND g.privilege_type = 'INSERT' AND g.grantee <> 0
+UNION
+SELECT DISTINCT pg_get_userbyid(g.grantee), 'daemon'
+FROM pg_class AS c, aclexplode(c.relacl) AS g
+WHERE c.oid = 'pdoflowd.jobs'::regclass AND g.privilege_type = 'UPDATE'
+  AND g.grantee <> 0 AND g.grantee <> c.relowner
+"""
+
+
+def _grant_again(conn: psycopg.Connection[Any]) -> None:
+    """Give the roles granted before an upgrade what the grants give now
+    (a new version's columns, tables and functions), in the upgrade's
+    transaction: their owners need not grant again after upgrading."""
+    rows = conn.execute(_GRANTED_ROLES).fetchall()
+    grants = Grants(
+        submitters=[r[0] for r in rows if r[1] == "submitter"],
+        daemons=[r[0] for r in rows if r[1] == "daemon"],
+    )
+    for statement in grant_statements(grants):
+        conn.execute(statement)
 
 
 # ---------------------------------------------------------------- roles
 
 # What a submitter may do: read and add postings and jobs (row-level
 # security shows it only its own), keep its postings' shared variables, ask
-# which daemons run what, and steer its postings through the one checked
-# function. It cannot update a job, nor choose the poster of a posting.
+# which daemons (and hosts) run what, and steer its postings and jobs
+# through the checked functions. It cannot update a job, nor choose the
+# poster of a posting.
 SUBMITTER_GRANTS = (
     "GRANT USAGE ON SCHEMA pdoflowd TO {role}",
     "GRANT SELECT ON pdoflowd.postings, pdoflowd.jobs,"
@@ -161,21 +192,26 @@ SUBMITTER_GRANTS = (
     "GRANT INSERT (uuid, posting_id, priority, posargs, kwargs,"
     " tries_remaining, run_after) ON pdoflowd.jobs TO {role}",
     "GRANT INSERT, UPDATE, DELETE ON pdoflowd.shared_variables TO {role}",
-    "GRANT SELECT (provides, posters, stopped_at) ON pdoflowd.daemons"
-    " TO {role}",
+    "GRANT SELECT (id, hostname, pid, provides, posters, stopped_at)"
+    " ON pdoflowd.daemons TO {role}",
     "GRANT EXECUTE ON FUNCTION"
     " pdoflowd.control_posting(uuid, text, integer) TO {role}",
+    "GRANT EXECUTE ON FUNCTION"
+    " pdoflowd.control_job(uuid, text, integer) TO {role}",
+    "GRANT SELECT ON pdoflowd.job_output TO {role}",
 )
 
 # What a daemon may do: check the schema version, claim, record, rescue and
 # settle (UPDATE on postings and jobs, which also lets it see every
-# posting), post its schedules' postings (as their poster, which it cannot
-# choose) and record their runs, register itself, share variables with its
-# jobs, store profiles.
+# posting), prune ended postings (DELETE; their jobs' profiles and their
+# shared variables go by ON DELETE CASCADE), post its schedules' postings
+# (as their poster, which it cannot choose) and record their runs, register
+# itself, share variables with its jobs, store profiles.
 DAEMON_GRANTS = (
     "GRANT USAGE ON SCHEMA pdoflowd TO {role}",
     "GRANT SELECT ON pdoflowd.schema_migrations TO {role}",
-    "GRANT SELECT, UPDATE ON pdoflowd.postings, pdoflowd.jobs TO {role}",
+    "GRANT SELECT, UPDATE, DELETE ON pdoflowd.postings, pdoflowd.jobs"
+    " TO {role}",
     "GRANT INSERT (uuid, target_function, entry_point, status, timeout_s,"
     " requires, store_result, tries, idempotency_key, key_scope)"
     " ON pdoflowd.postings TO {role}",
@@ -191,6 +227,9 @@ DAEMON_GRANTS = (
     " pdoflowd.profile_call_map TO {role}",
     "GRANT EXECUTE ON FUNCTION"
     " pdoflowd.control_posting(uuid, text, integer) TO {role}",
+    "GRANT EXECUTE ON FUNCTION"
+    " pdoflowd.control_job(uuid, text, integer) TO {role}",
+    "GRANT SELECT, INSERT, UPDATE ON pdoflowd.job_output TO {role}",
 )
 
 

@@ -237,6 +237,19 @@ def insert_posting(
     return InsertedPosting(posting_id, posting_uuid, existed=False)
 
 
+_POSTING_JOB_UUIDS = """
+SELECT uuid FROM pdoflowd.jobs WHERE posting_id = %(posting_id)s ORDER BY id
+"""
+
+
+def posting_job_uuids(conn: Connection, posting_id: int) -> list[UUID]:
+    """The ids of a posting's jobs, in the order they were given."""
+    rows = conn.execute(
+        _POSTING_JOB_UUIDS, {"posting_id": posting_id}
+    ).fetchall()
+    return [row[0] for row in rows]
+
+
 class _Abandoned(Exception):
     """Ends a COPY whose rows could not all be made."""
 
@@ -412,6 +425,9 @@ class PostingSummary:
     delayed: int
     mean_progress: float | None
     claimable_by: int
+    # The poster's key (None: posted without one) and how long it holds.
+    key: str | None = None
+    key_scope: str = "active"
 
     @property
     def total(self) -> int:
@@ -425,7 +441,8 @@ SELECT p.uuid, p.poster, p.target_function, p.entry_point, p.status,
        c.progress,
        (SELECT count(*) FROM pdoflowd.daemons AS d
         WHERE d.stopped_at IS NULL AND p.requires <@ d.provides
-          AND (cardinality(d.posters) = 0 OR p.poster = ANY(d.posters)))
+          AND (cardinality(d.posters) = 0 OR p.poster = ANY(d.posters))),
+       p.idempotency_key, p.key_scope
 FROM pdoflowd.postings AS p
 CROSS JOIN LATERAL (
     SELECT count(*) FILTER (WHERE j.status = 'waiting') AS waiting,
@@ -472,6 +489,8 @@ def _summary(row: Sequence[Any]) -> PostingSummary:
         delayed=int(row[15]),
         mean_progress=None if row[16] is None else float(row[16]),
         claimable_by=int(row[17]),
+        key=row[18],
+        key_scope=row[19],
     )
 
 

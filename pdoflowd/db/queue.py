@@ -565,12 +565,15 @@ _CANCELLED_AMONG = """
 SELECT j.id
 FROM pdoflowd.jobs AS j
 JOIN pdoflowd.postings AS p ON p.id = j.posting_id
-WHERE j.id = ANY(%(ids)s::bigint[]) AND p.status = 'cancelled'
+WHERE j.id = ANY(%(ids)s::bigint[])
+  AND (p.status = 'cancelled'
+       OR (j.status = 'errored_out' AND j.error = 'cancelled'))
 """
 
 
 def cancelled_among(conn: Connection, job_ids: Iterable[int]) -> set[int]:
-    """Which of these (running) jobs belong to a cancelled posting."""
+    """Which of these (running) jobs were cancelled: their posting, or the
+    job alone (``pdoflowd.control_job``)."""
     ids = sorted(set(job_ids))
     if not ids:
         return set()

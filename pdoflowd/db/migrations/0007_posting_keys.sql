@@ -16,25 +16,3 @@ CREATE UNIQUE INDEX postings_idempotency_key
     ON pdoflowd.postings (poster, idempotency_key)
     WHERE idempotency_key IS NOT NULL
           AND (key_scope = 'forever' OR status IN ('paused', 'executing'));
-
--- Roles granted a submitter's INSERT on postings before this version may
--- set the new columns too (migrate.SUBMITTER_GRANTS lists them for roles
--- granted from now on).
-DO $$
-DECLARE
-    role_name text;
-BEGIN
-    FOR role_name IN
-        SELECT DISTINCT g.grantee::regrole::text
-        FROM pg_attribute AS a, aclexplode(a.attacl) AS g
-        WHERE a.attrelid = 'pdoflowd.postings'::regclass
-          AND a.attname = 'uuid'
-          AND g.privilege_type = 'INSERT'
-          AND g.grantee <> 0
-    LOOP
-        EXECUTE format(
-            'GRANT INSERT (idempotency_key, key_scope)'
-            ' ON pdoflowd.postings TO %s', role_name);
-    END LOOP;
-END
-$$;

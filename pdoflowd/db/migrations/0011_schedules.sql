@@ -1,4 +1,4 @@
--- pdoflowd schema, version 8: schedules (periodic postings).
+-- pdoflowd schema, version 11: schedules (periodic postings).
 
 -- One row per fire time of a schedule that some daemon posted: the unique
 -- key is what makes each fire time post once, whatever the number of
@@ -37,31 +37,6 @@ CREATE TABLE pdoflowd.schedules (
     CHECK ((cron IS NULL) <> (every_s IS NULL))
 );
 
--- Daemons post now: roles granted the daemon's privileges before this
--- version (UPDATE on pdoflowd.jobs) get what schedules need too
--- (migrate.DAEMON_GRANTS lists it for roles granted from now on).
-DO $$
-DECLARE
-    role_name text;
-BEGIN
-    FOR role_name IN
-        SELECT DISTINCT g.grantee::regrole::text
-        FROM pg_class AS c, aclexplode(c.relacl) AS g
-        WHERE c.oid = 'pdoflowd.jobs'::regclass
-          AND g.privilege_type = 'UPDATE'
-          AND g.grantee <> 0
-          AND g.grantee <> c.relowner
-    LOOP
-        EXECUTE format(
-            'GRANT INSERT (uuid, target_function, entry_point, status,'
-            ' timeout_s, requires, store_result, tries, idempotency_key,'
-            ' key_scope) ON pdoflowd.postings TO %s', role_name);
-        EXECUTE format(
-            'GRANT INSERT (uuid, posting_id, priority, posargs, kwargs,'
-            ' tries_remaining, run_after) ON pdoflowd.jobs TO %s', role_name);
-        EXECUTE format(
-            'GRANT SELECT, INSERT, UPDATE, DELETE ON pdoflowd.schedule_runs,'
-            ' pdoflowd.schedules TO %s', role_name);
-    END LOOP;
-END
-$$;
+-- Daemons post now: an upgrade grants the roles that had the daemon's
+-- privileges what migrate.DAEMON_GRANTS adds (INSERT on postings and jobs,
+-- these two tables), as it does after every migration.
