@@ -395,3 +395,36 @@ def test_a_reload_without_schedules_unpublishes_them(
     last = fire_times(effects_dsn, "tick")[-1]
     time.sleep(2)
     assert fire_times(effects_dsn, "tick")[-1] == last
+
+
+def test_a_claim_held_past_the_lock_timeout_is_posted_later(
+    effects_dsn: str, daemons: Any, tmp_path: Path
+) -> None:
+    daemons(
+        schedules=[every("tick", 1)],
+        database={"lock_timeout_s": 0.3},
+    )
+    wait_until(lambda: fire_times(effects_dsn, "tick"), timeout=30)
+    with psycopg.connect(effects_dsn) as conn:
+        row = conn.execute(
+            "SELECT date_trunc('second', now()) + interval '2 s'"
+        ).fetchone()
+        assert row is not None
+        held = row[0]
+        # Another daemon's claim of the next-but-one fire time, not yet
+        # committed: this daemon's claim of it waits, past its lock timeout.
+        conn.execute(
+            "INSERT INTO pdoflowd.schedule_runs (schedule, run_at, daemon_id)"
+            " VALUES ('tick', %s, gen_random_uuid())",
+            (held,),
+        )
+        time.sleep(3.5)
+        log = (tmp_path / "daemon0.log").read_text()
+        assert "not posted this pass" in log
+        conn.rollback()
+    wait_until(lambda: held in fire_times(effects_dsn, "tick"), timeout=10)
+    times = fire_times(effects_dsn, "tick")
+    assert all(b - a == SECOND for a, b in itertools.pairwise(times)), times
+    log = (tmp_path / "daemon0.log").read_text()
+    assert "database unreachable" not in log
+    assert "schedules failed" not in log

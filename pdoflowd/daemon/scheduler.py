@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import psycopg
+from psycopg import errors
 
 from pdoflowd import schedules
 from pdoflowd.arguments import encode_value
@@ -41,6 +42,9 @@ TRIES = 3
 PASS_LIMIT = 100
 # The longest wait between two passes: each pass reports the newest runs.
 LONGEST_WAIT_S = 60.0
+# A pass that left due fire times (too many, or a claim timed out) is
+# followed this soon by the next.
+RETRY_WAIT_S = 0.05
 # Without schedules, a pass only notices a new connection.
 IDLE_WAIT_S = 5.0
 # A pass woken a hair before the fire time it waits for (clocks, timers)
@@ -146,14 +150,27 @@ class Scheduler:
             )
             behind |= len(due) >= PASS_LIMIT
             for run_at in due:
-                if self.post(conn, config, run_at, now):
+                try:
+                    claimed = self.post(conn, config, run_at, now)
+                except (errors.LockNotAvailable, errors.QueryCanceled) as e:
+                    # Another daemon's claim held on too long: its
+                    # transaction rolled back, the connection is fine.
+                    log.warning(
+                        "schedule %s: fire time %s not posted this pass: %s",
+                        config.name,
+                        run_at.isoformat(),
+                        str(e).strip(),
+                    )
+                    behind = True
+                    break
+                if claimed:
                     posted[config.name] = posted.get(config.name, 0) + 1
                     newest[config.name] = run_at
         self.report(posted, newest)
         self.prune(conn)
         elapsed = time.monotonic() - started
         if behind:
-            self.wait_s = 0.0
+            self.wait_s = RETRY_WAIT_S
         else:
             self.wait_s = self.next_wait(now, elapsed)
 
