@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime as dt
 import itertools
 import json
+import os
 import signal
 import time
 from pathlib import Path
@@ -60,13 +61,21 @@ def published_at(dsn: str, daemon: Daemon) -> dt.datetime:
     return row[0]
 
 
+# Fire times the two-daemon test waits for: 12 in make test; set
+# PDOFLOWD_TEST_SCHEDULE_RUNS=60 for the minute the issue asks for.
+TWO_DAEMON_RUNS = int(os.environ.get("PDOFLOWD_TEST_SCHEDULE_RUNS", "12"))
+
+
 def test_two_daemons_post_each_fire_time_exactly_once(
     effects_dsn: str, daemons: Any
 ) -> None:
     schedule = [every("tick", 1)]
     first = daemons(schedules=schedule)
     second = daemons(schedules=schedule)
-    wait_until(lambda: len(fire_times(effects_dsn, "tick")) >= 12, timeout=40)
+    wait_until(
+        lambda: len(fire_times(effects_dsn, "tick")) >= TWO_DAEMON_RUNS,
+        timeout=TWO_DAEMON_RUNS + 30,
+    )
     assert first.stop(signal.SIGTERM) == 0
     assert second.stop(signal.SIGTERM) == 0
     times = fire_times(effects_dsn, "tick")
