@@ -14,12 +14,13 @@ INSTALLED := $(VENV)/.installed
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 .DEFAULT_GOAL := help
-.PHONY: help install-deps demo test lint clean deb systemd-test bench \
-	bench-peers
+.PHONY: help install-deps demo test test-slow lint clean deb systemd-test \
+	bench bench-peers
 
 help:
 	@echo "make demo          start a throwaway PostgreSQL and pdoflowd, run a posting"
-	@echo "make test          the whole test suite (pytest)"
+	@echo "make test          the test suite (pytest), but for its slowest tests"
+	@echo "make test-slow     the slowest tests: chaos, partitions, failover, ..."
 	@echo "make lint          ruff, mypy --strict, import contracts (lint-imports)"
 	@echo "make bench         every performance target, against PostgreSQL's limit and peers"
 	@echo "make bench-peers   pdoflowd's drain against PgQueuer's and procrastinate's"
@@ -38,8 +39,14 @@ install-deps: $(INSTALLED)
 demo: $(INSTALLED)
 	$(VENV_PYTHON) -m devtools.demo
 
+# The suite but for the tests marked slow (chaos, partitions, failovers,
+# schedules over many periods): those run in make test-slow, and CI runs
+# both.
 test: $(INSTALLED)
-	$(VENV_PYTHON) -m pytest -q
+	$(VENV_PYTHON) -m pytest -q -m "not slow"
+
+test-slow: $(INSTALLED)
+	$(VENV_PYTHON) -m pytest -q -m slow
 
 lint: $(INSTALLED)
 	$(VENV_PYTHON) -m ruff check .

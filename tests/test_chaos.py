@@ -50,6 +50,7 @@ def kill_a_worker(daemon: Daemon, rng: random.Random) -> bool:
     return True
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flush_ms", [0, 20], ids=["flush-0", "flush-20ms"])
 def test_chaos_loses_nothing_and_bounds_duplicate_runs(
     dsn: str, pg_server: Any, tmp_path: Path, flush_ms: int

@@ -82,6 +82,7 @@ class Watch:
         return max(gaps, default=float("inf"))
 
 
+@pytest.mark.slow
 def test_a_poster_holding_a_posting_lock_stalls_no_supervisor(
     effects_dsn: str, roles: Roles, tmp_path: Path
 ) -> None:
@@ -154,6 +155,7 @@ def relay(effects_dsn: str) -> Iterator[TcpRelay]:
         path.close()
 
 
+@pytest.mark.slow
 def test_a_path_that_drops_packets_stalls_no_supervisor(
     effects_dsn: str, tmp_path: Path, relay: TcpRelay
 ) -> None:
@@ -190,6 +192,7 @@ def test_a_path_that_drops_packets_stalls_no_supervisor(
         daemon.close()
 
 
+@pytest.mark.slow
 def test_a_partitioned_host_is_rescued_fenced_and_stays_responsive(
     effects_dsn: str, tmp_path: Path, relay: TcpRelay
 ) -> None:

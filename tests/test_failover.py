@@ -400,6 +400,7 @@ def finish(
 # -------------------------------------------------------------------- tests
 
 
+@pytest.mark.slow
 def test_a_failover_to_a_caught_up_standby_loses_nothing(
     tmp_path: Path,
 ) -> None:
@@ -427,6 +428,7 @@ def test_a_failover_to_a_caught_up_standby_loses_nothing(
             daemon.close()
 
 
+@pytest.mark.slow
 def test_a_failover_to_a_lagging_standby_leaves_no_job_stuck(
     tmp_path: Path,
 ) -> None:

@@ -66,6 +66,7 @@ def published_at(dsn: str, daemon: Daemon) -> dt.datetime:
 TWO_DAEMON_RUNS = int(os.environ.get("PDOFLOWD_TEST_SCHEDULE_RUNS", "12"))
 
 
+@pytest.mark.slow
 def test_two_daemons_post_each_fire_time_exactly_once(
     effects_dsn: str, daemons: Any
 ) -> None:
@@ -105,6 +106,7 @@ def test_two_daemons_post_each_fire_time_exactly_once(
     assert entry == [("jobfns.noop", "noop")]
 
 
+@pytest.mark.slow
 def test_a_daemon_down_for_several_periods_backfills_exactly_backfill(
     effects_dsn: str, daemons: Any
 ) -> None:
