@@ -351,3 +351,25 @@ def roles(dsn: str) -> Iterator[Any]:
         yield made
     finally:
         made.drop()
+
+
+@pytest.fixture
+def empty_roles(empty_dsn: str) -> Iterator[Any]:
+    """Roles for tests of a database without the schema (migrated later)."""
+    from harness import Roles
+
+    made = Roles(empty_dsn)
+    try:
+        yield made
+    finally:
+        made.drop()
+
+
+@pytest.fixture
+def submitters(dsn: str, roles: Any) -> tuple[str, str]:
+    """The DSNs of two roles granted a submitter's privileges."""
+    from harness import grant
+
+    alice, bob = roles.make(), roles.make()
+    grant(dsn, submitters=[alice, bob])
+    return roles.dsn_of(alice), roles.dsn_of(bob)

@@ -13,6 +13,7 @@ import secrets
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -335,3 +336,39 @@ SUBMITTER_GRANTS_AT_6 = (
     "GRANT EXECUTE ON FUNCTION"
     " pdoflowd.control_posting(uuid, text, integer) TO {role}",
 )
+
+
+def migrate_before(conn: psycopg.Connection[Any], marker: str) -> list[int]:
+    """Bring an empty database to the schema just before the migration
+    whose SQL first mentions ``marker``, as an older pdoflowd left it;
+    return the versions an upgrade still has to apply."""
+    steps = migrate.migrations()
+    at = next(i for i, m in enumerate(steps) if marker in m.sql)
+    conn.execute("CREATE SCHEMA pdoflowd")
+    conn.execute(
+        "CREATE TABLE pdoflowd.schema_migrations (version integer"
+        " PRIMARY KEY, name text NOT NULL, applied_at timestamptz"
+        " NOT NULL DEFAULT now())"
+    )
+    for step in steps[:at]:
+        conn.execute(step.sql.encode())
+        conn.execute(
+            "INSERT INTO pdoflowd.schema_migrations (version, name)"
+            " VALUES (%s, %s)",
+            (step.version, step.name),
+        )
+    return [m.version for m in steps[at:]]
+
+
+def run_pdoflow(
+    dsn: str, *args: str, stdin: str = ""
+) -> subprocess.CompletedProcess[str]:
+    """``python -m pdoflowd.cli --dsn DSN ARGS`` with ``stdin``; text
+    results."""
+    return subprocess.run(
+        [sys.executable, "-m", "pdoflowd.cli", "--dsn", dsn, *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )

@@ -6,9 +6,7 @@ from __future__ import annotations
 import json
 import math
 import subprocess
-import sys
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
@@ -21,7 +19,8 @@ from harness import (
     Roles,
     create_effects_table,
     daemon_config,
-    grant,
+    migrate_before,
+    run_pdoflow,
 )
 from pdoflowd.client import (
     Client,
@@ -55,12 +54,7 @@ def _fail_job(dsn: str, job_id: uuid.UUID) -> None:
 
 
 def pdoflow(dsn: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "pdoflowd.cli", "--dsn", dsn, *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    return run_pdoflow(dsn, *args)
 
 
 # ------------------------------------------------------------ reading
@@ -218,13 +212,6 @@ def test_pdoflow_cancel_job_and_retry_job(dsn: str) -> None:
 # ------------------------------------------------------------ posters
 
 
-@pytest.fixture
-def submitters(dsn: str, roles: Roles) -> tuple[str, str]:
-    alice, bob = roles.make(), roles.make()
-    grant(dsn, submitters=[alice, bob])
-    return roles.dsn_of(alice), roles.dsn_of(bob)
-
-
 def test_a_poster_reads_and_controls_only_its_own_jobs(
     submitters: tuple[str, str],
 ) -> None:
@@ -251,39 +238,14 @@ SUBMITTER_GRANTS_AT_7 = tuple(
 )
 
 
-@pytest.fixture
-def empty_roles(empty_dsn: str) -> Iterator[Roles]:
-    made = Roles(empty_dsn)
-    try:
-        yield made
-    finally:
-        made.drop()
-
-
 def test_a_submitter_granted_before_job_controls_may_use_them(
     empty_dsn: str, empty_roles: Roles
 ) -> None:
     """A role granted a submitter's privileges before the job controls
     existed controls its jobs after the upgrade, without a new grant."""
     role, daemon_role = empty_roles.make(), empty_roles.make()
-    steps = migrate.migrations()
-    before = steps[
-        : next(i for i, m in enumerate(steps) if "control_job" in m.sql)
-    ]
     with psycopg.connect(empty_dsn) as conn:
-        conn.execute("CREATE SCHEMA pdoflowd")
-        conn.execute(
-            "CREATE TABLE pdoflowd.schema_migrations (version integer"
-            " PRIMARY KEY, name text NOT NULL, applied_at timestamptz"
-            " NOT NULL DEFAULT now())"
-        )
-        for step in before:
-            conn.execute(step.sql.encode())
-            conn.execute(
-                "INSERT INTO pdoflowd.schema_migrations (version, name)"
-                " VALUES (%s, %s)",
-                (step.version, step.name),
-            )
+        migrate_before(conn, "control_job")
         for template in SUBMITTER_GRANTS_AT_7:
             conn.execute(sql.SQL(template).format(role=sql.Identifier(role)))
         for template in migrate.DAEMON_GRANTS:

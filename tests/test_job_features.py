@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import math
 import socket
-import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -20,7 +18,13 @@ import featurejobs
 import psycopg
 import pytest
 
-from harness import Daemon, create_effects_table, daemon_config, wait_until
+from harness import (
+    Daemon,
+    create_effects_table,
+    daemon_config,
+    run_pdoflow,
+    wait_until,
+)
 from pdoflowd.client import Client, PostingState
 from pdoflowd.db import profiles
 from pdoflowd.status import JobStatus, PostingStatus
@@ -420,22 +424,7 @@ def test_each_attempt_keeps_its_own_output(
         (2, "attempt 2\nno line end"),
     ]
     assert not any(o.truncated for o in outputs)
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pdoflowd.cli",
-            "--dsn",
-            database,
-            "logs",
-            str(job_id),
-            "--attempt",
-            "1",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = run_pdoflow(database, "logs", str(job_id), "--attempt", "1")
     assert (done.returncode, done.stdout) == (0, "attempt 1\nno line end")
 
 

@@ -9,7 +9,6 @@ import subprocess
 import sys
 import threading
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import clientjobs
@@ -17,7 +16,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from harness import SUBMITTER_GRANTS_AT_6, Roles, grant
+from harness import SUBMITTER_GRANTS_AT_6, Roles, migrate_before, run_pdoflow
 from pdoflowd.client import (
     Client,
     KeyScope,
@@ -293,13 +292,6 @@ def test_concurrent_pdoflow_submits_with_one_key_print_one_posting(
 # ------------------------------------------------------------ posters
 
 
-@pytest.fixture
-def submitters(dsn: str, roles: Roles) -> tuple[str, str]:
-    alice, bob = roles.make(), roles.make()
-    grant(dsn, submitters=[alice, bob])
-    return roles.dsn_of(alice), roles.dsn_of(bob)
-
-
 def test_one_key_of_two_posters_makes_two_postings_each_seeing_its_own(
     submitters: tuple[str, str],
 ) -> None:
@@ -312,37 +304,15 @@ def test_one_key_of_two_posters_makes_two_postings_each_seeing_its_own(
     assert bob.post(NOOP, [[1]], key="shared-name").id == b.id
 
 
-@pytest.fixture
-def empty_roles(empty_dsn: str) -> Iterator[Roles]:
-    made = Roles(empty_dsn)
-    try:
-        yield made
-    finally:
-        made.drop()
-
-
 def test_a_submitter_granted_before_version_7_may_post_with_a_key(
     empty_dsn: str, empty_roles: Roles
 ) -> None:
     role = empty_roles.make()
-    steps = migrate.migrations()
     with psycopg.connect(empty_dsn) as conn:
-        conn.execute("CREATE SCHEMA pdoflowd")
-        conn.execute(
-            "CREATE TABLE pdoflowd.schema_migrations (version integer"
-            " PRIMARY KEY, name text NOT NULL, applied_at timestamptz"
-            " NOT NULL DEFAULT now())"
-        )
-        for step in steps[:6]:
-            conn.execute(step.sql.encode())
-            conn.execute(
-                "INSERT INTO pdoflowd.schema_migrations (version, name)"
-                " VALUES (%s, %s)",
-                (step.version, step.name),
-            )
+        pending = migrate_before(conn, "idempotency_key")
         for template in SUBMITTER_GRANTS_AT_6:
             conn.execute(sql.SQL(template).format(role=sql.Identifier(role)))
-    assert migrate.upgrade(empty_dsn) == [m.version for m in steps[6:]]
+    assert migrate.upgrade(empty_dsn) == pending
     client = Client(empty_roles.dsn_of(role))
     first = client.post(NOOP, [[1]], key="after-upgrade")
     assert client.post(NOOP, [[1]], key="after-upgrade").id == first.id
@@ -367,22 +337,8 @@ def test_the_key_scope_names_are_the_schemas(dsn: str) -> None:
 def test_pdoflow_submit_refuses_a_bad_key_with_a_usage_error(
     dsn: str,
 ) -> None:
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pdoflowd.cli",
-            "--dsn",
-            dsn,
-            "submit",
-            NOOP,
-            "--key",
-            "two\nlines",
-        ],
-        input="[1]\n",
-        capture_output=True,
-        text=True,
-        timeout=60,
+    done = run_pdoflow(
+        dsn, "submit", NOOP, "--key", "two\nlines", stdin="[1]\n"
     )
     assert done.returncode == 64
     assert "--key" in done.stderr and "printable" in done.stderr
@@ -393,24 +349,15 @@ def test_pdoflow_submit_says_on_stderr_that_the_posting_existed(
     dsn: str,
 ) -> None:
     def submit() -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "pdoflowd.cli",
-                "--dsn",
-                dsn,
-                "submit",
-                NOOP,
-                "--key",
-                "k",
-                "--key-scope",
-                "forever",
-            ],
-            input="[1]\n",
-            capture_output=True,
-            text=True,
-            timeout=60,
+        return run_pdoflow(
+            dsn,
+            "submit",
+            NOOP,
+            "--key",
+            "k",
+            "--key-scope",
+            "forever",
+            stdin="[1]\n",
         )
 
     first, second = submit(), submit()
@@ -439,11 +386,6 @@ def test_posting_status_shows_the_key_and_its_scope(dsn: str) -> None:
 
 
 def pdoflow_out(dsn: str, *args: str) -> str:
-    done = subprocess.run(
-        [sys.executable, "-m", "pdoflowd.cli", "--dsn", dsn, *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = run_pdoflow(dsn, *args)
     assert done.returncode == 0, done.stderr
     return done.stdout

@@ -15,7 +15,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from harness import Roles, grant, wait_until
+from harness import Roles, grant, migrate_before, wait_until
 from pdoflowd.cli import main
 from pdoflowd.client import Client, PruningNotAllowed
 from pdoflowd.db import migrate, profiles, retention
@@ -615,25 +615,11 @@ def test_export_of_an_unknown_posting_writes_nothing(
 def test_a_role_granted_a_daemons_privileges_before_retention_may_prune(
     empty_dsn: str,
 ) -> None:
-    steps = migrate.migrations()
-    at = next(i for i, m in enumerate(steps) if "postings_ended" in m.sql)
-    before = steps[:at]
     made = Roles(empty_dsn)
     try:
         role = made.make()
         with psycopg.connect(empty_dsn, autocommit=True) as conn:
-            conn.execute("CREATE SCHEMA pdoflowd")
-            conn.execute(
-                "CREATE TABLE pdoflowd.schema_migrations (version integer"
-                " PRIMARY KEY, name text NOT NULL, applied_at timestamptz"
-                " NOT NULL DEFAULT now())"
-            )
-            for step in before:
-                conn.execute(step.sql.encode())
-                conn.execute(
-                    "INSERT INTO pdoflowd.schema_migrations VALUES (%s, %s)",
-                    (step.version, step.name),
-                )
+            pending = migrate_before(conn, "postings_ended")
             # What a daemon role was granted on these tables until now.
             conn.execute(
                 sql.SQL("GRANT USAGE ON SCHEMA pdoflowd TO {}").format(
@@ -647,7 +633,7 @@ def test_a_role_granted_a_daemons_privileges_before_retention_may_prune(
                 ).format(sql.Identifier(role))
             )
 
-        assert migrate.upgrade(empty_dsn) == [m.version for m in steps[at:]]
+        assert migrate.upgrade(empty_dsn) == pending
 
         with psycopg.connect(made.dsn_of(role)) as conn:
             assert retention.may_prune(conn)

@@ -17,7 +17,14 @@ import psycopg
 import pytest
 
 from devtools.devcluster import free_port
-from harness import Daemon, daemon_config, grant, wait_until, write_config
+from harness import (
+    Daemon,
+    daemon_config,
+    grant,
+    migrate_before,
+    wait_until,
+    write_config,
+)
 from pdoflowd.cli.command import main as pdoflow
 from scrape import parse_scrape, promtool_check_metrics, scrape_value
 
@@ -330,64 +337,42 @@ def test_a_daemon_role_posts_schedules_and_a_submitter_cannot_list_them(
         daemon.close()
 
 
-def test_an_upgrade_gives_daemon_roles_of_version_10_what_schedules_need(
-    empty_dsn: str,
+def test_an_upgrade_gives_older_daemon_roles_what_schedules_need(
+    empty_dsn: str, empty_roles: Any
 ) -> None:
     from psycopg import sql
 
     from pdoflowd.db import migrate
 
-    role = "pdoflowd_t_v10_daemon"
+    role = empty_roles.make()
     new_grants = [
         g for g in migrate.DAEMON_GRANTS if "schedule" in g or "INSERT (" in g
     ]
     assert len(new_grants) == 3
     with psycopg.connect(empty_dsn, autocommit=True) as conn:
-        conn.execute(
-            sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role))
-        )
-        conn.execute(sql.SQL("CREATE ROLE {}").format(sql.Identifier(role)))
-        try:
-            with conn.transaction():
-                conn.execute("CREATE SCHEMA pdoflowd")
-                conn.execute(
-                    "CREATE TABLE pdoflowd.schema_migrations ("
-                    " version integer PRIMARY KEY, name text NOT NULL,"
-                    " applied_at timestamptz NOT NULL DEFAULT now())"
-                )
-                for step in migrate.migrations()[:10]:
-                    conn.execute(step.sql.encode())
+        with conn.transaction():
+            pending = migrate_before(conn, "schedule_runs")
+            for template in migrate.DAEMON_GRANTS:
+                if template not in new_grants:
                     conn.execute(
-                        "INSERT INTO pdoflowd.schema_migrations"
-                        " VALUES (%s, %s)",
-                        (step.version, step.name),
+                        sql.SQL(template).format(role=sql.Identifier(role))
                     )
-                for template in migrate.DAEMON_GRANTS:
-                    if template not in new_grants:
-                        conn.execute(
-                            sql.SQL(template).format(role=sql.Identifier(role))
-                        )
-            assert migrate.upgrade_connection(conn) == [11]
-            checks = conn.execute(
-                "SELECT has_column_privilege(%(r)s, 'pdoflowd.postings',"
-                "  'idempotency_key', 'INSERT'),"
-                " has_column_privilege(%(r)s, 'pdoflowd.jobs', 'posargs',"
-                "  'INSERT'),"
-                " has_column_privilege(%(r)s, 'pdoflowd.postings', 'poster',"
-                "  'INSERT'),"
-                " (SELECT bool_and(has_table_privilege(%(r)s, t, p))"
-                "  FROM unnest(ARRAY['pdoflowd.schedule_runs',"
-                "                    'pdoflowd.schedules']) AS t,"
-                "       unnest(ARRAY['SELECT', 'INSERT', 'UPDATE', 'DELETE'])"
-                "       AS p)",
-                {"r": role},
-            ).fetchone()
-            assert checks == (True, True, False, True)
-        finally:
-            conn.execute(
-                sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role))
-            )
-            conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+        assert migrate.upgrade_connection(conn) == pending
+        checks = conn.execute(
+            "SELECT has_column_privilege(%(r)s, 'pdoflowd.postings',"
+            "  'idempotency_key', 'INSERT'),"
+            " has_column_privilege(%(r)s, 'pdoflowd.jobs', 'posargs',"
+            "  'INSERT'),"
+            " has_column_privilege(%(r)s, 'pdoflowd.postings', 'poster',"
+            "  'INSERT'),"
+            " (SELECT bool_and(has_table_privilege(%(r)s, t, p))"
+            "  FROM unnest(ARRAY['pdoflowd.schedule_runs',"
+            "                    'pdoflowd.schedules']) AS t,"
+            "       unnest(ARRAY['SELECT', 'INSERT', 'UPDATE', 'DELETE'])"
+            "       AS p)",
+            {"r": role},
+        ).fetchone()
+    assert checks == (True, True, False, True)
 
 
 def test_a_reload_without_schedules_unpublishes_them(

@@ -7,7 +7,6 @@ from __future__ import annotations
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,23 +25,6 @@ from harness import (
 from pdoflowd.client import Client, PostingError
 from pdoflowd.db import migrate, postings
 from pdoflowd.status import JobStatus, PostingStatus
-
-
-@pytest.fixture
-def empty_roles(empty_dsn: str) -> Iterator[Roles]:
-    """Roles for tests of a database without the schema (migrated later)."""
-    made = Roles(empty_dsn)
-    try:
-        yield made
-    finally:
-        made.drop()
-
-
-@pytest.fixture
-def submitters(dsn: str, roles: Roles) -> tuple[str, str]:
-    alice, bob = roles.make(), roles.make()
-    grant(dsn, submitters=[alice, bob])
-    return roles.dsn_of(alice), roles.dsn_of(bob)
 
 
 def test_grant_statements_quote_role_names(dsn: str) -> None:
