@@ -26,12 +26,14 @@ from pdoflowd import asyncjobs, profiling
 from pdoflowd.arguments import (
     ValueNotStorable,
     check_text,
+    decode,
     decode_job,
     encode_value,
 )
 from pdoflowd.config import Config, DatabaseConfig, connection_kwargs
-from pdoflowd.db import onejob, profiles, queue
+from pdoflowd.db import dependencies, onejob, profiles, queue
 from pdoflowd.sharedvars import SharedVariables
+from pdoflowd.status import JobStatus
 
 __all__ = [
     "JobCall",
@@ -181,6 +183,31 @@ class JobContext:
     @property
     def entry_point(self) -> str:
         return self._job.entry_point
+
+    def upstream_results(self) -> dict[uuid.UUID, list[Any]]:
+        """The return values of the postings this job's posting waited for
+        (``after``): by posting id, in the order those postings were made,
+        each a list of its done jobs' values in the order they were posted
+        (a fan-in job's input). Jobs that did not end done are left out.
+
+        Raises :class:`ValueError` when one of those postings does not
+        store results (post it with ``store_result=True``, or mark its
+        function ``@job(store_result=True)``).
+        """
+        rows = dependencies.upstream_results(
+            self._connect(), self._job.posting_uuid
+        )
+        found: dict[uuid.UUID, list[Any]] = {}
+        for row in rows:
+            values = found.setdefault(row.posting_uuid, [])
+            if not row.store_result:
+                raise ValueError(
+                    f"posting {row.posting_uuid} does not store its jobs'"
+                    " results (post it with store_result=True)"
+                )
+            if row.status is JobStatus.DONE and row.stored:
+                values.append(decode(row.value))
+        return found
 
     def connection(self) -> Connection:
         """A database connection (autocommit) for this job's own use.

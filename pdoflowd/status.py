@@ -11,12 +11,19 @@ import enum
 
 
 class JobStatus(str, enum.Enum):
-    """Where one job stands."""
+    """Where one job stands.
+
+    ``held``: its posting waits for other postings to end (not claimable
+    until they do; see :mod:`pdoflowd.db.dependencies`).
+    """
 
     WAITING = "waiting"
     EXECUTING = "executing"
     DONE = "done"
     ERRORED_OUT = "errored_out"
+    # Last, so that what lists the statuses in order lists the four that
+    # postings without dependencies have as it always did.
+    HELD = "held"
 
     @property
     def is_final(self) -> bool:

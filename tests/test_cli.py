@@ -268,9 +268,21 @@ def test_status_json_prints_exactly_the_documented_keys_and_counts(
     assert json.loads(result.stdout) == {
         "id": str(posting.id),
         "status": "executing",
-        "jobs": {"waiting": 3, "executing": 0, "done": 1, "errored_out": 0},
+        "jobs": {
+            "waiting": 3,
+            "executing": 0,
+            "done": 1,
+            "errored_out": 0,
+            "held": 0,
+        },
+        "waiting_for": [],
     }
-    assert list(json.loads(result.stdout)) == ["id", "status", "jobs"]
+    assert list(json.loads(result.stdout)) == [
+        "id",
+        "status",
+        "jobs",
+        "waiting_for",
+    ]
 
 
 def test_status_without_json_prints_a_line_per_job_status(dsn: str) -> None:
@@ -426,7 +438,14 @@ def test_wait_exits_0_when_the_posting_is_finished(
         assert json.loads(result.stdout) == {
             "id": posting_id,
             "status": "finished",
-            "jobs": {"waiting": 0, "executing": 0, "done": 3, "errored_out": 0},
+            "jobs": {
+                "waiting": 0,
+                "executing": 0,
+                "done": 3,
+                "errored_out": 0,
+                "held": 0,
+            },
+            "waiting_for": [],
         }
         assert daemon.stop() == 0
     finally:

@@ -55,6 +55,10 @@ SUMMARY_KEYS = [
     "claimable_by",
     "key",
     "key_scope",
+    "after",
+    "waiting_for",
+    "on_failure",
+    "cancel_reason",
 ]
 JOB_KEYS = [
     "id",
@@ -229,6 +233,7 @@ def test_list_postings_json_has_the_documented_keys_and_filters(
         "executing": 0,
         "done": 0,
         "errored_out": 0,
+        "held": 0,
     }
     code, out, _ = pdoflow("list-postings", "--limit", "1", "--json")
     assert [p["id"] for p in json.loads(out)] == [str(paused.id)]

@@ -580,6 +580,7 @@ def test_status_counts_the_jobs_in_each_status(dsn: str) -> None:
         JobStatus.EXECUTING: 1,
         JobStatus.DONE: 3,
         JobStatus.ERRORED_OUT: 1,
+        JobStatus.HELD: 0,
     }
     assert state.total == 6
     assert not state.finished
@@ -597,7 +598,14 @@ def test_status_as_json_has_the_documented_shape(dsn: str) -> None:
     assert client.status(posting.id).as_json() == {
         "id": str(posting.id),
         "status": "executing",
-        "jobs": {"waiting": 2, "executing": 0, "done": 0, "errored_out": 0},
+        "jobs": {
+            "waiting": 2,
+            "executing": 0,
+            "done": 0,
+            "errored_out": 0,
+            "held": 0,
+        },
+        "waiting_for": [],
     }
 
 

@@ -250,7 +250,12 @@ def test_a_submitter_granted_before_job_controls_may_use_them(
             conn.execute(sql.SQL(template).format(role=sql.Identifier(role)))
         for template in migrate.DAEMON_GRANTS:
             # What the daemon is granted on objects of later versions.
-            later = ("control_job", "job_output", "schedule")
+            later = (
+                "control_job",
+                "job_output",
+                "schedule",
+                "posting_dependencies",
+            )
             if not any(name in template for name in later):
                 conn.execute(
                     sql.SQL(template).format(role=sql.Identifier(daemon_role))

@@ -453,6 +453,7 @@ def test_progress_counts_jobs_per_status(dsn: str, conn: Any) -> None:
         JobStatus.EXECUTING: 1,
         JobStatus.DONE: 1,
         JobStatus.ERRORED_OUT: 0,
+        JobStatus.HELD: 0,
     }
 
 

@@ -26,6 +26,7 @@ from pdoflowd.cli.following import (
     status,
     wait,
 )
+from pdoflowd.cli.graphing import graph
 from pdoflowd.cli.jobverbs import cancel_job, job, logs, retry_job
 from pdoflowd.cli.output import UserError, fail
 from pdoflowd.cli.parser import build_parser
@@ -65,6 +66,7 @@ VERBS: dict[str, Callable[[Client, argparse.Namespace], int]] = {
     "list-postings": list_postings,
     "posting-status": posting_status,
     "priority-stats": priority_stats,
+    "graph": graph,
     "execute-job": execute_job,
     "set-posting-status": set_posting_status,
     "pause": pause,

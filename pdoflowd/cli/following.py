@@ -48,8 +48,14 @@ def _print_state(state: PostingState, as_json: bool, out: TextIO) -> None:
     print(f"posting {state.id}: {state.status.value}", file=out)
     width = max(len(s.value) for s in JobStatus)
     for status in JobStatus:
+        count = state.jobs.get(status, 0)
+        if status is JobStatus.HELD and not count:
+            continue
+        print(f"  {status.value:<{width}}  {count}", file=out)
+    if state.waiting_for:
         print(
-            f"  {status.value:<{width}}  {state.jobs.get(status, 0)}", file=out
+            "  waiting for " + ", ".join(str(u) for u in state.waiting_for),
+            file=out,
         )
 
 
@@ -147,6 +153,27 @@ def _key_line(summary: PostingSummary) -> str:
     return f"{summary.key!r} (held {summary.key_scope})"
 
 
+def _dependency_lines(summary: PostingSummary) -> list[tuple[str, str]]:
+    lines = []
+    if summary.after:
+        lines.append(
+            (
+                "after",
+                ", ".join(str(u) for u in summary.after)
+                + f" (on failure: {summary.on_failure})",
+            )
+        )
+        lines.append(
+            (
+                "waiting for",
+                ", ".join(str(u) for u in summary.waiting_for) or "-",
+            )
+        )
+    if summary.cancel_reason:
+        lines.append(("cancelled", summary.cancel_reason))
+    return lines
+
+
 def _summary_json(summary: PostingSummary) -> dict[str, Any]:
     return {
         "id": str(summary.uuid),
@@ -167,6 +194,10 @@ def _summary_json(summary: PostingSummary) -> dict[str, Any]:
         "claimable_by": summary.claimable_by,
         "key": summary.key,
         "key_scope": summary.key_scope if summary.key is not None else None,
+        "after": [str(u) for u in summary.after],
+        "waiting_for": [str(u) for u in summary.waiting_for],
+        "on_failure": summary.on_failure,
+        "cancel_reason": summary.cancel_reason,
     }
 
 
@@ -247,7 +278,13 @@ def posting_status(client: Client, args: argparse.Namespace) -> int:
         ("results", "stored" if summary.store_result else "not stored"),
         ("tries", str(summary.tries)),
         ("key", _key_line(summary)),
+        *_dependency_lines(summary),
         ("jobs", str(summary.total)),
+        *(
+            [("  held", str(counts[JobStatus.HELD]))]
+            if counts.get(JobStatus.HELD)
+            else []
+        ),
         (
             "  waiting",
             f"{waiting}"

@@ -187,6 +187,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="how long the key stays taken: until the posting ends"
         " (active, the default) or as long as it exists (forever)",
     )
+    submit.add_argument(
+        "--after",
+        action="append",
+        default=None,
+        metavar="POSTING",
+        help="hold the jobs until this posting has finished (repeat for more)",
+    )
+    submit.add_argument(
+        "--on-failure",
+        choices=["cancel", "run"],
+        default="cancel",
+        help="when a posting of --after errors out or is cancelled: cancel "
+        "this one too (the default), or run it once they have all ended",
+    )
     when = submit.add_mutually_exclusive_group()
     when.add_argument(
         "--delay",
@@ -243,6 +257,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     detail.add_argument(
         "--limit", type=_count, default=1000, help="jobs listed at most"
+    )
+
+    graph = verb(
+        "graph",
+        "the tree of postings a posting waits for (posted with --after)",
+    )
+    graph.add_argument("posting_id")
+    graph.add_argument(
+        "--depth", type=_count, default=20, help="levels shown at most"
     )
 
     verb("priority-stats", "unfinished jobs by priority")

@@ -153,6 +153,8 @@ def submit(
         store_result=True if args.store_result else None,
         key=args.key,
         key_scope=args.key_scope,
+        after=args.after,
+        on_failure=args.on_failure,
     )
     if args.json:
         print_json(

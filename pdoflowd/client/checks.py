@@ -16,23 +16,28 @@ from __future__ import annotations
 import datetime as dt
 import itertools
 import math
+import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from pdoflowd.arguments import ValueNotStorable, check_text, encode_job, shown
 from pdoflowd.client.errors import PostingError
+from pdoflowd.db.dependencies import ON_FAILURE_RULES
 from pdoflowd.db.postings import KeyScope, NewJob
 
 __all__ = [
+    "MAX_AFTER",
     "MAX_KEY_CHARS",
     "MAX_PRIORITY",
     "MAX_TRIES",
     "MIN_PRIORITY",
     "PostingJobs",
+    "check_after",
     "check_key",
     "check_key_scope",
     "check_name",
+    "check_on_failure",
     "check_posting",
     "check_requires",
     "check_store_result",
@@ -110,6 +115,52 @@ def check_key(key: Any) -> str | None:
             f"a key must be printable (no control characters): {shown(key)}"
         )
     return key
+
+
+# How many postings one posting may wait for.
+MAX_AFTER = 1000
+
+
+def check_after(after: Any) -> list[uuid.UUID]:
+    """The postings to wait for, by id (a posting's handle, its UUID or
+    the text of it), each once, in the order given."""
+    if after is None:
+        return []
+    if isinstance(after, (str, bytes, uuid.UUID)) or hasattr(after, "job_ids"):
+        after = [after]
+    try:
+        items = list(after)
+    except TypeError:
+        raise PostingError(
+            f"after must be a list of posting ids, got {shown(after)}"
+        ) from None
+    found: dict[uuid.UUID, None] = {}
+    for item in items:
+        ident = getattr(item, "id", item) if hasattr(item, "job_ids") else item
+        if isinstance(ident, uuid.UUID):
+            found[ident] = None
+            continue
+        try:
+            found[uuid.UUID(ident)] = None
+        except (ValueError, TypeError, AttributeError):
+            raise PostingError(
+                f"after: {shown(item)} is not a posting id"
+            ) from None
+    if len(found) > MAX_AFTER:
+        raise PostingError(
+            f"after: at most {MAX_AFTER} postings, got {len(found)}"
+        )
+    return list(found)
+
+
+def check_on_failure(rule: Any) -> str:
+    """What an upstream posting's failure does: ``cancel`` or ``run``."""
+    if rule not in ON_FAILURE_RULES:
+        choices = ", ".join(repr(r) for r in ON_FAILURE_RULES)
+        raise PostingError(
+            f"on_failure must be one of {choices}, got {shown(rule)}"
+        )
+    return str(rule)
 
 
 def check_key_scope(scope: Any) -> KeyScope:

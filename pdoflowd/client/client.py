@@ -30,9 +30,11 @@ from psycopg.pq import TransactionStatus
 
 from pdoflowd.arguments import ArgumentError, decode, shown
 from pdoflowd.client.checks import (
+    check_after,
     check_key,
     check_key_scope,
     check_name,
+    check_on_failure,
     check_posting,
     check_requires,
     check_store_result,
@@ -59,8 +61,16 @@ from pdoflowd.client.handles import (
     PostingState,
     as_uuid,
 )
-from pdoflowd.db import export, postings, profiles, retention, singlejob
+from pdoflowd.db import (
+    dependencies,
+    export,
+    postings,
+    profiles,
+    retention,
+    singlejob,
+)
 from pdoflowd.db import schedules as schedule_rows
+from pdoflowd.db.dependencies import GraphNode
 from pdoflowd.db.postings import (
     JobRow,
     PostingSummary,
@@ -146,6 +156,8 @@ class Client:
         store_result: bool | None = None,
         key: str | None = None,
         key_scope: str = "active",
+        after: Iterable[Posting | uuid.UUID | str] | None = None,
+        on_failure: str = "cancel",
         conn: psycopg.Connection[Any] | None = None,
     ) -> Posting:
         """Post one job per argument set to ``target``.
@@ -163,6 +175,13 @@ class Client:
         held until its posting ends (finished, errored out or cancelled),
         or with ``key_scope="forever"`` for as long as the posting exists.
         Concurrent posts of one key make one posting.
+
+        With ``after`` (postings, or their ids) the jobs are held until
+        every one of those postings has finished. If one ends errored out
+        or cancelled this posting is cancelled, and the postings that wait
+        for it after it; with ``on_failure="run"`` it runs all the same
+        once they have all ended. A posting that is not yours, or none, is
+        a :class:`PostingError` and nothing is written.
         """
         definition = definition_of(target)
         check_name(definition.name)
@@ -182,6 +201,8 @@ class Client:
         at, delay_s = when_to_run(run_after)
         key = check_key(key)
         scope = check_key_scope(key_scope)
+        upstreams = check_after(after)
+        failure_rule = check_on_failure(on_failure)
         try:
             jobs = check_posting(posargs, kwargs, priority)
         except ArgumentError as exc:
@@ -210,6 +231,8 @@ class Client:
                 store_result=store_result,
                 key=key,
                 key_scope=scope,
+                after=upstreams,
+                on_failure=failure_rule,
             )
             if inserted.existed:
                 their_jobs = postings.posting_job_uuids(connection, inserted.id)
@@ -221,8 +244,12 @@ class Client:
                     write(own)
             else:
                 _write_undoably(conn, write)
-        except ArgumentError as exc:
+        except (ArgumentError, postings.UnknownUpstream) as exc:
             raise PostingError(str(exc)) from exc
+        except errors.ForeignKeyViolation as exc:
+            # An upstream posting pruned (or its poster changed) between
+            # the check and the write.
+            raise PostingError(exc.diag.message_primary or str(exc)) from None
         return held[0] if held else Posting(posting_id, job_ids)
 
     # ------------------------------------------------------------ following
@@ -238,7 +265,24 @@ class Client:
         progress = postings.posting_progress(conn, ident)
         if progress is None:
             raise KeyError(f"no posting {ident}")
-        return PostingState(ident, progress.status, progress.jobs)
+        return PostingState(
+            ident,
+            progress.status,
+            progress.jobs,
+            tuple(dependencies.waiting_for(conn, ident)),
+        )
+
+    def graph(
+        self, posting_id: uuid.UUID | str, *, depth: int = 20
+    ) -> list[GraphNode]:
+        """The posting and the tree of the postings it waits for, depth
+        first, to ``depth`` levels; KeyError if there is no such posting."""
+        ident = as_uuid(posting_id)
+        with self.connect() as conn:
+            nodes = dependencies.dependency_graph(conn, ident, depth=depth)
+        if not nodes:
+            raise KeyError(f"no posting {ident}")
+        return nodes
 
     def wait(
         self,

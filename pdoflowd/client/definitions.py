@@ -118,6 +118,8 @@ class JobDefinition:
         paused: bool = False,
         key: str | None = None,
         key_scope: str = "active",
+        after: Iterable[Any] | None = None,
+        on_failure: str = "cancel",
         dsn: str | None = None,
         conn: psycopg.Connection[Any] | None = None,
     ) -> tuple[uuid.UUID, Sequence[uuid.UUID]]:
@@ -125,7 +127,8 @@ class JobDefinition:
 
         With a ``key`` held by a posting of this poster, that posting's ids
         are returned and nothing is written (see :meth:`Client.post`, whose
-        :class:`Posting` also says whether it existed).
+        :class:`Posting` also says whether it existed). ``after`` and
+        ``on_failure``: postings to wait for (see :meth:`Client.post`).
         """
         # Imported here: the client imports the definitions it posts.
         from pdoflowd.client.client import Client
@@ -140,6 +143,8 @@ class JobDefinition:
             paused=paused,
             key=key,
             key_scope=key_scope,
+            after=after,
+            on_failure=on_failure,
             conn=conn,
         )
         return posting.id, posting.job_ids

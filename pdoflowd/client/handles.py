@@ -46,11 +46,13 @@ class Posting:
 
 @dataclass(frozen=True)
 class PostingState:
-    """A posting's status and how many of its jobs are in each status."""
+    """A posting's status, how many of its jobs are in each status, and
+    the postings it waits for that have not ended yet."""
 
     id: uuid.UUID
     status: PostingStatus
     jobs: Mapping[JobStatus, int]
+    waiting_for: tuple[uuid.UUID, ...] = ()
 
     @property
     def total(self) -> int:
@@ -78,6 +80,7 @@ class PostingState:
             "id": str(self.id),
             "status": self.status.value,
             "jobs": {s.value: self.jobs.get(s, 0) for s in JobStatus},
+            "waiting_for": [str(u) for u in self.waiting_for],
         }
 
 

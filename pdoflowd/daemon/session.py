@@ -47,7 +47,7 @@ from pdoflowd.daemon.sessionpipe import (
     decode_lines,
     encode,
 )
-from pdoflowd.db import common, queue, upkeep
+from pdoflowd.db import common, dependencies, queue, upkeep
 from pdoflowd.db.migrate import SchemaNotCurrent, check_current
 from pdoflowd.status import JobStatus
 
@@ -303,6 +303,13 @@ class Session:
                 waiting=any(j.status is JobStatus.WAITING for j in rescued),
             )
         self.find_cancelled()
+        decided = dependencies.review_holds(self.conn)
+        if decided:
+            log.info(
+                "released or cancelled %d held posting(s) that their "
+                "upstream postings' end had not reached",
+                decided,
+            )
         unsettled = queue.unsettled_postings(self.conn)
         if unsettled:
             queue.settle_postings(

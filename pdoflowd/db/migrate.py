@@ -199,6 +199,9 @@ SUBMITTER_GRANTS = (
     "GRANT EXECUTE ON FUNCTION"
     " pdoflowd.control_job(uuid, text, integer) TO {role}",
     "GRANT SELECT ON pdoflowd.job_output TO {role}",
+    "GRANT SELECT ON pdoflowd.posting_dependencies TO {role}",
+    "GRANT EXECUTE ON FUNCTION"
+    " pdoflowd.wait_for_postings(uuid, uuid[], text) TO {role}",
 )
 
 # What a daemon may do: check the schema version, claim, record, rescue and
@@ -230,6 +233,7 @@ DAEMON_GRANTS = (
     "GRANT EXECUTE ON FUNCTION"
     " pdoflowd.control_job(uuid, text, integer) TO {role}",
     "GRANT SELECT, INSERT, UPDATE ON pdoflowd.job_output TO {role}",
+    "GRANT SELECT ON pdoflowd.posting_dependencies TO {role}",
 )
 
 

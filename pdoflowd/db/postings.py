@@ -14,12 +14,13 @@ import enum
 import itertools
 import selectors
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 from uuid import UUID
 
 import psycopg
 
+from pdoflowd.db import dependencies
 from pdoflowd.db.common import (
     NOTIFY_CHANNEL,
     Connection,
@@ -159,6 +160,10 @@ class InsertedPosting(NamedTuple):
     existed: bool
 
 
+class UnknownUpstream(LookupError):
+    """A posting to wait for is none this poster may see."""
+
+
 class KeyBusy(Exception):
     """A keyed insert found the key taken, but the posting holding it
     ended before it could be read, again and again."""
@@ -180,6 +185,8 @@ def insert_posting(
     store_result: bool = False,
     key: str | None = None,
     key_scope: KeyScope = KeyScope.ACTIVE,
+    after: Sequence[UUID] = (),
+    on_failure: str = "cancel",
 ) -> InsertedPosting:
     """Insert a posting and its jobs (one COPY) and NOTIFY the daemons.
 
@@ -197,7 +204,19 @@ def insert_posting(
     memory whole. An exception from it stops the write half-way, the
     posting and some of its jobs written: run this in a transaction or a
     savepoint that the exception rolls back.
+
+    With ``after``, the posting waits for those postings (see
+    :mod:`pdoflowd.db.dependencies`); one this poster cannot see is
+    :class:`UnknownUpstream`, raised before anything is written.
     """
+    if after:
+        missing = dependencies.missing_postings(conn, after)
+        if missing:
+            raise UnknownUpstream(
+                "no posting "
+                + ", ".join(str(m) for m in missing)
+                + " to wait for"
+            )
     status = PostingStatus.PAUSED if paused else PostingStatus.EXECUTING
     params = {
         "uuid": posting_uuid,
@@ -233,6 +252,8 @@ def insert_posting(
     else:
         tail = copy_tail(posting_id, tries, run_after)
         _copy_jobs(conn, copy_blocks(jobs, tail))
+    if after:
+        dependencies.wait_for_postings(conn, posting_uuid, after, on_failure)
     notify(conn)
     return InsertedPosting(posting_id, posting_uuid, existed=False)
 
@@ -428,6 +449,13 @@ class PostingSummary:
     # The poster's key (None: posted without one) and how long it holds.
     key: str | None = None
     key_scope: str = "active"
+    # The postings it waits for (all, and those that have not ended yet),
+    # what their failure does to it, and why it was cancelled when that
+    # was no one's command (an upstream posting that failed).
+    on_failure: str = "cancel"
+    cancel_reason: str | None = None
+    after: list[UUID] = field(default_factory=list)
+    waiting_for: list[UUID] = field(default_factory=list)
 
     @property
     def total(self) -> int:
@@ -442,10 +470,23 @@ SELECT p.uuid, p.poster, p.target_function, p.entry_point, p.status,
        (SELECT count(*) FROM pdoflowd.daemons AS d
         WHERE d.stopped_at IS NULL AND p.requires <@ d.provides
           AND (cardinality(d.posters) = 0 OR p.poster = ANY(d.posters))),
-       p.idempotency_key, p.key_scope
+       p.idempotency_key, p.key_scope, c.held, p.on_failure,
+       p.cancel_reason,
+       ARRAY(SELECT u.uuid
+             FROM pdoflowd.posting_dependencies AS d
+             JOIN pdoflowd.postings AS u ON u.id = d.upstream_id
+             WHERE d.posting_id = p.id
+             ORDER BY u.id) AS after,
+       ARRAY(SELECT u.uuid
+             FROM pdoflowd.posting_dependencies AS d
+             JOIN pdoflowd.postings AS u ON u.id = d.upstream_id
+             WHERE d.posting_id = p.id
+               AND u.status NOT IN ('finished', 'errored_out', 'cancelled')
+             ORDER BY u.id) AS waiting_for
 FROM pdoflowd.postings AS p
 CROSS JOIN LATERAL (
-    SELECT count(*) FILTER (WHERE j.status = 'waiting') AS waiting,
+    SELECT count(*) FILTER (WHERE j.status = 'held') AS held,
+           count(*) FILTER (WHERE j.status = 'waiting') AS waiting,
            count(*) FILTER (WHERE j.status = 'executing') AS executing,
            count(*) FILTER (WHERE j.status = 'done') AS done,
            count(*) FILTER (WHERE j.status = 'errored_out') AS errored_out,
@@ -472,7 +513,13 @@ ORDER BY p.id DESC
 
 
 def _summary(row: Sequence[Any]) -> PostingSummary:
-    counts = dict(zip(JobStatus, (int(n) for n in row[11:15]), strict=True))
+    counts = {
+        JobStatus.HELD: int(row[20]),
+        JobStatus.WAITING: int(row[11]),
+        JobStatus.EXECUTING: int(row[12]),
+        JobStatus.DONE: int(row[13]),
+        JobStatus.ERRORED_OUT: int(row[14]),
+    }
     return PostingSummary(
         uuid=row[0],
         poster=row[1],
@@ -491,6 +538,10 @@ def _summary(row: Sequence[Any]) -> PostingSummary:
         claimable_by=int(row[17]),
         key=row[18],
         key_scope=row[19],
+        on_failure=row[21],
+        cancel_reason=row[22],
+        after=list(row[23]),
+        waiting_for=list(row[24]),
     )
 
 

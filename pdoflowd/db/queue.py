@@ -550,7 +550,8 @@ SELECT p.id FROM pdoflowd.postings AS p
 WHERE p.status = 'executing'
   AND NOT EXISTS (
       SELECT FROM pdoflowd.jobs AS j
-      WHERE j.posting_id = p.id AND j.status IN ('waiting', 'executing'))
+      WHERE j.posting_id = p.id
+        AND j.status IN ('held', 'waiting', 'executing'))
 LIMIT 1000
 """
 
