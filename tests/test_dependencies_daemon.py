@@ -5,6 +5,8 @@ release a race left undone."""
 
 from __future__ import annotations
 
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -153,3 +155,29 @@ def test_the_maintenance_releases_what_a_race_left_held(
     assert client.wait(downstream.id, timeout=30).status is (
         PostingStatus.FINISHED
     )
+
+
+def test_dependents_posted_while_their_upstream_drains_all_run(
+    client: Client,
+) -> None:
+    """Dependents posted from several threads before, during and after
+    their upstream posting's settle: none is left held."""
+    upstream = client.post("jobfns.noop", [[i] for i in range(300)])
+    made: list[uuid.UUID] = []
+
+    def post_some() -> None:
+        for _ in range(6):
+            posting = client.post("jobfns.noop", [[1]], after=[upstream])
+            made.append(posting.id)
+            time.sleep(0.02)
+
+    threads = [threading.Thread(target=post_some) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(made) == 24
+    for posting in made:
+        assert client.wait(posting, timeout=30).status is (
+            PostingStatus.FINISHED
+        )
