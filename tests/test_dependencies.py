@@ -465,6 +465,15 @@ def test_pdoflow_submit_after_status_and_graph(dsn: str) -> None:
         (root_id, mid_id, 2),
         (other, top_id, 1),
     ]
+    below = run_pdoflow(dsn, "graph", root_id)
+    assert below.stdout.splitlines()[-2:] == [
+        "waited for by",
+        f"  {mid_id}  executing  noop",
+    ]
+    shape = json.loads(run_pdoflow(dsn, "graph", mid_id, "--json").stdout)
+    assert shape["waited_for_by"] == [
+        {"id": top_id, "status": "executing", "target_function": "noop"}
+    ]
     bad = run_pdoflow(dsn, "submit", NOOP, "--after", "nope", stdin="[1]\n")
     assert bad.returncode != 0
     assert "not a posting id" in bad.stderr

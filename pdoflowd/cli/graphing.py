@@ -1,4 +1,5 @@
-"""The ``graph`` verb: the tree of postings a posting waits for.
+"""The ``graph`` verb: the tree of postings a posting waits for, and the
+postings that wait for it.
 
 Owns how the tree is drawn (one posting a line, under the posting that
 waits for it) and its ``--json`` form. Reading it is
@@ -62,6 +63,7 @@ def draw_tree(nodes: Sequence[GraphNode]) -> list[str]:
 
 def graph(client: Client, args: argparse.Namespace) -> int:
     nodes = client.graph(args.posting_id, depth=args.depth)
+    waiting = client.dependents(nodes[0].uuid)
     if args.json:
         print_json(
             {
@@ -79,9 +81,21 @@ def graph(client: Client, args: argparse.Namespace) -> int:
                     }
                     for n in nodes
                 ],
+                "waited_for_by": [
+                    {
+                        "id": str(ident),
+                        "status": status.value,
+                        "target_function": target,
+                    }
+                    for ident, status, target in waiting
+                ],
             }
         )
         return EXIT_OK
     for line in draw_tree(nodes):
         print(line)
+    if waiting:
+        print("waited for by")
+        for ident, status, target in waiting:
+            print(f"  {ident}  {status.value}  {target}")
     return EXIT_OK

@@ -284,6 +284,13 @@ class Client:
             raise KeyError(f"no posting {ident}")
         return nodes
 
+    def dependents(
+        self, posting_id: uuid.UUID | str
+    ) -> list[tuple[uuid.UUID, PostingStatus, str]]:
+        """The postings that wait for this one: (id, status, target)."""
+        with self.connect() as conn:
+            return dependencies.dependents(conn, as_uuid(posting_id))
+
     def wait(
         self,
         posting_id: uuid.UUID | str,
