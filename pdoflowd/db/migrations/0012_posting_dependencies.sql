@@ -248,8 +248,7 @@ SET enable_seqscan = off
 AS $$
 DECLARE
     locked bigint[];
-    ended bigint[];
-    statuses text[];
+    ended bigint[] := '{}';
 BEGIN
     SELECT coalesce(array_agg(l.id), '{}') INTO locked
     FROM (
@@ -258,7 +257,7 @@ BEGIN
         ORDER BY p.id
         FOR NO KEY UPDATE OF p SKIP LOCKED
     ) AS l;
-    WITH settled AS (
+    FOR posting, new_status IN
         UPDATE pdoflowd.postings AS p
         SET status = CASE WHEN c.errored >= error_threshold
                           THEN 'errored_out' ELSE 'finished' END,
@@ -279,15 +278,18 @@ BEGIN
         WHERE p.id = c.id
           AND (c.errored >= error_threshold OR NOT c.active)
         RETURNING p.id, p.status
-    )
-    SELECT coalesce(array_agg(s.id), '{}'), coalesce(array_agg(s.status), '{}')
-    INTO ended, statuses
-    FROM settled AS s;
-    -- Their dependents are decided in this transaction (and woken).
-    IF cardinality(ended) > 0 THEN
+    LOOP
+        ended := ended || posting;
+        RETURN NEXT;
+    END LOOP;
+    -- Their dependents are decided in this transaction (and woken). One
+    -- probe of an index first: most postings have none, and the call
+    -- costs more than the probe.
+    IF cardinality(ended) > 0 AND EXISTS (
+        SELECT FROM pdoflowd.posting_dependencies AS d
+        WHERE d.upstream_id = ANY(ended)) THEN
         PERFORM pdoflowd.follow_upstreams(ended);
     END IF;
-    RETURN QUERY SELECT * FROM unnest(ended, statuses);
 END
 $$;
 
