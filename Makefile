@@ -2,7 +2,7 @@
 #
 # Every target runs in a virtual environment, .venv, made with $(PYTHON) and
 # holding pdoflowd (editable) with its pinned development tools (the dev
-# extra of pyproject.toml); it is brought up to date whenever
+# extra of pyproject.toml) and the web console's stack (web); it is brought up to date whenever
 # pyproject.toml changes. Nothing is installed outside it.
 
 PYTHON ?= python3
@@ -31,7 +31,7 @@ help:
 
 $(INSTALLED): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(VENV_PYTHON) -m pip install --quiet --editable '.[dev,binary]'
+	$(VENV_PYTHON) -m pip install --quiet --editable '.[dev,binary,web]'
 	touch $@
 
 install-deps: $(INSTALLED)
