@@ -191,6 +191,9 @@ def _templates() -> Environment:
     env.filters["age"] = age_text
     env.filters["when"] = _when
     env.filters["pct"] = lambda v: f"{v:.0f}%"
+    # The end of a version 7 UUID: its start is a timestamp, alike for
+    # every job of a posting, its end random.
+    env.filters["short"] = lambda u: "\u2026" + str(u)[-12:]
     env.globals["version"] = __version__
     return env
 
@@ -394,7 +397,7 @@ class Console:
                 "row": r,
                 "percent": percent(r.ended, r.total),
                 "eta": None
-                if r.status.is_final
+                if r.status is not PostingStatus.EXECUTING
                 else eta_s(r.ended, r.total, r.age_s),
             }
             for r in rows
@@ -461,7 +464,7 @@ class Console:
             statuses=list(JobStatus),
             percent=percent(ended, summary.total),
             eta=None
-            if summary.status.is_final
+            if summary.status is not PostingStatus.EXECUTING
             else eta_s(ended, summary.total, elapsed),
             jobs=jobs,
             job_status=job_status,
@@ -474,7 +477,9 @@ class Console:
             profile=profile,
             runs=runs,
             did=_PAST.get(did),
-            can=_posting_actions(summary.status),
+            can=_posting_actions(
+                summary.status, summary.jobs[JobStatus.ERRORED_OUT]
+            ),
         )
 
     def results(self, request: Request, who: Identity) -> Response:
@@ -635,7 +640,7 @@ class Console:
                 ended = s.jobs[JobStatus.DONE] + s.jobs[JobStatus.ERRORED_OUT]
                 eta = (
                     None
-                    if s.status.is_final
+                    if s.status is not PostingStatus.EXECUTING
                     else eta_s(
                         ended, s.total, (now - s.created_at).total_seconds()
                     )
@@ -655,7 +660,7 @@ def _query(params: Mapping[str, str], page: int) -> str:
     return "?" + urllib.parse.urlencode({**params, "page": str(page)})
 
 
-def _posting_actions(status: PostingStatus) -> list[str]:
+def _posting_actions(status: PostingStatus, errored: int) -> list[str]:
     can = []
     if status is PostingStatus.EXECUTING:
         can.append("pause")
@@ -667,7 +672,8 @@ def _posting_actions(status: PostingStatus) -> list[str]:
         PostingStatus.ERRORED_OUT,
     ):
         can.append("cancel")
-    can.append("retry")
+    if errored:
+        can.append("retry")
     return can
 
 
