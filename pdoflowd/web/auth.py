@@ -1,8 +1,9 @@
 """Who may use the web console: the users file, passwords, CSRF tokens.
 
 Owns the users file (``name:role:hash`` a line, role ``admin`` or
-``viewer``), salted scrypt password hashes (:func:`hashlib.scrypt`, no
-extra dependency), reading HTTP basic credentials, and the tokens that
+``viewer``) and :class:`Users`, which reads it again when it changes;
+salted scrypt password hashes (:func:`hashlib.scrypt`, no extra
+dependency), reading HTTP basic credentials, and the tokens that
 tie an action's form to the user it was shown to. It must not know of
 HTTP frameworks, pages or the database.
 """
@@ -15,12 +16,14 @@ import hashlib
 import hmac
 import os
 import secrets
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = [
     "ROLES",
     "User",
+    "Users",
     "UsersFileError",
     "add_user",
     "basic_credentials",
@@ -41,6 +44,8 @@ _SCRYPT_N = 2**14
 _SCRYPT_R = 8
 _SCRYPT_P = 1
 _SALT_BYTES = 16
+# How long a checked password is trusted again without scrypt.
+_CREDENTIALS_KEPT_S = 300.0
 _HASH_BYTES = 32
 
 
@@ -181,3 +186,44 @@ def csrf_token(secret: bytes, user: str) -> str:
 
 def csrf_valid(secret: bytes, user: str, token: str) -> bool:
     return hmac.compare_digest(csrf_token(secret, user), token)
+
+
+class Users:
+    """The users file, read again when it changes; passwords checked once
+    per few minutes per user, not at every request (scrypt is slow on
+    purpose)."""
+
+    def __init__(self, path: Path, secret: bytes) -> None:
+        self.path = path
+        self.secret = secret
+        self.stamp: tuple[float, int] | None = None
+        self.users: dict[str, User] = {}
+        self.verified: dict[tuple[str, str], float] = {}
+
+    def _current(self) -> dict[str, User]:
+        try:
+            info = os.stat(self.path)
+        except OSError as exc:
+            raise UsersFileError(
+                f"cannot read {self.path}: {exc.strerror}"
+            ) from None
+        stamp = (info.st_mtime, info.st_size)
+        if stamp != self.stamp:
+            self.users = read_users(self.path)
+            self.stamp = stamp
+            self.verified.clear()
+        return self.users
+
+    def check(self, name: str, password: str) -> User | None:
+        user = self._current().get(name)
+        if user is None:
+            return None
+        # Kept as a MAC under the process's secret, never in the clear.
+        key = (name, csrf_token(self.secret, password))
+        now = time.monotonic()
+        if self.verified.get(key, 0.0) > now:
+            return user
+        if not verify_password(password, user.password_hash):
+            return None
+        self.verified[key] = now + _CREDENTIALS_KEPT_S
+        return user

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import re
+import urllib.parse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from uuid import UUID
@@ -23,10 +24,13 @@ __all__ = [
     "age_text",
     "bars",
     "eta_s",
+    "job_actions",
     "max_age_s",
     "one_of",
     "page_number",
+    "page_query",
     "percent",
+    "posting_actions",
     "text_filter",
     "uuid_of",
 ]
@@ -151,3 +155,32 @@ def bars(
 
 def counts_json(jobs: Mapping[JobStatus, int]) -> dict[str, int]:
     return {status.value: count for status, count in jobs.items()}
+
+
+def page_query(params: Mapping[str, str], page: int) -> str:
+    return "?" + urllib.parse.urlencode({**params, "page": str(page)})
+
+
+def posting_actions(status: PostingStatus, errored: int) -> list[str]:
+    can = []
+    if status is PostingStatus.EXECUTING:
+        can.append("pause")
+    if status in (PostingStatus.PAUSED, PostingStatus.ERRORED_OUT):
+        can.append("resume")
+    if status in (
+        PostingStatus.PAUSED,
+        PostingStatus.EXECUTING,
+        PostingStatus.ERRORED_OUT,
+    ):
+        can.append("cancel")
+    if errored:
+        can.append("retry")
+    return can
+
+
+def job_actions(job: JobStatus, posting: PostingStatus) -> list[str]:
+    if job in (JobStatus.WAITING, JobStatus.EXECUTING):
+        return ["cancel"]
+    if job is JobStatus.ERRORED_OUT and posting is not PostingStatus.CANCELLED:
+        return ["retry"]
+    return []

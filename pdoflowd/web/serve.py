@@ -36,7 +36,8 @@ from pdoflowd.exitcodes import (
     EXIT_USAGE,
 )
 from pdoflowd.web import auth
-from pdoflowd.web.app import ConsoleSettings, create_app
+from pdoflowd.web.app import create_app
+from pdoflowd.web.pages import ConsoleSettings
 
 __all__ = ["add_user", "connection_settings", "serve"]
 
