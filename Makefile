@@ -14,11 +14,12 @@ INSTALLED := $(VENV)/.installed
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 .DEFAULT_GOAL := help
-.PHONY: help install-deps demo test test-slow lint clean deb systemd-test \
+.PHONY: help install-deps demo demo-web test test-slow lint clean deb systemd-test \
 	bench bench-peers
 
 help:
 	@echo "make demo          start a throwaway PostgreSQL and pdoflowd, run a posting"
+	@echo "make demo-web      the demo, then keep it and its web console up"
 	@echo "make test          the test suite (pytest), but for its slowest tests"
 	@echo "make test-slow     the slowest tests: chaos, partitions, failover, ..."
 	@echo "make lint          ruff, mypy --strict, import contracts (lint-imports)"
@@ -38,6 +39,11 @@ install-deps: $(INSTALLED)
 
 demo: $(INSTALLED)
 	$(VENV_PYTHON) -m devtools.demo
+
+# The demo, then its daemon and web console stay up (with a paused posting
+# to resume from the console) until Ctrl-C.
+demo-web: $(INSTALLED)
+	$(VENV_PYTHON) -m devtools.demo --web
 
 # The suite but for the tests marked slow (chaos, partitions, failovers,
 # schedules over many periods): those run in make test-slow, and CI runs

@@ -79,6 +79,9 @@ class WebProcess:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
+                # A Ctrl-C at the terminal reaches only the caller, which
+                # stops the console with SIGTERM.
+                start_new_session=True,
             )
         deadline = time.monotonic() + timeout
         while True:
