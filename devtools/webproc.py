@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import signal
+import ssl
 import subprocess
 import time
 import urllib.error
@@ -48,11 +49,10 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
         return None
 
 
-_OPENER = urllib.request.build_opener(_NoRedirect)
-
-
 class WebProcess:
-    """One ``pdoflowd web --config F`` with its config and log in ``tmp``."""
+    """One ``pdoflowd web --config F`` with its config and log in ``tmp``;
+    with ``tls`` (the client's side: the server's CA, a client certificate)
+    it is asked over HTTPS."""
 
     def __init__(
         self,
@@ -61,13 +61,18 @@ class WebProcess:
         *,
         name: str = "web",
         env: Mapping[str, str] | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.config_path = write_config(tmp / f"{name}.toml", sections)
         self.log_path = tmp / f"{name}.log"
         self.env = checkout_environ()
         self.env.update(env or {})
         listen = str(sections.get("web", {}).get("listen", "127.0.0.1:9465"))
-        self.url = f"http://{listen}"
+        self.url = f"{'https' if tls else 'http'}://{listen}"
+        handlers: list[urllib.request.BaseHandler] = [_NoRedirect()]
+        if tls is not None:
+            handlers.append(urllib.request.HTTPSHandler(context=tls))
+        self.opener = urllib.request.build_opener(*handlers)
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = _START_TIMEOUT_S) -> WebProcess:
@@ -114,7 +119,7 @@ class WebProcess:
         timeout: float = 10.0,
     ) -> Answer:
         """One request; every status, 4xx and 5xx too, is an Answer."""
-        # Always this console's own http:// URL.
+        # Always this console's own http:// or https:// URL.
         request = urllib.request.Request(  # noqa: S310
             self.url + path, data=data, method=method
         )
@@ -123,7 +128,7 @@ class WebProcess:
         if auth is not None:
             request.add_header("Authorization", basic_header(*auth))
         try:
-            with _OPENER.open(request, timeout=timeout) as response:
+            with self.opener.open(request, timeout=timeout) as response:
                 return Answer(
                     response.status, dict(response.headers), response.read()
                 )

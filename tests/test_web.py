@@ -14,6 +14,7 @@ import re
 import subprocess
 import time
 import urllib.parse
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -615,3 +616,79 @@ def test_add_user_writes_salted_hashes_and_usage_errors_exit_64(
     )
     assert empty.returncode == 64
     assert "password is empty" in empty.stderr
+
+
+def test_tls_with_client_certificates_admits_only_the_cas_clients(
+    module_dsn: str, tmp_path: Path
+) -> None:
+    import ssl
+    import urllib.error
+
+    from test_metrics import _pki_with_cryptography, client_context
+
+    pytest.importorskip("cryptography")
+    pki = _pki_with_cryptography(tmp_path)
+    sections = web_sections(
+        module_dsn,
+        tmp_path,
+        tls_cert_file=str(pki.server_cert),
+        tls_key_file=str(pki.server_key),
+        tls_client_ca_file=str(pki.client_ca),
+    )
+    listen = sections["web"]["listen"]
+    console = WebProcess(
+        tmp_path, sections, tls=client_context(pki, pki.client_cert)
+    ).start()
+    try:
+        assert console.url.startswith("https://")
+        page = console.get("/")
+        assert page.status == 200
+        assert "client-certificate" in page.text
+        for context in (
+            client_context(pki),
+            client_context(pki, pki.stranger_cert),
+        ):
+            opener = urllib.request.build_opener(
+                urllib.request.HTTPSHandler(context=context)
+            )
+            with pytest.raises((urllib.error.URLError, ssl.SSLError, OSError)):
+                opener.open(f"https://{listen}/", timeout=10).read()
+        with pytest.raises((urllib.error.URLError, OSError)):
+            urllib.request.urlopen(f"http://{listen}/", timeout=10).read()
+    finally:
+        console.stop()
+
+
+def test_sigterm_stops_the_console_at_once_with_a_stream_open(
+    module_dsn: str, tmp_path: Path, client: Client
+) -> None:
+    import threading
+
+    console = WebProcess(tmp_path, web_sections(module_dsn, tmp_path)).start()
+    posting = client.post("jobfns.noop", [[1]], paused=True)
+    opened = threading.Event()
+
+    def follow() -> None:
+        url = f"{console.url}/events?posting={posting.id}"
+        try:
+            with urllib.request.urlopen(url, timeout=30) as stream:
+                stream.readline()
+                opened.set()
+                stream.read()
+        except OSError:
+            pass
+
+    reader = threading.Thread(target=follow, daemon=True)
+    reader.start()
+    try:
+        assert opened.wait(10)
+        assert console.proc is not None
+        started = time.monotonic()
+        console.proc.terminate()
+        console.proc.wait(20)
+        took = time.monotonic() - started
+        assert took < 5, took
+    finally:
+        console.stop()
+        client.cancel(posting.id)
+        reader.join(5)

@@ -39,6 +39,7 @@ _STATIC = {
 }
 _MAX_FORM_BYTES = 4096
 _MAX_STREAMED_POSTINGS = 100
+_STOP_POLL_S = 0.25
 
 
 def _same_origin(request: Request) -> bool:
@@ -137,7 +138,15 @@ def create_app(settings: ConsoleSettings) -> Starlette:
                 if now and all(p["final"] for p in now.values()):
                     yield "event: end\ndata: {}\n\n"
                     return
-                await asyncio.sleep(settings.refresh_s)
+                # A stream open at shutdown would hold the server up:
+                # look for it often, and end the stream then.
+                slept = 0.0
+                while slept < settings.refresh_s:
+                    if settings.stopping():
+                        return
+                    step = min(_STOP_POLL_S, settings.refresh_s - slept)
+                    await asyncio.sleep(step)
+                    slept += step
                 quiet += settings.refresh_s
 
         return StreamingResponse(

@@ -104,7 +104,8 @@ class ConsoleSettings:
 
     ``connect`` opens a new connection; ``users_file`` None means no
     login (only allowed on loopback, or with client certificates);
-    ``client_certificates`` says the TLS layer verified one.
+    ``client_certificates`` says the TLS layer verified one;
+    ``stopping`` says the server is shutting down (live streams end).
     """
 
     connect: Callable[[], Connection]
@@ -114,6 +115,7 @@ class ConsoleSettings:
     refresh_s: float = 2.0
     statement_timeout_s: float = 5.0
     secret: bytes = field(default_factory=lambda: secrets.token_bytes(32))
+    stopping: Callable[[], bool] = lambda: False
 
 
 @dataclass(frozen=True)
@@ -181,7 +183,12 @@ class Console:
             request.headers.get("authorization")
         )
         if self.users is None:
-            return Identity("anonymous", admin=False, logged_in=False)
+            name = (
+                "client-certificate"
+                if self.settings.client_certificates
+                else "anonymous"
+            )
+            return Identity(name, admin=False, logged_in=False)
         if credentials is not None:
             try:
                 user = self.users.check(*credentials)

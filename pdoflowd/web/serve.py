@@ -111,6 +111,11 @@ def serve(config: Config, environ: Mapping[str, str]) -> int:
     def connect() -> Connection:
         return psycopg.connect(**kwargs)
 
+    server: uvicorn.Server | None = None
+
+    def stopping() -> bool:
+        return server is not None and server.should_exit
+
     settings = ConsoleSettings(
         connect=connect,
         users_file=web.users_file,
@@ -118,6 +123,7 @@ def serve(config: Config, environ: Mapping[str, str]) -> int:
         allow_actions=web.allow_actions,
         refresh_s=web.refresh_s,
         statement_timeout_s=config.database.statement_timeout_s,
+        stopping=stopping,
     )
     scheme = "https" if web.tls_cert_file is not None else "http"
     log.info(
