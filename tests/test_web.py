@@ -35,15 +35,22 @@ FORM = {"Content-Type": "application/x-www-form-urlencoded"}
 
 
 def add_user(config: Path, name: str, password: str, *, admin: bool) -> None:
+    """``pdoflowd web --add-user`` in this process (a subprocess costs
+    seconds here; the command line itself is run as one below)."""
+    import contextlib
+    import io
+    import sys
+
+    from pdoflowd.daemon.command import main
+
     args = ["web", "--config", str(config), "--add-user", name]
-    result = subprocess.run(
-        [*_pdoflowd(), *args, *(["--admin"] if admin else [])],
-        input=password + "\n",
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    assert result.returncode == 0, result.stderr
+    saved = sys.stdin
+    sys.stdin = io.StringIO(password + "\n")
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            assert main([*args, *(["--admin"] if admin else [])]) == 0
+    finally:
+        sys.stdin = saved
 
 
 def _pdoflowd() -> list[str]:
@@ -395,7 +402,7 @@ def test_the_event_stream_checks_its_postings(web: WebProcess) -> None:
 def test_an_admin_pauses_and_resumes_a_posting_and_it_is_logged(
     web: WebProcess, client: Client, daemon: Daemon
 ) -> None:
-    posting = client.post("jobfns.sleep", [[0.2]] * 40, tries=1)
+    posting = client.post("jobfns.sleep", [[0.1]] * 40, tries=1)
     paused = act(web, "posting", posting.id, "pause")
     assert paused.status == 303
     assert paused.headers["location"] == f"/postings/{posting.id}?did=pause"
@@ -600,13 +607,9 @@ def test_add_user_writes_salted_hashes_and_usage_errors_exit_64(
     assert lines[0].split(":")[2] != lines[1].split(":")[2]
     assert "same" not in users.read_text()
     assert users.stat().st_mode & 0o777 == 0o640
-    lonely = subprocess.run(
-        [*_pdoflowd(), "web", "--config", str(config), "--admin"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    assert lonely.returncode == 64
+    from pdoflowd.daemon.command import main
+
+    assert main(["web", "--config", str(config), "--admin"]) == 64
     empty = subprocess.run(
         [*_pdoflowd(), "web", "--config", str(config), "--add-user", "eve"],
         input="\n",

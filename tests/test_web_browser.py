@@ -31,11 +31,16 @@ CHROMEDRIVER = Path("/usr/bin/chromedriver")
 ADMIN = ("ada", "ada-secret")
 WINDOW = (1100, 820)
 
-pytestmark = pytest.mark.skipif(
-    not CHROMIUM.exists(),
-    reason="CHROMIUM MISSING: the browser test needs Debian's chromium and"
-    " chromium-driver (apt-get install chromium chromium-driver)",
-)
+# A browser and a console take 15 to 20 s here: make test-slow (and CI)
+# runs this, make test leaves it out.
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not CHROMIUM.exists(),
+        reason="CHROMIUM MISSING: the browser test needs Debian's chromium"
+        " and chromium-driver (apt-get install chromium chromium-driver)",
+    ),
+]
 
 
 @pytest.fixture(scope="module")
