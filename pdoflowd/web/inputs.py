@@ -117,7 +117,7 @@ def eta_s(ended: int, total: int, elapsed_s: float) -> float | None:
 def age_text(seconds: float | None) -> str:
     """A duration as a person reads it: 4 s, 3 min 20 s, 2 h 5 min, 3 d 4 h."""
     if seconds is None or math.isnan(seconds):
-        return "-"
+        return "\u2013"
     s = max(0, round(seconds))
     if s < 60:
         return f"{s} s"

@@ -129,6 +129,10 @@ class Identity:
 
 
 class Refused(Exception):
+    """A request the console answers with ``status`` and a sentence, never
+    a traceback: not logged in (401), not allowed (403), not found (404),
+    in conflict (409), the database unavailable (503)."""
+
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
@@ -154,7 +158,7 @@ def _templates() -> Environment:
 
 def _when(moment: dt.datetime | None) -> str:
     if moment is None:
-        return "-"
+        return "\u2013"
     return moment.astimezone(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
