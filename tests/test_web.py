@@ -84,9 +84,10 @@ def module_dsn(pg_server: Any, pdoflowd_template: str) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def daemon(module_dsn: str, tmp_module: Path) -> Iterator[Daemon]:
-    running = Daemon(
-        tmp_module, daemon_config(module_dsn), effects_dsn=module_dsn
-    )
+    # Every job profiled, for the posting page's profile section.
+    jobs = {"allowed_modules": ["jobfns", "featurejobs"]}
+    config = daemon_config(module_dsn, jobs={**jobs, "profile_sample_rate": 1})
+    running = Daemon(tmp_module, config, effects_dsn=module_dsn)
     running.start().wait_ready()
     try:
         yield running
@@ -355,6 +356,28 @@ def test_a_job_page_shows_arguments_error_traceback_timings_and_host(
     for timing in ("Queued", "Claimed", "Started", "Finished"):
         assert f"<dt>{timing}</dt><dd>20" in page, timing
     assert f"daemon pid {daemon.pid}" in page
+
+
+def test_a_job_page_shows_each_attempts_output(
+    web: WebProcess, client: Client
+) -> None:
+    posting = client.post("featurejobs.print_lines", [[3, "to stderr"]])
+    client.wait(posting.id, timeout=60)
+    page = web.get(f"/jobs/{posting.job_ids[0]}", auth=VIEWER).text
+    output = page.split('<pre class="output">')[1].split("</pre>")[0]
+    assert "line 0000000" in output and "line 0000002" in output
+    assert "to stderr" in output
+    assert "Attempt 1" in page
+
+
+def test_a_posting_page_shows_the_profile_of_its_sampled_jobs(
+    web: WebProcess, finished: uuid.UUID
+) -> None:
+    page = web.get(f"/postings/{finished}", auth=VIEWER).text
+    assert 'id="profile"' in page
+    profile = page.split('id="profile"')[1].split("</table>")[0]
+    assert "<td>noop</td>" in profile
+    assert "jobfns.py:" in profile
 
 
 # ------------------------------------------------------------ live
