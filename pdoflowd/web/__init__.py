@@ -6,7 +6,9 @@ the overview, postings, a posting's and a job's pages, and (with
 
 - :mod:`~pdoflowd.web.serve`: the process (config, database check, TLS,
   uvicorn) and ``--add-user``;
-- :mod:`~pdoflowd.web.app`: routes, login, pages, actions, live events;
+- :mod:`~pdoflowd.web.app`: routes, forms, live events, static files;
+- :mod:`~pdoflowd.web.pages`: login, the pages and their reads;
+- :mod:`~pdoflowd.web.actions`: confirmed actions and their audit line;
 - :mod:`~pdoflowd.web.auth`: the users file, password hashes, CSRF tokens;
 - :mod:`~pdoflowd.web.inputs`: input checks and the pages' arithmetic.
 

@@ -25,6 +25,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
+from pdoflowd.web import actions
 from pdoflowd.web.inputs import BadInput, uuid_of
 from pdoflowd.web.pages import HEADERS, Console, ConsoleSettings, Refused
 
@@ -90,7 +91,9 @@ def create_app(settings: ConsoleSettings) -> Starlette:
             except (UnicodeDecodeError, ValueError):
                 raise BadInput("the form is not url-encoded") from None
             form = dict(pairs)
-            return await run_in_threadpool(c.act, kind, request, who, form)
+            return await run_in_threadpool(
+                actions.act, c, kind, request, who, form
+            )
         except BadInput as exc:
             return c.refused(request, Refused(400, str(exc)))
         except Refused as exc:
@@ -176,11 +179,11 @@ def create_app(settings: ConsoleSettings) -> Starlette:
         Route("/jobs/{job}", c.handler(c.job)),
         Route(
             "/postings/{ident}/confirm",
-            c.handler(functools.partial(c.confirm, "posting")),
+            c.handler(functools.partial(actions.confirm, c, "posting")),
         ),
         Route(
             "/jobs/{ident}/confirm",
-            c.handler(functools.partial(c.confirm, "job")),
+            c.handler(functools.partial(actions.confirm, c, "job")),
         ),
         Route(
             "/postings/{ident}/action",

@@ -8,13 +8,18 @@ bars, ages as text. It must not touch HTTP objects or the database.
 
 from __future__ import annotations
 
+import contextlib
+import datetime as dt
+import json
 import math
 import re
 import urllib.parse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 from uuid import UUID
 
+from pdoflowd.arguments import decode
 from pdoflowd.status import JobStatus, PostingStatus
 
 __all__ = [
@@ -33,6 +38,8 @@ __all__ = [
     "posting_actions",
     "text_filter",
     "uuid_of",
+    "value_text",
+    "when_text",
 ]
 
 PAGE_SIZE = 50
@@ -184,3 +191,18 @@ def job_actions(job: JobStatus, posting: PostingStatus) -> list[str]:
     if job is JobStatus.ERRORED_OUT and posting is not PostingStatus.CANCELLED:
         return ["retry"]
     return []
+
+
+def when_text(moment: dt.datetime | None) -> str:
+    """A moment in UTC, to the second; a dash for none."""
+    if moment is None:
+        return "\u2013"
+    return moment.astimezone(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def value_text(value: Any) -> str:
+    """A stored JSON value (arguments, a result, a shared variable) as the
+    poster gave it, indented; as stored when it is not a tagged value."""
+    with contextlib.suppress(ValueError):
+        value = decode(value)
+    return json.dumps(value, indent=2, default=repr, ensure_ascii=False)

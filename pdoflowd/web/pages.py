@@ -21,7 +21,6 @@ import secrets
 from collections.abc import (
     Callable,
     Iterator,
-    Mapping,
 )
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,12 +33,10 @@ from psycopg import errors
 from starlette.requests import Request
 from starlette.responses import (
     HTMLResponse,
-    RedirectResponse,
     Response,
 )
 
 from pdoflowd import __version__
-from pdoflowd.arguments import decode
 from pdoflowd.db import console, postings, singlejob, upkeep
 from pdoflowd.db import shared as dbshared
 from pdoflowd.db.common import Connection
@@ -61,24 +58,21 @@ from pdoflowd.web.inputs import (
     posting_actions,
     text_filter,
     uuid_of,
+    value_text,
+    when_text,
 )
 
 __all__ = [
     "HEADERS",
-    "JOB_ACTIONS",
-    "POSTING_ACTIONS",
     "Console",
     "ConsoleSettings",
     "Identity",
     "Refused",
 ]
 
-audit = logging.getLogger("pdoflowd.web.audit")
 log = logging.getLogger("pdoflowd.web")
 
 HERE = Path(__file__).resolve().parent
-POSTING_ACTIONS = ("pause", "resume", "cancel", "retry")
-JOB_ACTIONS = singlejob.JOB_ACTIONS
 _PAST = {
     "pause": "paused",
     "resume": "resumed",
@@ -147,25 +141,13 @@ def _templates() -> Environment:
         lstrip_blocks=True,
     )
     env.filters["age"] = age_text
-    env.filters["when"] = _when
+    env.filters["when"] = when_text
     env.filters["pct"] = lambda v: f"{v:.0f}%"
     # The end of a version 7 UUID: its start is a timestamp, alike for
     # every job of a posting, its end random.
     env.filters["short"] = lambda u: "\u2026" + str(u)[-12:]
     env.globals["version"] = __version__
     return env
-
-
-def _when(moment: dt.datetime | None) -> str:
-    if moment is None:
-        return "\u2013"
-    return moment.astimezone(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
-
-
-def _shown(value: Any) -> str:
-    with contextlib.suppress(ValueError):
-        value = decode(value)
-    return json.dumps(value, indent=2, default=repr, ensure_ascii=False)
 
 
 class Console:
@@ -439,7 +421,7 @@ class Console:
             previous=page_query(kept, page - 1) if page > 1 else None,
             next=page_query(kept, page + 1) if page < pages else None,
             failures=failures,
-            shared={k: _shown(v) for k, v in (shared or {}).items()},
+            shared={k: value_text(v) for k, v in (shared or {}).items()},
             profile=profile,
             runs=runs,
             did=_PAST.get(did),
@@ -499,98 +481,14 @@ class Console:
             who,
             "job.html",
             j=details,
-            posargs=_shown(details.posargs),
-            kwargs=_shown(details.kwargs),
-            result=_shown(details.result) if details.result_stored else None,
+            posargs=value_text(details.posargs),
+            kwargs=value_text(details.kwargs),
+            result=(
+                value_text(details.result) if details.result_stored else None
+            ),
             output=output,
             did=_PAST.get(did),
             can=job_actions(details.status, details.posting_status),
-        )
-
-    # ---------------------------------------------------------- actions
-
-    def _admin(self, who: Identity) -> None:
-        if not self.settings.allow_actions:
-            raise Refused(403, "actions are off: set web.allow_actions = true")
-        if not (who.logged_in and who.admin):
-            raise Refused(
-                403, "actions need a logged-in admin user of web.users_file"
-            )
-
-    def confirm(self, kind: str, request: Request, who: Identity) -> Response:
-        ident = uuid_of(request.path_params["ident"], kind)
-        action = request.query_params.get("action", "")
-        allowed = POSTING_ACTIONS if kind == "posting" else JOB_ACTIONS
-        if action not in allowed:
-            raise BadInput(
-                f"action must be one of {', '.join(allowed)},"
-                f" got {action[:20]!r}"
-            )
-        self._admin(who)
-        return self.page(
-            request,
-            who,
-            "confirm.html",
-            kind=kind,
-            ident=ident,
-            action=action,
-            target=f"/{kind}s/{ident}",
-            token=auth.csrf_token(self.settings.secret, who.name),
-        )
-
-    def act(
-        self,
-        kind: str,
-        request: Request,
-        who: Identity,
-        form: Mapping[str, str],
-    ) -> Response:
-        ident = uuid_of(request.path_params["ident"], kind)
-        self._admin(who)
-        if not auth.csrf_valid(
-            self.settings.secret, who.name, form.get("csrf", "")
-        ):
-            raise Refused(
-                403,
-                "the form's token is not valid: reload the page and confirm",
-            )
-        action = form.get("action", "")
-        allowed = POSTING_ACTIONS if kind == "posting" else JOB_ACTIONS
-        if action not in allowed:
-            raise BadInput(
-                f"action must be one of {', '.join(allowed)},"
-                f" got {action[:20]!r}"
-            )
-        with self.connection() as conn:
-            try:
-                if kind == "posting":
-                    new, changed = postings.control_posting(conn, ident, action)
-                    outcome = f"now {new.value}, {changed} jobs changed"
-                else:
-                    job_new, posting_new = singlejob.control_job(
-                        conn, ident, action
-                    )
-                    outcome = (
-                        f"now {job_new.value}, posting {posting_new.value}"
-                    )
-            except errors.NoDataFound:
-                raise Refused(404, f"no {kind} {ident}") from None
-            except errors.ObjectNotInPrerequisiteState as exc:
-                raise Refused(
-                    409, exc.diag.message_primary or str(exc)
-                ) from None
-        host = request.client.host if request.client else "?"
-        audit.info(
-            "web action: user %s from %s: %s %s %s: %s",
-            who.name,
-            host,
-            action,
-            kind,
-            ident,
-            outcome,
-        )
-        return RedirectResponse(
-            f"/{kind}s/{ident}?did={action}", status_code=303, headers=HEADERS
         )
 
     # ---------------------------------------------------------- live
