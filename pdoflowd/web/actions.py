@@ -42,6 +42,8 @@ def _admin(console: Console, who: Identity) -> None:
 def confirm(
     console: Console, kind: str, request: Request, who: Identity
 ) -> Response:
+    """The page that asks an admin to confirm ``?action=`` on a posting
+    or a job (``kind``), with the form that does it."""
     ident = uuid_of(request.path_params["ident"], kind)
     action = request.query_params.get("action", "")
     allowed = POSTING_ACTIONS if kind == "posting" else JOB_ACTIONS
@@ -69,6 +71,8 @@ def act(
     who: Identity,
     form: Mapping[str, str],
 ) -> Response:
+    """Do the confirmed action, log who did it, and send the browser back
+    to the page of what changed (303)."""
     ident = uuid_of(request.path_params["ident"], kind)
     _admin(console, who)
     if not auth.csrf_valid(
