@@ -2,7 +2,7 @@
 #
 # Every target runs in a virtual environment, .venv, made with $(PYTHON) and
 # holding pdoflowd (editable) with its pinned development tools (the dev
-# extra of pyproject.toml); it is brought up to date whenever
+# extra of pyproject.toml) and the web console's stack (web); it is brought up to date whenever
 # pyproject.toml changes. Nothing is installed outside it.
 
 PYTHON ?= python3
@@ -14,11 +14,12 @@ INSTALLED := $(VENV)/.installed
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 .DEFAULT_GOAL := help
-.PHONY: help install-deps demo test test-slow lint clean deb systemd-test \
+.PHONY: help install-deps demo demo-web test test-slow lint clean deb systemd-test \
 	bench bench-peers
 
 help:
 	@echo "make demo          start a throwaway PostgreSQL and pdoflowd, run a posting"
+	@echo "make demo-web      the demo, then keep it and its web console up"
 	@echo "make test          the test suite (pytest), but for its slowest tests"
 	@echo "make test-slow     the slowest tests: chaos, partitions, failover, ..."
 	@echo "make lint          ruff, mypy --strict, import contracts (lint-imports)"
@@ -31,13 +32,18 @@ help:
 
 $(INSTALLED): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(VENV_PYTHON) -m pip install --quiet --editable '.[dev,binary]'
+	$(VENV_PYTHON) -m pip install --quiet --editable '.[dev,binary,web]'
 	touch $@
 
 install-deps: $(INSTALLED)
 
 demo: $(INSTALLED)
 	$(VENV_PYTHON) -m devtools.demo
+
+# The demo, then its daemon and web console stay up (with a paused posting
+# to resume from the console) until Ctrl-C.
+demo-web: $(INSTALLED)
+	$(VENV_PYTHON) -m devtools.demo --web
 
 # The suite but for the tests marked slow (chaos, partitions, failovers,
 # schedules over many periods): those run in make test-slow, and CI runs

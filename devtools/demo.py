@@ -5,7 +5,9 @@ prints (its job is :func:`devtools.demojob.render_frame`): a throwaway
 PostgreSQL, a config, ``pdoflowd migrate``, ``pdoflowd run`` as a
 subprocess (ready when it says READY=1 on a notify socket, as it would to
 systemd), a posting of a few hundred jobs followed until it is finished,
-and a stop with SIGTERM. It
+and a stop with SIGTERM; ``pdoflowd web`` runs beside it, its URL printed
+(``--web``, behind ``make demo-web``: kept up with the daemon and a
+paused posting to resume from the console, until Ctrl-C). It
 removes everything it made, on success, error or Ctrl-C alike. Nothing in
 the daemon imports it; it must not reach past the client into the queue.
 """
@@ -34,6 +36,7 @@ from devtools.daemonproc import (
     write_config,
 )
 from devtools.devcluster import LocalCluster, free_port
+from devtools.webproc import WebProcess
 from pdoflowd.client import Client, PostingState, WaitTimeout
 from pdoflowd.status import JobStatus
 
@@ -53,6 +56,8 @@ _POSTING_TIMEOUT_S = 40.0
 _STOP_TIMEOUT_S = 15.0
 _PROGRESS_INTERVAL_S = 0.5
 _DATABASE = "pdoflowd_demo"
+# The console's one user, an admin, for the demo only.
+WEB_USER = ("demo", "demo")
 
 _print_lock = threading.Lock()
 
@@ -269,10 +274,68 @@ def _post_and_follow(dsn: str, marks_dir: Path) -> PostingState:
     return state
 
 
+def _start_web(base_dir: Path, dsn: str) -> WebProcess:
+    """``pdoflowd web`` on a free loopback port, with one admin user."""
+    sections = {
+        "database": {"dsn": dsn},
+        "web": {
+            "listen": f"127.0.0.1:{free_port()}",
+            "users_file": str(base_dir / "web-users"),
+            "allow_actions": True,
+            "refresh_s": 1.0,
+        },
+    }
+    web = WebProcess(base_dir, sections)
+    added = subprocess.run(
+        pdoflowd_command(
+            "web",
+            "--config",
+            str(web.config_path),
+            "--add-user",
+            WEB_USER[0],
+            "--admin",
+        ),
+        input=f"{WEB_USER[1]}\n".encode(),
+        capture_output=True,
+        env=checkout_environ(),
+        check=False,
+        timeout=60,
+    )
+    if added.returncode != 0:
+        raise DemoError(f"pdoflowd web --add-user: {added.stderr.decode()}")
+    try:
+        web.start()
+    except RuntimeError as exc:
+        raise DemoError(str(exc)) from None
+    return web
+
+
+def _keep_up(dsn: str, web: WebProcess, marks_dir: Path) -> None:
+    """Post a paused posting and wait for Ctrl-C, the console up."""
+    posting = Client(dsn).post(
+        ENTRY_POINT,
+        [[frame, SIGMA] for frame in range(FRAMES)],
+        [{"marks_dir": str(marks_dir)}] * FRAMES,
+        tries=TRIES,
+        paused=True,
+    )
+    _step(
+        f"the web console stays up at {web.url}/ (user {WEB_USER[0]},"
+        f" password {WEB_USER[1]}): posting {posting.id} waits, paused,"
+        " for you to resume it there. Ctrl-C ends the demo."
+    )
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        _say("")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the demo; 0 when every job is done and the daemon exited 0."""
-    if argv:
-        print("usage: python -m devtools.demo", file=sys.stderr)
+    keep_web = list(argv or []) == ["--web"]
+    if argv and not keep_web:
+        print("usage: python -m devtools.demo [--web]", file=sys.stderr)
         return 2
     begun = time.monotonic()
     _say(
@@ -282,6 +345,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     base_dir = Path(tempfile.mkdtemp(prefix="pdoflowd-demo-"))
     cluster: LocalCluster | None = None
     daemon: _Daemon | None = None
+    web: WebProcess | None = None
     try:
         cluster = LocalCluster(base_dir / "pg")
         _step(
@@ -310,11 +374,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         waited = time.monotonic() - started
         _step(f"ready after {waited:.1f} s (pid {pid}): {status}")
 
+        web = _start_web(base_dir, dsn)
+        _step(
+            f"pdoflowd web: the console is at {web.url}/ while the demo"
+            f" runs (user {WEB_USER[0]}, password {WEB_USER[1]})"
+        )
+
         marks_dir = base_dir / "marks"
         marks_dir.mkdir()
         state = _post_and_follow(dsn, marks_dir)
 
         _show_metrics(metrics_port)
+        if keep_web:
+            _keep_up(dsn, web, marks_dir)
+        _step("stopping pdoflowd web with SIGTERM")
+        web.stop()
 
         _step("stopping pdoflowd with SIGTERM")
         code = daemon.stop()
@@ -328,6 +402,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Clean up even after a second Ctrl-C; every step has a time limit.
         previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
         try:
+            if web is not None:
+                web.stop()
             if daemon is not None:
                 daemon.close()
             if cluster is not None:

@@ -29,6 +29,7 @@ from pdoflowd.config import (
     JobsConfig,
     MetricsConfig,
     RetentionConfig,
+    WebConfig,
     WorkersConfig,
     connection_kwargs,
     load,
@@ -48,6 +49,7 @@ SECTIONS = {
     "metrics": MetricsConfig,
     "daemon": DaemonConfig,
     "retention": RetentionConfig,
+    "web": WebConfig,
 }
 
 

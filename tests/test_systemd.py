@@ -46,6 +46,7 @@ from pdoflowd.db.migrate import upgrade
 from pdoflowd.status import PostingStatus
 
 UNIT = REPO_ROOT / "systemd" / "pdoflowd.service"
+WEB_UNIT = REPO_ROOT / "systemd" / "pdoflowd-web.service"
 NOTIFY_RELOAD = REPO_ROOT / "systemd" / "notify-reload.conf"
 SYSUSERS = REPO_ROOT / "packaging" / "sysusers.d" / "pdoflowd.conf"
 TMPFILES = REPO_ROOT / "packaging" / "tmpfiles.d" / "pdoflowd.conf"
@@ -127,6 +128,7 @@ def verify_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
         stand_in.chmod(0o755)
     (root / "etc/systemd/system").mkdir(parents=True)
     shutil.copy(UNIT, root / "etc/systemd/system/pdoflowd.service")
+    shutil.copy(WEB_UNIT, root / "etc/systemd/system/pdoflowd-web.service")
     return root
 
 
@@ -343,6 +345,75 @@ DEBIAN_PACKAGES = {
     "prometheus-client": "python3-prometheus-client",
     "croniter": "python3-croniter",
 }
+
+
+# ------------------------------------------------------------ the web unit
+
+
+@needs_systemd_analyze
+def test_web_unit_verifies_and_is_as_hardened_as_the_daemon(
+    verify_root: Path, unit: dict[str, list[str]]
+) -> None:
+    done = analyze(
+        "verify", "--man=no", f"--root={verify_root}", "pdoflowd-web.service"
+    )
+    assert done.stderr == ""
+    security = analyze(
+        "security", "--offline=true", "--no-pager", str(WEB_UNIT)
+    )
+    match = re.search(
+        r"Overall exposure level for \S+: (\d+\.\d+)", security.stdout
+    )
+    assert match is not None, security.stdout + security.stderr
+    assert float(match[1]) <= MAX_EXPOSURE, security.stdout
+    web = directives(WEB_UNIT)
+    sandbox = [
+        key
+        for key in unit
+        if key.startswith(
+            ("Service.Protect", "Service.Private", "Service.Restrict")
+        )
+        or key
+        in (
+            "Service.NoNewPrivileges",
+            "Service.CapabilityBoundingSet",
+            "Service.SystemCallFilter",
+            "Service.MemoryDenyWriteExecute",
+            "Service.User",
+        )
+    ]
+    for key in sandbox:
+        assert web.get(key) == unit[key], key
+
+
+def test_web_unit_runs_the_console_and_is_installed_but_not_enabled() -> None:
+    web = directives(WEB_UNIT)
+    assert one(web, "Service.ExecStart") == (
+        "/usr/bin/pdoflowd web --config /etc/pdoflowd/pdoflowd.toml"
+    )
+    assert one(web, "Service.Type") == "exec"
+    assert "78" in one(web, "Service.RestartPreventExitStatus").split()
+    install = (CONTROL.parent / "pdoflowd.install").read_text()
+    assert "systemd/pdoflowd-web.service lib/systemd/system/" in install
+    rules = (CONTROL.parent / "rules").read_text()
+    assert re.search(
+        r"dh_installsystemd --no-enable --no-start[^\n]*\\\n"
+        r"\s*pdoflowd-web.service",
+        rules,
+    )
+
+
+def test_package_recommends_the_web_consoles_stack() -> None:
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:
+        import tomli as tomllib
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
+    control = CONTROL.read_text()
+    recommends = control.split("Recommends:")[1].split("Description:")[0]
+    for requirement in project["project"]["optional-dependencies"]["web"]:
+        name = re.split(r"[<>=!~ \[]", requirement, maxsplit=1)[0].lower()
+        assert f"python3-{name}" in recommends, name
 
 
 def test_package_depends_on_the_debian_package_of_every_dependency() -> None:

@@ -38,6 +38,7 @@ from pdoflowd.config.schema import (
     MetricsConfig,
     RetentionConfig,
     ScheduleConfig,
+    WebConfig,
     WorkersConfig,
 )
 
@@ -55,6 +56,7 @@ __all__ = [
     "MetricsConfig",
     "RetentionConfig",
     "ScheduleConfig",
+    "WebConfig",
     "WorkersConfig",
     "connection_kwargs",
     "dsn_problems",

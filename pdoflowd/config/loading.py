@@ -11,6 +11,7 @@ or exit, nor quote a value that may hold a password.
 """
 
 import difflib
+import ipaddress
 import math
 import re
 import sys
@@ -309,6 +310,7 @@ def _cross_problems(
                 yield ConfigProblem(
                     f"metrics.{name}", "needs metrics.tls_cert_file"
                 )
+    yield from _web_problems(config, accepted)
     retention = config.retention
     if (
         accepted(
@@ -334,6 +336,47 @@ def _cross_problems(
             "jobs.retry_delay_max_s",
             f"must be at least jobs.retry_delay_s ({base}),"
             f" got {number_text(jobs.retry_delay_max_s)}",
+        )
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _web_problems(
+    config: Config, accepted: Callable[..., bool]
+) -> Iterator[ConfigProblem]:
+    web = config.web
+    if web.tls_cert_file is None:
+        for name in ("tls_key_file", "tls_client_ca_file"):
+            if getattr(web, name) is not None:
+                yield ConfigProblem(f"web.{name}", "needs web.tls_cert_file")
+    if (
+        accepted("web.listen", "web.tls_cert_file", "web.insecure_listen")
+        and web.tls_cert_file is None
+        and not web.insecure_listen
+        and not _is_loopback(web.host)
+    ):
+        yield ConfigProblem(
+            "web.listen",
+            f"{web.listen!r} is beyond loopback: set web.tls_cert_file"
+            " (and web.tls_key_file), or web.insecure_listen = true",
+        )
+    if (
+        accepted("web.listen")
+        and web.users_file is None
+        and web.tls_client_ca_file is None
+        and not _is_loopback(web.host)
+    ):
+        yield ConfigProblem(
+            "web.users_file",
+            "needed beyond loopback (or web.tls_client_ca_file): only on"
+            " loopback may the console be read without logging in",
         )
 
 

@@ -32,6 +32,7 @@ __all__ = [
     "RetentionConfig",
     "Rule",
     "ScheduleConfig",
+    "WebConfig",
     "WorkersConfig",
 ]
 
@@ -447,6 +448,50 @@ class RetentionConfig:
     )
 
 
+def _web_listen(listen: str) -> Iterator[str]:
+    if not listen:
+        yield "the web console needs an address, e.g. 127.0.0.1:9465"
+    else:
+        yield from _listen_address(listen)
+
+
+def _web_dsn(dsn: str) -> Iterator[str]:
+    if dsn:
+        yield from dsn_problems(dsn)
+
+
+@dataclass(frozen=True)
+class WebConfig:
+    """The web console, ``pdoflowd web``: a process of its own."""
+
+    listen: str = field(
+        default="127.0.0.1:9465", metadata=_rule(check=_web_listen)
+    )
+    # Its own database role ("" and None: database.dsn and its password).
+    dsn: str = field(default="", metadata=_rule(check=_web_dsn))
+    password_file: Path | None = None
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_client_ca_file: Path | None = None
+    users_file: Path | None = None
+    allow_actions: bool = False
+    # Listen beyond loopback without TLS (basic auth then crosses the
+    # network in the clear).
+    insecure_listen: bool = False
+    # How often an open page's live progress is read again.
+    refresh_s: float = field(
+        default=2.0, metadata=_rule(at_least=0.5, at_most=60)
+    )
+
+    @property
+    def host(self) -> str:
+        return _split_listen(self.listen)[0]
+
+    @property
+    def port(self) -> int:
+        return _split_listen(self.listen)[1]
+
+
 @dataclass(frozen=True)
 class Config:
     """The whole configuration; source is the file it was loaded from."""
@@ -458,6 +503,7 @@ class Config:
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     schedules: tuple[ScheduleConfig, ...] = ()
     retention: RetentionConfig = field(default_factory=RetentionConfig)
+    web: WebConfig = field(default_factory=WebConfig)
     source: Path | None = None
 
 

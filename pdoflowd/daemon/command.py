@@ -1,6 +1,7 @@
 """The ``pdoflowd`` command: arguments, config, logging, then the supervisor.
 
-Owns the command line (``run``, ``check-config``, ``migrate``), turning a
+Owns the command line (``run``, ``check-config``, ``migrate``, and
+``web``, which hands over to :mod:`pdoflowd.web`), turning a
 config error into its report and exit status 78, the optional detach from
 the terminal (``--daemonize`` with a locked pidfile, for hosts without
 systemd), and the exit statuses. It must not hold queue logic.
@@ -49,7 +50,12 @@ from pdoflowd.db.migrate import (
     apply_grants,
     upgrade_connection,
 )
-from pdoflowd.exitcodes import EXIT_CONFIG, EXIT_FAILURE, EXIT_UNAVAILABLE
+from pdoflowd.exitcodes import (
+    EXIT_CONFIG,
+    EXIT_FAILURE,
+    EXIT_UNAVAILABLE,
+    EXIT_USAGE,
+)
 
 log = logging.getLogger("pdoflowd")
 
@@ -93,6 +99,19 @@ def _parser() -> argparse.ArgumentParser:
     )
     add_grant_arguments(
         with_config("migrate", "bring the database schema up to date")
+    )
+    web = with_config(
+        "web", "run the web console (the [web] section of the config)"
+    )
+    web.add_argument(
+        "--add-user",
+        metavar="NAME",
+        help="add NAME to web.users_file (its password from stdin), then exit",
+    )
+    web.add_argument(
+        "--admin",
+        action="store_true",
+        help="with --add-user: the user may pause, resume, cancel, retry",
     )
     return parser
 
@@ -362,8 +381,35 @@ def run(path: Path, *, daemonize: bool, pidfile: Path | None) -> int:
         return supervisor.run()
 
 
+def web(path: Path, *, add_user: str | None, admin: bool) -> int:
+    """``pdoflowd web``: the console, or ``--add-user`` to its users file."""
+    if admin and add_user is None:
+        print("--admin goes with --add-user", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        config = load(path)
+    except ConfigError as exc:
+        return _report(exc)
+    try:
+        from pdoflowd.web import serve
+    except ImportError as exc:
+        print(
+            f"pdoflowd web needs {exc.name or 'its web stack'}: install"
+            " python3-starlette python3-uvicorn python3-jinja2 (Debian) or"
+            " pdoflowd[web]",
+            file=sys.stderr,
+        )
+        return EXIT_UNAVAILABLE
+    if add_user is not None:
+        return serve.add_user(config, add_user, admin=admin, stdin=sys.stdin)
+    logs.configure(config.daemon.log_level)
+    return serve.serve(config, os.environ)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "web":
+        return web(args.config, add_user=args.add_user, admin=args.admin)
     if args.command == "check-config":
         return check_config(args.config, show_schedules=args.show_schedules)
     if args.command == "migrate":

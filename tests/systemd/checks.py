@@ -5,7 +5,8 @@ unit pdoflowd-systest.service, which runs this file with Debian's python3.
 Each scenario drives the service through systemctl, journalctl, apt-get and
 signals, the way an operator would, and one JSON line per scenario goes to
 /out/results.jsonl. The scenarios build on each other, in order: install,
-start, run jobs, reload, kill, stop, restart, upgrade, purge. A failed one
+start, run jobs, the web console, reload, kill, stop, restart, upgrade,
+purge. A failed one
 is reported with the unit's journal, and the next still run.
 
 Only the standard library is imported at the top, so the host can read the
@@ -35,6 +36,9 @@ CONFIG = Path("/etc/pdoflowd/pdoflowd.toml")
 CREDENTIAL = Path("/etc/credstore/pdoflowd.db-password")
 DROP_IN_DIR = Path("/etc/systemd/system/pdoflowd.service.d")
 MAX_EXPOSURE = 2.0
+WEB_UNIT = "pdoflowd-web.service"
+WEB_USERS = Path("/etc/pdoflowd/web-users")
+WEB_CREDENTIAL = Path("/etc/credstore/pdoflowd-web.db-password")
 
 Scenario = Callable[[dict[str, Any]], str]
 SCENARIOS: list[tuple[str, Scenario]] = []
@@ -76,9 +80,9 @@ def run(
     return done
 
 
-def show(*properties: str) -> dict[str, str]:
+def show(*properties: str, unit: str = UNIT) -> dict[str, str]:
     out = run(
-        "systemctl", "show", UNIT, *(f"--property={p}" for p in properties)
+        "systemctl", "show", unit, *(f"--property={p}" for p in properties)
     ).stdout
     return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
 
@@ -376,6 +380,115 @@ def metrics_are_served_from_the_sandbox(params: dict[str, Any]) -> str:
             pages[page] = answer.read().decode()
     check("pdoflowd_" in pages["/metrics"], "no pdoflowd metrics")
     return f"/metrics: {len(pages['/metrics'].splitlines())} lines"
+
+
+@scenario
+def web_console_installed_disabled_then_serves_from_its_sandbox(
+    params: dict[str, Any],
+) -> str:
+    import base64
+    import socket
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    enabled = run("systemctl", "is-enabled", WEB_UNIT, check_rc=False).stdout
+    check(enabled.strip() == "disabled", f"is-enabled: {enabled}")
+    verify = run(
+        "systemd-analyze", "verify", "--man=no", WEB_UNIT, check_rc=False
+    )
+    check(verify.stderr == "", f"verify said: {verify.stderr}")
+    security = run("systemd-analyze", "security", "--no-pager", WEB_UNIT)
+    match = re.search(r"exposure level for \S+: (\d+\.\d+)", security.stdout)
+    check(match, f"no score in: {security.stdout[-500:]}")
+    assert match is not None
+    check(float(match[1]) <= MAX_EXPOSURE, f"exposure {match[1]}")
+    # Recommended, not required: installed here as an operator would.
+    run(
+        "apt-get", "install", "-y", "--no-install-recommends",
+        "python3-starlette", "python3-uvicorn", "python3-jinja2",
+    )  # fmt: skip
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = CONFIG.read_text()
+    CONFIG.write_text(
+        config
+        + f'\n[web]\nlisten = "127.0.0.1:{port}"\n'
+        + f'users_file = "{WEB_USERS}"\nallow_actions = true\n'
+    )
+    added = subprocess.run(
+        [
+            *("pdoflowd", "web", "--config", str(CONFIG)),
+            *("--add-user", "ops", "--admin"),
+        ],
+        input="ops-secret\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    check(added.returncode == 0, f"--add-user: {added.stderr}")
+    os.chown(WEB_USERS, 0, pwd.getpwnam("pdoflowd").pw_gid)
+    WEB_CREDENTIAL.write_text(params["secret"] + "\n")
+    WEB_CREDENTIAL.chmod(0o600)
+    token = base64.b64encode(b"ops:ops-secret").decode()
+
+    def ask(path: str, data: bytes | None = None) -> tuple[int, str]:
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}{path}",
+            data=data,
+            headers={"Authorization": f"Basic {token}"},
+        )
+        if data is not None:
+            request.add_header(
+                "Content-Type", "application/x-www-form-urlencoded"
+            )
+        try:
+            with urllib.request.urlopen(request, timeout=10) as answer:
+                return answer.status, answer.read().decode()
+        except urllib.error.HTTPError as error:
+            return error.code, error.read().decode()
+
+    try:
+        run("systemctl", "start", WEB_UNIT)
+        status, page = wait_for(
+            "the console answering",
+            lambda: _answer_or_none(lambda: ask("/")),
+        )
+        check(status == 200, f"GET /: {status} {page[:300]}")
+        check(f">{main_pid()}<" in page, "the daemon is not on the overview")
+        posting = client(params).post(
+            "systest_jobs.record", [["web"]], paused=True
+        )
+        status, page = ask(f"/postings/{posting.id}/confirm?action=resume")
+        check(status == 200, f"confirm: {status} {page[:300]}")
+        csrf = re.search(r'name="csrf" value="([0-9a-f]+)"', page)
+        check(csrf, "no CSRF token on the confirmation page")
+        assert csrf is not None
+        form = urllib.parse.urlencode({"action": "resume", "csrf": csrf[1]})
+        status, _ = ask(f"/postings/{posting.id}/action", form.encode())
+        check(status == 200, f"resume: {status}")
+        done = client(params).wait(posting.id, timeout=60, poll_interval=0.1)
+        check(done.status.value == "finished", f"posting: {done.status}")
+        logged = run("journalctl", "-u", WEB_UNIT, "--no-pager").stdout
+        check(
+            f"user ops from 127.0.0.1: resume posting {posting.id}" in logged,
+            f"no audit line in: {logged[-1000:]}",
+        )
+        run("systemctl", "stop", WEB_UNIT)
+        after = show("ActiveState", "Result", unit=WEB_UNIT)
+        check(after["ActiveState"] == "inactive", f"after stop: {after}")
+    finally:
+        run("systemctl", "stop", WEB_UNIT, check_rc=False)
+        CONFIG.write_text(config)
+    return f"exposure {match[1]}; overview, a resume, the audit line, a stop"
+
+
+def _answer_or_none(ask: Callable[[], tuple[int, str]]) -> Any:
+    try:
+        return ask()
+    except OSError:
+        return None
 
 
 @scenario
