@@ -718,3 +718,30 @@ def test_sigterm_stops_the_console_at_once_with_a_stream_open(
         console.stop()
         client.cancel(posting.id)
         reader.join(5)
+
+
+def test_a_posting_page_shows_what_it_waits_for_and_what_waits_for_it(
+    web: WebProcess, client: Client
+) -> None:
+    upstream = client.post("jobfns.noop", [[1]], paused=True)
+    downstream = client.post("jobfns.noop", [[2]], after=[upstream])
+    try:
+        page = web.get(f"/postings/{downstream.id}", auth=VIEWER)
+        assert page.status == 200
+        section = page.text.split('id="dependencies"')[1].split("</section>")[0]
+        assert f'href="/postings/{upstream.id}"' in section
+        assert "not ended yet" in section
+        assert "held (1)" in page.text
+        page = web.get(f"/postings/{upstream.id}", auth=VIEWER)
+        section = page.text.split('id="dependencies"')[1].split("</section>")[0]
+        assert "Waited for by" in section
+        assert f'href="/postings/{downstream.id}"' in section
+        client.cancel(upstream.id)
+        page = web.get(f"/postings/{downstream.id}", auth=VIEWER)
+        assert f"Cancelled: upstream posting {upstream.id} cancelled" in (
+            page.text
+        )
+    finally:
+        for posting in (upstream, downstream):
+            if not client.status(posting.id).status.is_final:
+                client.cancel(posting.id)

@@ -239,10 +239,11 @@ def _like(text: str) -> str:
 _FILTERED_POSTINGS = """
 SELECT p.uuid, p.poster, p.entry_point, p.status, p.created_at,
        p.finished_at, c.waiting, c.executing, c.done, c.errored_out,
-       extract(epoch FROM now() - p.created_at)::float8
+       extract(epoch FROM now() - p.created_at)::float8, c.held
 FROM pdoflowd.postings AS p
 CROSS JOIN LATERAL (
-    SELECT count(*) FILTER (WHERE j.status = 'waiting') AS waiting,
+    SELECT count(*) FILTER (WHERE j.status = 'held') AS held,
+           count(*) FILTER (WHERE j.status = 'waiting') AS waiting,
            count(*) FILTER (WHERE j.status = 'executing') AS executing,
            count(*) FILTER (WHERE j.status = 'done') AS done,
            count(*) FILTER (WHERE j.status = 'errored_out') AS errored_out
@@ -288,7 +289,13 @@ def filtered_postings(
             status=PostingStatus(r[3]),
             created_at=r[4],
             finished_at=r[5],
-            jobs=dict(zip(JobStatus, (int(n) for n in r[6:10]), strict=True)),
+            jobs={
+                JobStatus.WAITING: int(r[6]),
+                JobStatus.EXECUTING: int(r[7]),
+                JobStatus.DONE: int(r[8]),
+                JobStatus.ERRORED_OUT: int(r[9]),
+                JobStatus.HELD: int(r[11]),
+            },
             age_s=float(r[10]),
         )
         for r in rows

@@ -186,7 +186,7 @@ def posting_actions(status: PostingStatus, errored: int) -> list[str]:
 
 
 def job_actions(job: JobStatus, posting: PostingStatus) -> list[str]:
-    if job in (JobStatus.WAITING, JobStatus.EXECUTING):
+    if job in (JobStatus.HELD, JobStatus.WAITING, JobStatus.EXECUTING):
         return ["cancel"]
     if job is JobStatus.ERRORED_OUT and posting is not PostingStatus.CANCELLED:
         return ["retry"]

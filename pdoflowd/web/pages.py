@@ -37,7 +37,7 @@ from starlette.responses import (
 )
 
 from pdoflowd import __version__
-from pdoflowd.db import console, postings, singlejob, upkeep
+from pdoflowd.db import console, dependencies, postings, singlejob, upkeep
 from pdoflowd.db import shared as dbshared
 from pdoflowd.db.common import Connection
 from pdoflowd.status import JobStatus, PostingStatus
@@ -391,6 +391,7 @@ class Console:
             shared = dbshared.shared_all(conn, ident)
             profile = console.posting_profile(conn, ident)
             runs = console.posting_schedule_runs(conn, ident)
+            waited_by = dependencies.dependents(conn, ident)
         matching = (
             summary.total if job_status is None else summary.jobs[job_status]
         )
@@ -424,6 +425,7 @@ class Console:
             shared={k: value_text(v) for k, v in (shared or {}).items()},
             profile=profile,
             runs=runs,
+            waited_by=waited_by,
             did=_PAST.get(did),
             can=posting_actions(
                 summary.status, summary.jobs[JobStatus.ERRORED_OUT]
