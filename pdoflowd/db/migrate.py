@@ -187,7 +187,8 @@ SUBMITTER_GRANTS = (
     "GRANT SELECT ON pdoflowd.postings, pdoflowd.jobs,"
     " pdoflowd.shared_variables TO {role}",
     "GRANT INSERT (uuid, target_function, entry_point, status, timeout_s,"
-    " requires, store_result, tries, idempotency_key, key_scope)"
+    " requires, store_result, tries, idempotency_key, key_scope,"
+    " max_running, uses)"
     " ON pdoflowd.postings TO {role}",
     "GRANT INSERT (uuid, posting_id, priority, posargs, kwargs,"
     " tries_remaining, run_after) ON pdoflowd.jobs TO {role}",
@@ -213,7 +214,8 @@ DAEMON_GRANTS = (
     "GRANT SELECT, UPDATE, DELETE ON pdoflowd.postings, pdoflowd.jobs"
     " TO {role}",
     "GRANT INSERT (uuid, target_function, entry_point, status, timeout_s,"
-    " requires, store_result, tries, idempotency_key, key_scope)"
+    " requires, store_result, tries, idempotency_key, key_scope,"
+    " max_running, uses)"
     " ON pdoflowd.postings TO {role}",
     "GRANT INSERT (uuid, posting_id, priority, posargs, kwargs,"
     " tries_remaining, run_after) ON pdoflowd.jobs TO {role}",

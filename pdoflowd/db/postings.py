@@ -43,10 +43,10 @@ NewJob = tuple[str, int, str, str]
 _INSERT_POSTING = """
 INSERT INTO pdoflowd.postings
     (uuid, target_function, entry_point, status, timeout_s, requires,
-     store_result, tries, idempotency_key, key_scope)
+     store_result, tries, idempotency_key, key_scope, max_running, uses)
 VALUES (%(uuid)s, %(target_function)s, %(entry_point)s, %(status)s,
         %(timeout_s)s, %(requires)s::text[], %(store_result)s, %(tries)s,
-        %(key)s, %(key_scope)s)
+        %(key)s, %(key_scope)s, %(max_running)s, %(uses)s::text[])
 ON CONFLICT (poster, idempotency_key)
     WHERE idempotency_key IS NOT NULL
           AND (key_scope = 'forever' OR status IN ('paused', 'executing'))
@@ -180,6 +180,8 @@ def insert_posting(
     store_result: bool = False,
     key: str | None = None,
     key_scope: KeyScope = KeyScope.ACTIVE,
+    max_running: int | None = None,
+    uses: Sequence[str] = (),
 ) -> InsertedPosting:
     """Insert a posting and its jobs (one COPY) and NOTIFY the daemons.
 
@@ -197,6 +199,10 @@ def insert_posting(
     memory whole. An exception from it stops the write half-way, the
     posting and some of its jobs written: run this in a transaction or a
     savepoint that the exception rolls back.
+
+    ``max_running`` bounds how many of its jobs execute at once across all
+    hosts, and ``uses`` names the resources (each bounded by the daemons'
+    jobs.limits) its jobs use.
     """
     status = PostingStatus.PAUSED if paused else PostingStatus.EXECUTING
     params = {
@@ -211,6 +217,8 @@ def insert_posting(
         "delay_s": delay_s,
         "key": key,
         "key_scope": key_scope.value,
+        "max_running": max_running,
+        "uses": list(uses),
     }
     for _ in range(_KEY_ATTEMPTS):
         row = conn.execute(_INSERT_POSTING, params).fetchone()
