@@ -167,6 +167,8 @@ def _summary_json(summary: PostingSummary) -> dict[str, Any]:
         "claimable_by": summary.claimable_by,
         "key": summary.key,
         "key_scope": summary.key_scope if summary.key is not None else None,
+        "max_running": summary.max_running,
+        "uses": list(summary.uses),
     }
 
 
@@ -217,9 +219,10 @@ def _waiting_note(summary: PostingSummary) -> str | None:
         return f"waiting jobs do not run while the posting is {status}"
     if summary.claimable_by == 0:
         needs = ", ".join(summary.requires) or "nothing"
+        uses = ", ".join(summary.uses) or "no resource"
         return (
             "no running daemon would claim these jobs (they require: "
-            f"{needs}; poster {summary.poster})"
+            f"{needs}; use: {uses}; poster {summary.poster})"
         )
     return None
 
@@ -244,6 +247,11 @@ def posting_status(client: Client, args: argparse.Namespace) -> int:
         ("created", display.timestamp(summary.created_at)),
         ("finished", display.timestamp(summary.finished_at)),
         ("requires", ", ".join(summary.requires) or "-"),
+        (
+            "max running",
+            "-" if summary.max_running is None else str(summary.max_running),
+        ),
+        ("uses", ", ".join(summary.uses) or "-"),
         ("results", "stored" if summary.store_result else "not stored"),
         ("tries", str(summary.tries)),
         ("key", _key_line(summary)),

@@ -436,6 +436,10 @@ class PostingSummary:
     # The poster's key (None: posted without one) and how long it holds.
     key: str | None = None
     key_scope: str = "active"
+    # Its concurrency caps: most jobs executing at once (None: no cap of
+    # its own), and the resources its jobs use (jobs.limits).
+    max_running: int | None = None
+    uses: tuple[str, ...] = ()
 
     @property
     def total(self) -> int:
@@ -449,8 +453,9 @@ SELECT p.uuid, p.poster, p.target_function, p.entry_point, p.status,
        c.progress,
        (SELECT count(*) FROM pdoflowd.daemons AS d
         WHERE d.stopped_at IS NULL AND p.requires <@ d.provides
-          AND (cardinality(d.posters) = 0 OR p.poster = ANY(d.posters))),
-       p.idempotency_key, p.key_scope
+          AND (cardinality(d.posters) = 0 OR p.poster = ANY(d.posters))
+          AND p.uses <@ ARRAY(SELECT jsonb_object_keys(d.limits))),
+       p.idempotency_key, p.key_scope, p.max_running, p.uses
 FROM pdoflowd.postings AS p
 CROSS JOIN LATERAL (
     SELECT count(*) FILTER (WHERE j.status = 'waiting') AS waiting,
@@ -499,6 +504,8 @@ def _summary(row: Sequence[Any]) -> PostingSummary:
         claimable_by=int(row[17]),
         key=row[18],
         key_scope=row[19],
+        max_running=row[20],
+        uses=tuple(row[21]),
     )
 
 
