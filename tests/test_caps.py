@@ -12,10 +12,12 @@ from typing import Any
 import psycopg
 import pytest
 from plans import nested_plans
+from psycopg import sql
 
+from harness import migrate_before
 from pdoflowd.client import Client
 from pdoflowd.client.errors import PostingError
-from pdoflowd.db import queue
+from pdoflowd.db import migrate, queue
 from pdoflowd.status import OutcomeKind
 
 DAEMON = uuid.uuid4()
@@ -215,7 +217,7 @@ def test_the_capped_claim_reads_its_jobs_by_index(dsn: str, conn: Any) -> None:
     post(dsn, 3000, max_running=5, uses=["tape"])
     plans = nested_plans(conn, lambda: claim(conn, 10, {"tape": 8}))
     assert all("Seq Scan on jobs" not in p for p in plans), plans
-    assert any("jobs_posting_status" in p for p in plans), plans
+    assert any("jobs_capped_claim" in p for p in plans), plans
     assert all("Sort" not in p for p in plans if "LockRows" in p), plans
 
 
@@ -239,3 +241,21 @@ def test_a_cap_that_is_not_one_is_refused_before_anything_is_written(
         conn.execute("SELECT count(*) FROM pdoflowd.postings").fetchone()[0]
         == 0
     )
+
+
+def test_a_submitter_granted_before_caps_may_post_capped_work_after_upgrade(
+    empty_dsn: str, empty_roles: Any
+) -> None:
+    role = empty_roles.make()
+    with psycopg.connect(empty_dsn) as conn:
+        migrate_before(conn, "max_running")
+        for template in migrate.SUBMITTER_GRANTS:
+            before = template.replace(", max_running, uses)", ")").replace(
+                ", limits)", ")"
+            )
+            conn.execute(sql.SQL(before).format(role=sql.Identifier(role)))
+    migrate.upgrade(empty_dsn)
+    client = Client(empty_roles.dsn_of(role))
+    posting = client.post("jobfns.noop", [[1]], max_running=1, uses=["tape"])
+    assert client.summary(posting.id).max_running == 1
+    assert client.summary(posting.id).uses == ("tape",)

@@ -193,7 +193,7 @@ SUBMITTER_GRANTS = (
     "GRANT INSERT (uuid, posting_id, priority, posargs, kwargs,"
     " tries_remaining, run_after) ON pdoflowd.jobs TO {role}",
     "GRANT INSERT, UPDATE, DELETE ON pdoflowd.shared_variables TO {role}",
-    "GRANT SELECT (id, hostname, pid, provides, posters, stopped_at)"
+    "GRANT SELECT (id, hostname, pid, provides, posters, stopped_at, limits)"
     " ON pdoflowd.daemons TO {role}",
     "GRANT EXECUTE ON FUNCTION"
     " pdoflowd.control_posting(uuid, text, integer) TO {role}",

@@ -16,12 +16,14 @@ ALTER TABLE pdoflowd.daemons
 CREATE INDEX postings_capped ON pdoflowd.postings (id)
     WHERE status = 'executing' AND (max_running IS NOT NULL OR uses <> '{}');
 
--- A capped posting's jobs are claimed best first and its executing ones
--- counted: both are a range of this index (it kept (posting_id, status),
--- whose uses it still serves).
-DROP INDEX pdoflowd.jobs_posting_status;
-CREATE INDEX jobs_posting_status
-    ON pdoflowd.jobs (posting_id, status, priority DESC, id);
+-- A capped posting's waiting jobs, best first: its claim walks this range
+-- (its executing jobs are counted through jobs_posting_status). Partial,
+-- so a job leaves it when claimed; widening jobs_posting_status instead
+-- cost the uncapped claim a quarter more, its entries no longer
+-- deduplicated.
+CREATE INDEX jobs_capped_claim
+    ON pdoflowd.jobs (posting_id, priority DESC, id)
+    WHERE status = 'waiting';
 
 DROP FUNCTION pdoflowd.claim_jobs(
     uuid, json, uuid, uuid, integer, text[], text[]);
