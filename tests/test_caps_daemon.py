@@ -16,7 +16,7 @@ from typing import Any
 import psycopg
 
 from devtools.devcluster import free_port
-from harness import wait_until
+from harness import daemon_config, wait_until, write_config
 from pdoflowd.client import Client
 from pdoflowd.status import PostingStatus
 from scrape import parse_scrape, scrape_value
@@ -168,7 +168,9 @@ def test_daemons_whose_limits_differ_say_so_in_the_log_and_on_metrics(
             scrape_value(scrape(port), "pdoflowd_resource_limits_differ") == 0
         )
     )
-    daemons(jobs={"allowed_modules": ["jobfns"], "limits": {"tape": 3}})
+    second = daemons(
+        jobs={"allowed_modules": ["jobfns"], "limits": {"tape": 3}}
+    )
     line = wait_until(
         lambda: next(
             (
@@ -184,5 +186,19 @@ def test_daemons_whose_limits_differ_say_so_in_the_log_and_on_metrics(
     wait_until(
         lambda: (
             scrape_value(scrape(port), "pdoflowd_resource_limits_differ") == 1
+        )
+    )
+    # A reload publishes the new limits: the two agree again.
+    write_config(
+        second.config_path,
+        daemon_config(
+            effects_dsn,
+            jobs={"allowed_modules": ["jobfns"], "limits": {"tape": 2}},
+        ),
+    )
+    second.send(signal.SIGHUP)
+    wait_until(
+        lambda: (
+            scrape_value(scrape(port), "pdoflowd_resource_limits_differ") == 0
         )
     )
