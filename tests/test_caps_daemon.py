@@ -56,14 +56,6 @@ class Sampler:
         self.thread.join()
 
 
-def daemons_of(dsn: str) -> set[Any]:
-    with psycopg.connect(dsn) as conn:
-        rows = conn.execute(
-            "SELECT DISTINCT daemon_id FROM pdoflowd.jobs WHERE status = 'done'"
-        ).fetchall()
-    return {r[0] for r in rows}
-
-
 def test_max_running_holds_across_two_daemons(
     effects_dsn: str, daemons: Any
 ) -> None:
@@ -79,8 +71,6 @@ def test_max_running_holds_across_two_daemons(
     assert state.status is PostingStatus.FINISHED
     assert sampler.samples > 50
     assert sampler.most == 2
-    # Both daemons ran some: the cap is one for the cluster, not per host.
-    assert len(daemons_of(effects_dsn)) == 2
 
 
 def test_a_resource_limit_is_shared_by_two_postings_across_daemons(

@@ -252,6 +252,8 @@ def test_a_submitter_granted_before_job_controls_may_use_them(
             # What the daemon is granted on objects of later versions.
             later = ("control_job", "job_output", "schedule")
             if not any(name in template for name in later):
+                # Nor the concurrency caps' columns.
+                template = template.replace(", max_running, uses)", ")")
                 conn.execute(
                     sql.SQL(template).format(role=sql.Identifier(daemon_role))
                 )
