@@ -49,8 +49,11 @@ CREATE TRIGGER count_caps AFTER UPDATE OF status ON pdoflowd.jobs
 """
 
 _RESOURCES_FROM_COUNTS = """
-SELECT coalesce(jsonb_object_agg(substr(c.key, 3), c.running), '{}')
-FROM pdoflowd.cap_counts AS c WHERE c.key LIKE 'r:%'
+BEGIN
+    RETURN (
+        SELECT coalesce(jsonb_object_agg(substr(c.key, 3), c.running), '{}')
+        FROM pdoflowd.cap_counts AS c WHERE c.key LIKE 'r:%');
+END
 """
 
 _POSTING_COUNT = (

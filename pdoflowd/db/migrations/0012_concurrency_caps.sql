@@ -34,18 +34,21 @@ DROP FUNCTION pdoflowd.claim_jobs(
 -- that ended (errored out, cancelled) may still have jobs running.
 CREATE FUNCTION pdoflowd.resources_in_use()
 RETURNS jsonb
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 SET enable_seqscan = off
 AS $$
-SELECT coalesce(jsonb_object_agg(n.name, n.running), '{}')
-FROM (
-    SELECT u.name, count(*) AS running
-    FROM pdoflowd.jobs AS j
-    JOIN pdoflowd.postings AS p ON p.id = j.posting_id,
-         unnest(p.uses) AS u(name)
-    WHERE j.status = 'executing' AND p.uses <> '{}'
-    GROUP BY u.name
-) AS n
+BEGIN
+    RETURN (
+        SELECT coalesce(jsonb_object_agg(n.name, n.running), '{}')
+        FROM (
+            SELECT u.name, count(*) AS running
+            FROM pdoflowd.jobs AS j
+            JOIN pdoflowd.postings AS p ON p.id = j.posting_id,
+                 unnest(p.uses) AS u(name)
+            WHERE j.status = 'executing' AND p.uses <> '{}'
+            GROUP BY u.name
+        ) AS n);
+END
 $$;
 
 -- The executing capped postings a daemon may claim from (their
@@ -58,34 +61,38 @@ CREATE FUNCTION pdoflowd.capped_candidates(
     provides text[], posters text[], limit_names text[],
     limit_values integer[], used jsonb)
 RETURNS TABLE (id bigint, best integer, uses text[], room integer)
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 SET enable_seqscan = off
 AS $$
-SELECT c.id, c.best, c.uses,
-       least(
-           coalesce(c.max_running - (
-               SELECT count(*) FROM pdoflowd.jobs AS j
-               WHERE j.posting_id = c.id AND j.status = 'executing'),
-               2147483647),
-           coalesce((
-               SELECT min(limit_values[array_position(limit_names, u.name)]
-                          - coalesce((used ->> u.name)::integer, 0))
-               FROM unnest(c.uses) AS u(name)), 2147483647))::integer
-FROM (
-    SELECT p.id, p.max_running, p.uses,
-           (SELECT j.priority FROM pdoflowd.jobs AS j
-            WHERE j.posting_id = p.id AND j.status = 'waiting'
-              AND (j.run_after IS NULL OR j.run_after <= now())
-            ORDER BY j.priority DESC, j.id
-            LIMIT 1) AS best
-    FROM pdoflowd.postings AS p
-    WHERE p.status = 'executing'
-      AND (p.max_running IS NOT NULL OR p.uses <> '{}')
-      AND p.requires <@ provides
-      AND p.uses <@ limit_names
-      AND (cardinality(posters) = 0 OR p.poster = ANY(posters))
-) AS c
-WHERE c.best IS NOT NULL
+#variable_conflict use_column
+BEGIN
+    RETURN QUERY
+    SELECT c.id, c.best, c.uses,
+           least(
+               coalesce(c.max_running - (
+                   SELECT count(*) FROM pdoflowd.jobs AS j
+                   WHERE j.posting_id = c.id AND j.status = 'executing'),
+                   2147483647),
+               coalesce((
+                   SELECT min(limit_values[array_position(limit_names, u.name)]
+                              - coalesce((used ->> u.name)::integer, 0))
+                   FROM unnest(c.uses) AS u(name)), 2147483647))::integer
+    FROM (
+        SELECT p.id, p.max_running, p.uses,
+               (SELECT j.priority FROM pdoflowd.jobs AS j
+                WHERE j.posting_id = p.id AND j.status = 'waiting'
+                  AND (j.run_after IS NULL OR j.run_after <= now())
+                ORDER BY j.priority DESC, j.id
+                LIMIT 1) AS best
+        FROM pdoflowd.postings AS p
+        WHERE p.status = 'executing'
+          AND (p.max_running IS NOT NULL OR p.uses <> '{}')
+          AND p.requires <@ provides
+          AND p.uses <@ limit_names
+          AND (cardinality(posters) = 0 OR p.poster = ANY(posters))
+    ) AS c
+    WHERE c.best IS NOT NULL;
+END
 $$;
 
 -- Writes the outcomes given (a JSON array, as queue.record_outcomes sends
