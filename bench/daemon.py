@@ -10,7 +10,8 @@ checkout (``bench.jobs``), found through PYTHONPATH.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -34,6 +35,8 @@ class DaemonSettings:
     workers: int
     batch: int
     flush_ms: int | None = None
+    # jobs.limits, for postings that use resources.
+    limits: Mapping[str, int] = field(default_factory=dict)
 
     def label(self) -> str:
         flush = "default" if self.flush_ms is None else f"{self.flush_ms}"
@@ -53,7 +56,10 @@ def config_sections(
     return {
         "database": {"dsn": dsn},
         "workers": workers,
-        "jobs": {"allowed_modules": ["bench.jobs"]},
+        "jobs": {
+            "allowed_modules": ["bench.jobs"],
+            "limits": dict(settings.limits),
+        },
         "metrics": {"listen": ""},
         "daemon": {"log_level": "warning"},
     }

@@ -59,6 +59,8 @@ SUMMARY_KEYS = [
     "waiting_for",
     "on_failure",
     "cancel_reason",
+    "max_running",
+    "uses",
 ]
 JOB_KEYS = [
     "id",
@@ -252,6 +254,48 @@ def test_posting_status_json_shows_requirements_and_who_could_run_it(
     assert shape["requires"] == ["gpu"]
     assert (shape["delayed"], shape["claimable_by"]) == (2, 0)
     assert shape["poster"] == posting_row(dsn, str(posting.id))["poster"]
+
+
+def test_submit_caps_a_posting_and_posting_status_shows_its_caps(
+    dsn: str, pdoflow: Any
+) -> None:
+    code, out, err = pdoflow(
+        "submit",
+        "jobfns.noop",
+        "--max-running",
+        "2",
+        "--uses",
+        "tape",
+        "--uses",
+        "licence",
+        stdin=b"[1]\n[2]\n",
+    )
+    assert code == EXIT_OK, err
+    posting_id = out.strip()
+    code, out, _ = pdoflow("posting-status", posting_id, "--json")
+    shape = json.loads(out)
+    assert (shape["max_running"], shape["uses"]) == (2, ["tape", "licence"])
+    # No daemon has a limit for these resources: none would claim them.
+    assert shape["claimable_by"] == 0
+    code, out, _ = pdoflow("posting-status", posting_id)
+    lines = [line.split() for line in out.splitlines()]
+    assert ["max", "running", "2"] in lines
+    assert ["uses", "tape,", "licence"] in lines
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "two", "1.5"])
+def test_submit_refuses_a_max_running_that_is_not_a_count(
+    dsn: str, pdoflow: Any, value: str
+) -> None:
+    code, _, err = pdoflow(
+        "submit", "jobfns.noop", "--max-running", value, stdin=b"[1]\n"
+    )
+    assert code == EXIT_USAGE
+    assert "--max-running" in err
+    with psycopg.connect(dsn) as conn:
+        assert conn.execute(
+            "SELECT count(*) FROM pdoflowd.postings"
+        ).fetchone() == (0,)
 
 
 def test_posting_status_says_when_no_daemon_would_claim_the_jobs(

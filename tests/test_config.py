@@ -1092,7 +1092,13 @@ def test_reference_states_every_default_correctly() -> None:
     for section, cls in SECTIONS.items():
         for f in dataclasses.fields(cls):
             documented = entries[f"{section}.{f.name}"]
-            expected = as_toml_value(f.default)
+            default = (
+                f.default_factory()
+                if f.default is dataclasses.MISSING
+                and f.default_factory is not dataclasses.MISSING
+                else f.default
+            )
+            expected = as_toml_value(default)
             assert documented == expected, f"{section}.{f.name}"
             assert type(documented) is type(expected), f"{section}.{f.name}"
 
@@ -1361,3 +1367,36 @@ def test_connection_kwargs_make_a_valid_conninfo() -> None:
     assert conninfo["fallback_application_name"] == "pdoflowd"
     assert conninfo["password"] == "s3cret"
     assert conninfo["host"] == "db1"
+
+
+# Resource limits (jobs.limits).
+
+
+def test_resource_limits_are_read_as_a_table_of_counts() -> None:
+    config = parse({"jobs": {"limits": {"tape": 2, "licence_server": 8}}})
+
+    assert config.jobs.limits == {"tape": 2, "licence_server": 8}
+
+
+def test_no_resource_limits_by_default() -> None:
+    assert parse({}).jobs.limits == {}
+
+
+def test_each_wrong_resource_limit_is_named_by_its_resource() -> None:
+    problems = problems_of(
+        {"jobs": {"limits": {"tape": 0, "disk": "two", "gpu": True, " ": 1}}}
+    )
+
+    assert {p.key: p.message for p in problems} == {
+        "jobs.limits.tape": "must be between 1 and 2147483647, got 0",
+        "jobs.limits.disk": "expected an integer, got string",
+        "jobs.limits.gpu": "expected an integer, got boolean",
+        "jobs.limits. ": "a resource name must not be empty",
+    }
+
+
+def test_resource_limits_must_be_a_table() -> None:
+    [problem] = problems_of({"jobs": {"limits": ["tape"]}})
+
+    assert problem.key == "jobs.limits"
+    assert problem.message == "expected a table, got array"

@@ -501,12 +501,16 @@ def test_a_submitter_granted_before_dependencies_may_use_them(
     with ``after`` once upgraded, without a new grant."""
     role = empty_roles.make()
     with psycopg.connect(empty_dsn) as conn:
-        assert migrate_before(conn, "posting_dependencies") == [12]
+        assert migrate_before(conn, "posting_dependencies")[0] == 12
         for template in migrate.SUBMITTER_GRANTS:
             if "posting_dependencies" in template:
                 continue
             if "wait_for_postings" in template:
                 continue
+            # The columns of later versions (concurrency caps).
+            template = template.replace(",\n max_running, uses", "")
+            template = template.replace(", max_running, uses", "")
+            template = template.replace(", limits)", ")")
             conn.execute(sql.SQL(template).format(role=sql.Identifier(role)))
     migrate.upgrade(empty_dsn)
     client = Client(empty_roles.dsn_of(role))

@@ -257,6 +257,8 @@ def test_a_submitter_granted_before_job_controls_may_use_them(
                 "posting_dependencies",
             )
             if not any(name in template for name in later):
+                # Nor the concurrency caps' columns.
+                template = template.replace(", max_running, uses)", ")")
                 conn.execute(
                     sql.SQL(template).format(role=sql.Identifier(daemon_role))
                 )

@@ -129,6 +129,7 @@ def test_the_rules_raise_the_alerts_the_daemon_needs() -> None:
         "PdoflowdWorkerRestartsFlapping",
         "PdoflowdDatabaseErrors",
         "PdoflowdConfigReloadFailed",
+        "PdoflowdResourceLimitsDiffer",
     }
 
 

@@ -198,6 +198,8 @@ def _summary_json(summary: PostingSummary) -> dict[str, Any]:
         "waiting_for": [str(u) for u in summary.waiting_for],
         "on_failure": summary.on_failure,
         "cancel_reason": summary.cancel_reason,
+        "max_running": summary.max_running,
+        "uses": list(summary.uses),
     }
 
 
@@ -248,9 +250,10 @@ def _waiting_note(summary: PostingSummary) -> str | None:
         return f"waiting jobs do not run while the posting is {status}"
     if summary.claimable_by == 0:
         needs = ", ".join(summary.requires) or "nothing"
+        uses = ", ".join(summary.uses) or "no resource"
         return (
             "no running daemon would claim these jobs (they require: "
-            f"{needs}; poster {summary.poster})"
+            f"{needs}; use: {uses}; poster {summary.poster})"
         )
     return None
 
@@ -275,6 +278,11 @@ def posting_status(client: Client, args: argparse.Namespace) -> int:
         ("created", display.timestamp(summary.created_at)),
         ("finished", display.timestamp(summary.finished_at)),
         ("requires", ", ".join(summary.requires) or "-"),
+        (
+            "max running",
+            "-" if summary.max_running is None else str(summary.max_running),
+        ),
+        ("uses", ", ".join(summary.uses) or "-"),
         ("results", "stored" if summary.store_result else "not stored"),
         ("tries", str(summary.tries)),
         ("key", _key_line(summary)),

@@ -22,6 +22,7 @@ from pdoflowd.client import (
     KeyScope,
     PostingError,
     check_key,
+    check_max_running,
 )
 from pdoflowd.config import DEFAULT_CONFIG_PATH
 from pdoflowd.durations import DurationError, parse_duration
@@ -52,6 +53,20 @@ def _key(text: str) -> str:
     except PostingError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
     return text
+
+
+def _max_running(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a whole number, got {text!r}"
+        ) from None
+    try:
+        check_max_running(value)
+    except PostingError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return value
 
 
 def _positive_seconds(text: str) -> float:
@@ -163,6 +178,21 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="CAPABILITY",
         help="a capability the daemon must provide (repeat for more)",
+    )
+    submit.add_argument(
+        "--max-running",
+        type=_max_running,
+        default=None,
+        metavar="N",
+        help="at most N of its jobs executing at once, across all hosts",
+    )
+    submit.add_argument(
+        "--uses",
+        action="append",
+        default=None,
+        metavar="NAME",
+        help="a resource its jobs use, bounded cluster-wide by the daemons'"
+        " jobs.limits (repeat for more)",
     )
     submit.add_argument(
         "--store-result",

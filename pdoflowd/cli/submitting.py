@@ -150,6 +150,8 @@ def submit(
         paused=args.paused,
         run_after=run_after,
         requires=args.requires,
+        max_running=args.max_running,
+        uses=args.uses,
         store_result=True if args.store_result else None,
         key=args.key,
         key_scope=args.key_scope,

@@ -28,6 +28,7 @@ from pdoflowd.client.checks import MAX_TRIES as MAX_TRIES
 from pdoflowd.client.checks import MIN_PRIORITY as MIN_PRIORITY
 from pdoflowd.client.checks import PostingJobs as PostingJobs
 from pdoflowd.client.checks import check_key as check_key
+from pdoflowd.client.checks import check_max_running as check_max_running
 from pdoflowd.client.checks import check_posting as check_posting
 from pdoflowd.client.checks import check_requires as check_requires
 from pdoflowd.client.checks import when_to_run as when_to_run

@@ -1,14 +1,15 @@
 """What a posting may be, checked before anything of it is written.
 
 Owns the limits PostgreSQL sets on a posting (priorities and tries are
-``integer`` columns), the checks of its options (a job's name, tries, timeout,
-required capabilities, whether results are stored, when it may run) and of
-its shape (how many jobs, their priorities, a list and a dict of arguments
-per job), and :class:`PostingJobs`, which turns the checked jobs into the
-encoded rows of :func:`pdoflowd.db.postings.insert_posting` one at a time,
-as they are written. Every refusal is a :class:`PostingError`; the
-arguments themselves are checked by :mod:`pdoflowd.arguments`. It must not
-connect nor know which function a job runs.
+``integer`` columns), the checks of its options (a job's name, tries,
+timeout, required capabilities, concurrency caps, whether results are
+stored, when it may run) and of its shape (how many jobs, their priorities,
+a list and a dict of arguments per job), and :class:`PostingJobs`, which
+turns the checked jobs into the encoded rows of
+:func:`pdoflowd.db.postings.insert_posting` one at a time, as they are
+written. Every refusal is a :class:`PostingError`; the arguments themselves
+are checked by :mod:`pdoflowd.arguments`. It must not connect nor know which
+function a job runs.
 """
 
 from __future__ import annotations
@@ -30,12 +31,14 @@ __all__ = [
     "MAX_AFTER",
     "MAX_KEY_CHARS",
     "MAX_PRIORITY",
+    "MAX_RUNNING",
     "MAX_TRIES",
     "MIN_PRIORITY",
     "PostingJobs",
     "check_after",
     "check_key",
     "check_key_scope",
+    "check_max_running",
     "check_name",
     "check_on_failure",
     "check_posting",
@@ -43,6 +46,7 @@ __all__ = [
     "check_store_result",
     "check_timeout",
     "check_tries",
+    "check_uses",
     "when_to_run",
 ]
 
@@ -50,6 +54,7 @@ __all__ = [
 MIN_PRIORITY = -(2**31)
 MAX_PRIORITY = 2**31 - 1
 MAX_TRIES = 2**31 - 1
+MAX_RUNNING = 2**31 - 1
 # A posting's key, as the schema's check allows it.
 MAX_KEY_CHARS = 200
 
@@ -92,6 +97,50 @@ def check_requires(requires: Any) -> tuple[str, ...]:
         if name not in names:
             names.append(name)
     return tuple(names)
+
+
+def check_uses(uses: Any) -> tuple[str, ...]:
+    """Resource names a posting's jobs use, each once, in the given order
+    (each bounded cluster-wide by the daemons' jobs.limits)."""
+    if uses is None:
+        return ()
+    if isinstance(uses, (str, bytes, Mapping)) or not isinstance(
+        uses, Iterable
+    ):
+        raise PostingError(
+            "uses must be a list of resource names, e.g. ['tape']"
+        )
+    names: list[str] = []
+    for index, name in enumerate(uses):
+        if not isinstance(name, str) or not name.strip():
+            raise PostingError(
+                f"uses[{index}]: a resource is a non-empty string, "
+                f"got {shown(name)}"
+            )
+        try:
+            check_text(name, f"uses[{index}]", "a resource")
+        except ValueNotStorable as exc:
+            raise PostingError(str(exc)) from None
+        if name not in names:
+            names.append(name)
+    return tuple(names)
+
+
+def check_max_running(max_running: Any) -> int | None:
+    """At most this many of a posting's jobs executing at once (None: no
+    cap of its own)."""
+    if max_running is None:
+        return None
+    if (
+        isinstance(max_running, bool)
+        or not isinstance(max_running, int)
+        or not 1 <= max_running <= MAX_RUNNING
+    ):
+        raise PostingError(
+            f"max_running must be an integer between 1 and {MAX_RUNNING},"
+            f" or None: {shown(max_running)}"
+        )
+    return max_running
 
 
 def check_key(key: Any) -> str | None:

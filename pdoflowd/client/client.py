@@ -33,6 +33,7 @@ from pdoflowd.client.checks import (
     check_after,
     check_key,
     check_key_scope,
+    check_max_running,
     check_name,
     check_on_failure,
     check_posting,
@@ -40,6 +41,7 @@ from pdoflowd.client.checks import (
     check_store_result,
     check_timeout,
     check_tries,
+    check_uses,
     when_to_run,
 )
 from pdoflowd.client.connection import check_conninfo, resolve_connection
@@ -158,6 +160,8 @@ class Client:
         key_scope: str = "active",
         after: Iterable[Posting | uuid.UUID | str] | None = None,
         on_failure: str = "cancel",
+        max_running: int | None = None,
+        uses: Iterable[str] | None = None,
         conn: psycopg.Connection[Any] | None = None,
     ) -> Posting:
         """Post one job per argument set to ``target``.
@@ -165,7 +169,10 @@ class Client:
         ``target`` is a ``@job`` function, its definition, or an entry point
         string. ``run_after`` (a timezone-aware datetime, or a delay in
         seconds counted by the database's clock) holds the jobs back until
-        then. ``requires`` and ``store_result`` override the definition's.
+        then. ``requires``, ``store_result``, ``max_running`` (at most that
+        many of its jobs executing at once, across all hosts) and ``uses``
+        (resources, each bounded cluster-wide by the daemons' jobs.limits)
+        override the definition's.
         With ``conn`` the posting joins the caller's transaction and
         commits or rolls back with it (a connection in autocommit mode gets
         a transaction of its own).
@@ -198,6 +205,12 @@ class Client:
         if store_result is None:
             store_result = definition.store_result
         check_store_result(store_result)
+        cap = (
+            definition.max_running
+            if max_running is None
+            else check_max_running(max_running)
+        )
+        resources = definition.uses if uses is None else check_uses(uses)
         at, delay_s = when_to_run(run_after)
         key = check_key(key)
         scope = check_key_scope(key_scope)
@@ -233,6 +246,8 @@ class Client:
                 key_scope=scope,
                 after=upstreams,
                 on_failure=failure_rule,
+                max_running=cap,
+                uses=resources,
             )
             if inserted.existed:
                 their_jobs = postings.posting_job_uuids(connection, inserted.id)

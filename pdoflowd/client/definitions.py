@@ -23,11 +23,13 @@ import psycopg
 
 from pdoflowd.arguments import shown
 from pdoflowd.client.checks import (
+    check_max_running,
     check_name,
     check_requires,
     check_store_result,
     check_timeout,
     check_tries,
+    check_uses,
 )
 from pdoflowd.client.errors import PostingError
 from pdoflowd.entrypoints import EntryPointRefused, mark, split_entry_point
@@ -106,6 +108,10 @@ class JobDefinition:
     timeout_s: float | None = None
     requires: tuple[str, ...] = ()
     store_result: bool = False
+    # Concurrency caps: at most max_running of a posting's jobs executing
+    # at once across all hosts; the named resources its jobs use.
+    max_running: int | None = None
+    uses: tuple[str, ...] = ()
 
     def post_work(
         self,
@@ -192,6 +198,8 @@ def job(
     timeout: float | None = None,
     requires: Iterable[str] = (),
     store_result: bool = False,
+    max_running: int | None = None,
+    uses: Iterable[str] = (),
 ) -> Callable[[F], F]: ...
 def job(
     name: Any = None,
@@ -200,12 +208,17 @@ def job(
     timeout: float | None = None,
     requires: Iterable[str] = (),
     store_result: bool = False,
+    max_running: int | None = None,
+    uses: Iterable[str] = (),
 ) -> Any:
     """Make a module-level function a job (``@job()`` or ``@job(name=...)``).
 
     ``requires`` names capabilities a daemon must provide
     (``workers.provides``) to run it; ``store_result`` keeps its return
-    value. The function is returned unchanged; ``Registry[function]`` gives
+    value. ``max_running`` allows at most that many jobs of each posting
+    of it executing at once across all hosts; ``uses`` names resources
+    (each bounded cluster-wide by the daemons' ``jobs.limits``) its jobs
+    use. The function is returned unchanged; ``Registry[function]`` gives
     its definition. A function in ``__main__`` or a nested one is refused.
     """
     if callable(name):
@@ -216,6 +229,8 @@ def job(
     check_timeout(timeout)
     needs = check_requires(requires)
     check_store_result(store_result)
+    cap = check_max_running(max_running)
+    resources = check_uses(uses)
 
     def decorate(function: F) -> F:
         entry_point = entry_point_of(function)
@@ -229,6 +244,8 @@ def job(
                 timeout_s=timeout,
                 requires=needs,
                 store_result=store_result,
+                max_running=cap,
+                uses=resources,
             )
         )
         return function

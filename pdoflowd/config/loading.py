@@ -15,7 +15,7 @@ import ipaddress
 import math
 import re
 import sys
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import fields
 from datetime import date, datetime, time
 from pathlib import Path
@@ -41,11 +41,15 @@ DEFAULT_CONFIG_PATH = Path("/etc/pdoflowd/pdoflowd.toml")
 
 
 class _Invalid(Exception):
-    """A value cannot be converted; carries the messages for its key."""
+    """A value cannot be converted; carries the messages for its key, and
+    for keys inside it (a table's), as (key inside, message)."""
 
-    def __init__(self, *messages: str) -> None:
+    def __init__(
+        self, *messages: str, inside: Sequence[tuple[str, str]] = ()
+    ) -> None:
         super().__init__(*messages)
         self.messages = messages
+        self.inside = inside
 
 
 # Conversion from decoded TOML. Converters raise _Invalid with messages.
@@ -170,6 +174,29 @@ def _to_json_table(value: object) -> dict[str, Any]:
     return dict(value)
 
 
+# The most a limit can be: what a PostgreSQL integer holds.
+_MAX_LIMIT = 2147483647
+
+
+def _to_limits(value: object) -> dict[str, int]:
+    if not isinstance(value, Mapping):
+        raise _Invalid(f"expected a table, got {_toml_type(value)}")
+    inside: list[tuple[str, str]] = []
+    for name, limit in value.items():
+        if not name.strip():
+            inside.append((name, "a resource name must not be empty"))
+        if isinstance(limit, bool) or not isinstance(limit, int):
+            got = _toml_type(limit)
+            inside.append((name, f"expected an integer, got {got}"))
+        elif not 1 <= limit <= _MAX_LIMIT:
+            inside.append(
+                (name, f"must be between 1 and {_MAX_LIMIT}, got {limit}")
+            )
+    if inside:
+        raise _Invalid(inside=inside)
+    return dict(value)
+
+
 _CONVERTERS: Mapping[object, Callable[[object], object]] = {
     int: _to_int,
     float: _to_float,
@@ -179,6 +206,7 @@ _CONVERTERS: Mapping[object, Callable[[object], object]] = {
     Path | None: _to_optional_path,
     tuple[Any, ...]: _to_json_array,
     Mapping[str, Any]: _to_json_table,
+    Mapping[str, int]: _to_limits,
 }
 
 # The sections that are arrays of tables ([[name]]), each table an instance
@@ -265,6 +293,9 @@ def _parse_section(
             converted = _CONVERTERS[spec.type](value)
         except _Invalid as exc:
             problems.extend(ConfigProblem(dotted, m) for m in exc.messages)
+            problems.extend(
+                ConfigProblem(f"{dotted}.{inner}", m) for inner, m in exc.inside
+            )
             continue
         rule: Rule = spec.metadata.get("rule", Rule())
         wrong = [ConfigProblem(dotted, m) for m in rule.problems(converted)]

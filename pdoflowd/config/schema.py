@@ -271,6 +271,10 @@ class JobsConfig:
     output_tail_bytes: int = field(
         default=65536, metadata=_rule(at_least=0, at_most=16777216)
     )
+    # Named resources: at most this many jobs using each (a posting's
+    # uses) executing at once, cluster-wide. The same on every host; a
+    # daemon claims no job using a resource it has no limit for.
+    limits: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

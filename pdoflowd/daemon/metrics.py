@@ -395,6 +395,12 @@ class PoolMetrics:
             ["kind"],
             registry=registry,
         )
+        self.limits_differ = Gauge(
+            "pdoflowd_resource_limits_differ",
+            "Live daemons whose jobs.limits differ from this daemon's (as"
+            " of its last heartbeat).",
+            registry=registry,
+        )
         self.config_reload_ok = Gauge(
             "pdoflowd_config_last_reload_successful",
             "1 when the last configuration reload was adopted, 0 if refused.",
@@ -545,6 +551,10 @@ class PoolMetrics:
             self.pruned.labels("postings").inc(postings)
         if jobs:
             self.pruned.labels("jobs").inc(jobs)
+
+    def set_limits_differ(self, daemons: int) -> None:
+        """How many live daemons have other jobs.limits than this one."""
+        self.limits_differ.set(daemons)
 
     def count_worker_restart(self, reason: str) -> None:
         """A worker was replaced; ``reason`` is one of RESTART_REASONS."""

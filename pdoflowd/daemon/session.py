@@ -22,6 +22,7 @@ It must not fork, speak to systemd, or run jobs.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import select
@@ -98,6 +99,8 @@ class Session:
         self.request_buffer = b""
         self.due: dict[str, float] = {}
         self.pulse_warned = False
+        # The differences of jobs.limits already logged: (daemon, limits).
+        self.limits_told: set[tuple[uuid.UUID, str]] = set()
         self.scheduler = Scheduler(
             self.config.schedules, spec.daemon_id, self.send
         )
@@ -243,6 +246,7 @@ class Session:
             live_owners=owners,
             provides=self.config.workers.provides,
             posters=self.config.workers.posters,
+            resource_limits=self.config.jobs.limits,
         )
         if lost_at is not None:
             log.error(
@@ -250,6 +254,31 @@ class Session:
                 "within daemon.host_lease_s); its jobs then were taken back",
                 lost_at,
             )
+        self.compare_limits()
+
+    def compare_limits(self) -> None:
+        """Tell (once per difference) of live daemons whose jobs.limits
+        differ from ours: caps hold cluster-wide only if all agree."""
+        assert self.conn is not None
+        ours = dict(self.config.jobs.limits)
+        differing = upkeep.differing_resource_limits(
+            self.conn, daemon_id=self.spec.daemon_id, resource_limits=ours
+        )
+        seen = set()
+        for hostname, daemon_id, theirs in differing:
+            key = (daemon_id, json.dumps(theirs, sort_keys=True))
+            seen.add(key)
+            if key not in self.limits_told:
+                log.error(
+                    "jobs.limits differ from those of the daemon on %s (%s):"
+                    " here %s, there %s; set the same on every host",
+                    hostname,
+                    daemon_id,
+                    json.dumps(ours, sort_keys=True),
+                    key[1],
+                )
+        self.limits_told = seen
+        self.send(Event.LIMITS_DIFFER, daemons=len(differing))
 
     def take_back(self) -> None:
         """Take back the jobs of workers that ended, oldest request first."""

@@ -41,6 +41,7 @@ class Event(enum.Enum):
     CLAIMS_CANCELLED = "claims_cancelled"
     SCHEDULE_RUNS = "schedule_runs"
     PRUNED = "pruned"
+    LIMITS_DIFFER = "limits_differ"
 
 
 @dataclass(frozen=True)

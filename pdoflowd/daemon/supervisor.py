@@ -306,6 +306,8 @@ class Supervisor:
                     postings=int(fields.get("postings", 0)),
                     jobs=int(fields.get("jobs", 0)),
                 )
+            elif event.kind is Event.LIMITS_DIFFER:
+                self.metrics.set_limits_differ(int(fields.get("daemons", 0)))
 
     def taken_back(self, fields: dict[str, Any]) -> None:
         takeback = self.keeper.taken_back(int(fields.get("seq", -1)))

@@ -433,6 +433,7 @@ class Worker:
                 limit=limit,
                 provides=self.config.workers.provides,
                 posters=self.config.workers.posters,
+                resource_limits=self.config.jobs.limits,
             )
         )
         self.tally.note_claim(time.monotonic() - began, len(jobs))

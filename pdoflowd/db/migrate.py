@@ -187,12 +187,13 @@ SUBMITTER_GRANTS = (
     "GRANT SELECT ON pdoflowd.postings, pdoflowd.jobs,"
     " pdoflowd.shared_variables TO {role}",
     "GRANT INSERT (uuid, target_function, entry_point, status, timeout_s,"
-    " requires, store_result, tries, idempotency_key, key_scope)"
+    " requires, store_result, tries, idempotency_key, key_scope,"
+    " max_running, uses)"
     " ON pdoflowd.postings TO {role}",
     "GRANT INSERT (uuid, posting_id, priority, posargs, kwargs,"
     " tries_remaining, run_after) ON pdoflowd.jobs TO {role}",
     "GRANT INSERT, UPDATE, DELETE ON pdoflowd.shared_variables TO {role}",
-    "GRANT SELECT (id, hostname, pid, provides, posters, stopped_at)"
+    "GRANT SELECT (id, hostname, pid, provides, posters, stopped_at, limits)"
     " ON pdoflowd.daemons TO {role}",
     "GRANT EXECUTE ON FUNCTION"
     " pdoflowd.control_posting(uuid, text, integer) TO {role}",
@@ -216,7 +217,8 @@ DAEMON_GRANTS = (
     "GRANT SELECT, UPDATE, DELETE ON pdoflowd.postings, pdoflowd.jobs"
     " TO {role}",
     "GRANT INSERT (uuid, target_function, entry_point, status, timeout_s,"
-    " requires, store_result, tries, idempotency_key, key_scope)"
+    " requires, store_result, tries, idempotency_key, key_scope,"
+    " max_running, uses)"
     " ON pdoflowd.postings TO {role}",
     "GRANT INSERT (uuid, posting_id, priority, posargs, kwargs,"
     " tries_remaining, run_after) ON pdoflowd.jobs TO {role}",

@@ -44,10 +44,10 @@ NewJob = tuple[str, int, str, str]
 _INSERT_POSTING = """
 INSERT INTO pdoflowd.postings
     (uuid, target_function, entry_point, status, timeout_s, requires,
-     store_result, tries, idempotency_key, key_scope)
+     store_result, tries, idempotency_key, key_scope, max_running, uses)
 VALUES (%(uuid)s, %(target_function)s, %(entry_point)s, %(status)s,
         %(timeout_s)s, %(requires)s::text[], %(store_result)s, %(tries)s,
-        %(key)s, %(key_scope)s)
+        %(key)s, %(key_scope)s, %(max_running)s, %(uses)s::text[])
 ON CONFLICT (poster, idempotency_key)
     WHERE idempotency_key IS NOT NULL
           AND (key_scope = 'forever' OR status IN ('paused', 'executing'))
@@ -187,6 +187,8 @@ def insert_posting(
     key_scope: KeyScope = KeyScope.ACTIVE,
     after: Sequence[UUID] = (),
     on_failure: str = "cancel",
+    max_running: int | None = None,
+    uses: Sequence[str] = (),
 ) -> InsertedPosting:
     """Insert a posting and its jobs (one COPY) and NOTIFY the daemons.
 
@@ -208,6 +210,10 @@ def insert_posting(
     With ``after``, the posting waits for those postings (see
     :mod:`pdoflowd.db.dependencies`); one this poster cannot see is
     :class:`UnknownUpstream`, raised before anything is written.
+
+    ``max_running`` bounds how many of its jobs execute at once across all
+    hosts, and ``uses`` names the resources (each bounded by the daemons'
+    jobs.limits) its jobs use.
     """
     if after:
         missing = dependencies.missing_postings(conn, after)
@@ -230,6 +236,8 @@ def insert_posting(
         "delay_s": delay_s,
         "key": key,
         "key_scope": key_scope.value,
+        "max_running": max_running,
+        "uses": list(uses),
     }
     for _ in range(_KEY_ATTEMPTS):
         row = conn.execute(_INSERT_POSTING, params).fetchone()
@@ -456,6 +464,10 @@ class PostingSummary:
     cancel_reason: str | None = None
     after: list[UUID] = field(default_factory=list)
     waiting_for: list[UUID] = field(default_factory=list)
+    # Its concurrency caps: most jobs executing at once (None: no cap of
+    # its own), and the resources its jobs use (jobs.limits).
+    max_running: int | None = None
+    uses: tuple[str, ...] = ()
 
     @property
     def total(self) -> int:
@@ -469,7 +481,8 @@ SELECT p.uuid, p.poster, p.target_function, p.entry_point, p.status,
        c.progress,
        (SELECT count(*) FROM pdoflowd.daemons AS d
         WHERE d.stopped_at IS NULL AND p.requires <@ d.provides
-          AND (cardinality(d.posters) = 0 OR p.poster = ANY(d.posters))),
+          AND (cardinality(d.posters) = 0 OR p.poster = ANY(d.posters))
+          AND p.uses <@ ARRAY(SELECT jsonb_object_keys(d.limits))),
        p.idempotency_key, p.key_scope, c.held, p.on_failure,
        p.cancel_reason,
        ARRAY(SELECT u.uuid
@@ -482,7 +495,8 @@ SELECT p.uuid, p.poster, p.target_function, p.entry_point, p.status,
              JOIN pdoflowd.postings AS u ON u.id = d.upstream_id
              WHERE d.posting_id = p.id
                AND u.status NOT IN ('finished', 'errored_out', 'cancelled')
-             ORDER BY u.id) AS waiting_for
+             ORDER BY u.id) AS waiting_for,
+       p.max_running, p.uses
 FROM pdoflowd.postings AS p
 CROSS JOIN LATERAL (
     SELECT count(*) FILTER (WHERE j.status = 'held') AS held,
@@ -542,6 +556,8 @@ def _summary(row: Sequence[Any]) -> PostingSummary:
         cancel_reason=row[22],
         after=list(row[23]),
         waiting_for=list(row[24]),
+        max_running=row[25],
+        uses=tuple(row[26]),
     )
 
 

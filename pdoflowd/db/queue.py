@@ -11,7 +11,7 @@ configuration.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 from uuid import UUID
@@ -80,11 +80,14 @@ _JOB_STATUS = {status.value: status for status in JobStatus}
 # The claim is a function of the schema (see its comment there): with its
 # plan made once per session, and the outcomes of the last claim written
 # in the same statement. A posting's requirements must be among what this
-# daemon provides, and with posters configured, its poster among them.
+# daemon provides, and with posters configured, its poster among them; the
+# resources it uses must be among the daemon's limits (jobs.limits), and
+# its caps are kept inside the claim.
 _CLAIM_JOBS = """
 SELECT * FROM pdoflowd.claim_jobs(
     %(finishing)s, %(outcomes)s::json, %(owner)s, %(daemon_id)s,
-    %(limit)s, %(provides)s::text[], %(posters)s::text[])
+    %(limit)s, %(provides)s::text[], %(posters)s::text[],
+    %(limit_names)s::text[], %(limit_values)s::integer[])
 """
 
 
@@ -96,11 +99,16 @@ def claim(
     limit: int,
     provides: Sequence[str] = (),
     posters: Sequence[str] = (),
+    resource_limits: Mapping[str, int] | None = None,
 ) -> list[ClaimedJob]:
     """Claim up to ``limit`` runnable jobs, best first; commits at once.
 
     Only jobs of postings whose requirements are among ``provides`` are
     taken, and with ``posters`` given, only postings of these posters.
+    A posting's ``max_running`` and the ``resource_limits`` (name: most
+    jobs using it executing at once, cluster-wide) of the resources it
+    uses are kept; a posting using a resource not among them is not taken.
+    Capped jobs come first in a batch (see docs/architecture.md).
     Nothing is taken for a daemon that stopped or was declared lost: its
     workers, cut off from it, claim nothing they could not be rescued from.
     """
@@ -113,6 +121,7 @@ def claim(
         limit=limit,
         provides=provides,
         posters=posters,
+        resource_limits=resource_limits,
     ).jobs
 
 
@@ -135,6 +144,7 @@ def record_and_claim(
     limit: int,
     provides: Sequence[str] = (),
     posters: Sequence[str] = (),
+    resource_limits: Mapping[str, int] | None = None,
 ) -> Claimed:
     """Write the outcomes of the claim made under ``finishing``, then
     claim up to ``limit`` jobs (0: none) under ``owner``: one statement,
@@ -145,6 +155,7 @@ def record_and_claim(
     A value the database refuses fails both: write the outcomes on their
     own then (:func:`record_outcomes`, one by one), and claim after.
     """
+    names = sorted(resource_limits or {})
     params = {
         "finishing": finishing,
         "outcomes": _outcomes_json(outcomes) if outcomes else None,
@@ -153,6 +164,8 @@ def record_and_claim(
         "limit": limit,
         "provides": list(provides),
         "posters": list(posters),
+        "limit_names": names,
+        "limit_values": [(resource_limits or {})[n] for n in names],
     }
     with one_statement(conn):
         # Binary results: uuids and numbers load faster so.

@@ -10,10 +10,12 @@ their own connection.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Sequence
+import json
+from collections.abc import Mapping, Sequence
 from uuid import UUID
 
 from pdoflowd.db.common import (
+    JSON_ENCODER,
     Connection,
     one_statement,
 )
@@ -29,13 +31,15 @@ WITH previous AS (
     SELECT stopped_at FROM pdoflowd.daemons WHERE id = %(id)s
 )
 INSERT INTO pdoflowd.daemons (id, hostname, pid, version, provides, posters,
-                              lease_s, live_owners)
+                              lease_s, live_owners, limits)
 VALUES (%(id)s, %(hostname)s, %(pid)s, %(version)s, %(provides)s::text[],
-        %(posters)s::text[], %(lease_s)s, %(live_owners)s::uuid[])
+        %(posters)s::text[], %(lease_s)s, %(live_owners)s::uuid[],
+        %(limits)s::jsonb)
 ON CONFLICT (id) DO UPDATE SET heartbeat_at = now(), stopped_at = NULL,
     previous_heartbeat_at = pdoflowd.daemons.heartbeat_at,
     provides = EXCLUDED.provides, posters = EXCLUDED.posters,
-    lease_s = EXCLUDED.lease_s, live_owners = EXCLUDED.live_owners
+    lease_s = EXCLUDED.lease_s, live_owners = EXCLUDED.live_owners,
+    limits = EXCLUDED.limits
 RETURNING (SELECT stopped_at FROM previous)
 """
 
@@ -51,6 +55,7 @@ def heartbeat(
     live_owners: Sequence[UUID] = (),
     provides: Sequence[str] = (),
     posters: Sequence[str] = (),
+    resource_limits: Mapping[str, int] | None = None,
 ) -> dt.datetime | None:
     """Register a daemon or renew its heartbeat.
 
@@ -60,8 +65,10 @@ def heartbeat(
     token of this daemon before its previous heartbeat has no live owner
     (see :func:`take_back_ownerless_jobs`). ``provides`` and ``posters``
     record what it claims, so that a posting no running daemon would claim
-    can be shown as such. Returns when it had been declared lost (its jobs
-    were then rescued by another daemon), else None.
+    can be shown as such, and ``resource_limits`` its jobs.limits, so that
+    daemons whose limits differ can be found
+    (:func:`differing_resource_limits`). Returns when it had been declared
+    lost (its jobs were then rescued by another daemon), else None.
     """
     with one_statement(conn):
         row = conn.execute(
@@ -75,9 +82,38 @@ def heartbeat(
                 "live_owners": list(live_owners),
                 "provides": list(provides),
                 "posters": list(posters),
+                "limits": JSON_ENCODER.encode(dict(resource_limits or {})),
             },
         ).fetchone()
     return None if row is None else row[0]
+
+
+# Live daemons (not stopped, heartbeat within their lease) whose published
+# jobs.limits differ from these.
+_DIFFERING_LIMITS = """
+SELECT d.hostname, d.id, d.limits::text
+FROM pdoflowd.daemons AS d
+WHERE d.id <> %(id)s AND d.stopped_at IS NULL
+  AND d.heartbeat_at > now() - make_interval(secs => d.lease_s)
+  AND d.limits <> %(limits)s::jsonb
+ORDER BY d.hostname, d.id
+"""
+
+
+def differing_resource_limits(
+    conn: Connection, *, daemon_id: UUID, resource_limits: Mapping[str, int]
+) -> list[tuple[str, UUID, dict[str, int]]]:
+    """The live daemons other than ``daemon_id`` whose jobs.limits differ
+    from ``resource_limits``: (hostname, daemon id, their limits)."""
+    with one_statement(conn):
+        rows = conn.execute(
+            _DIFFERING_LIMITS,
+            {
+                "id": daemon_id,
+                "limits": JSON_ENCODER.encode(dict(resource_limits)),
+            },
+        ).fetchall()
+    return [(r[0], r[1], json.loads(r[2])) for r in rows]
 
 
 def set_session_deadlines(

@@ -1,0 +1,1 @@
+"""Scripts that measured the concurrency caps (docs/performance.md)."""
