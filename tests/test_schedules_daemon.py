@@ -353,7 +353,9 @@ def test_an_upgrade_gives_older_daemon_roles_what_schedules_need(
         with conn.transaction():
             pending = migrate_before(conn, "schedule_runs")
             for template in migrate.DAEMON_GRANTS:
-                if template not in new_grants:
+                # Objects of later versions do not exist yet.
+                later = "posting_dependencies" in template
+                if template not in new_grants and not later:
                     conn.execute(
                         sql.SQL(template).format(role=sql.Identifier(role))
                     )
