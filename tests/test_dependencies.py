@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
@@ -59,16 +60,18 @@ def _internal_id(conn: Any, posting: uuid.UUID) -> int:
     return int(row[0])
 
 
-def _run_all(conn: Any, *, fail: bool = False) -> dict[int, PostingStatus]:
-    """Claim every runnable job and end it done (or failed, no tries
-    left), then settle their postings: what a daemon does."""
-    owner = uuid.uuid4()
-    jobs = queue.claim(conn, owner=owner, daemon_id=DAEMON, limit=10_000)
-    kind = queue.OutcomeKind.REFUSED if fail else queue.OutcomeKind.DONE
+def _end(
+    conn: Any,
+    owner: uuid.UUID,
+    jobs: list[queue.ClaimedJob],
+    kind: Callable[[queue.ClaimedJob], queue.OutcomeKind],
+) -> dict[int, PostingStatus]:
+    """Record each claimed job's outcome (``kind`` of it) and settle their
+    postings: what a daemon does after a batch."""
     queue.record_and_claim(
         conn,
         finishing=owner,
-        outcomes=[queue.Outcome(j.id, j.attempt, kind) for j in jobs],
+        outcomes=[queue.Outcome(j.id, j.attempt, kind(j)) for j in jobs],
         owner=owner,
         daemon_id=DAEMON,
         limit=0,
@@ -76,6 +79,15 @@ def _run_all(conn: Any, *, fail: bool = False) -> dict[int, PostingStatus]:
     return queue.settle_postings(
         conn, {j.posting_id for j in jobs}, error_threshold=1
     )
+
+
+def _run_all(conn: Any, *, fail: bool = False) -> dict[int, PostingStatus]:
+    """Claim every runnable job and end it done (or failed, no tries
+    left), then settle their postings."""
+    owner = uuid.uuid4()
+    jobs = queue.claim(conn, owner=owner, daemon_id=DAEMON, limit=10_000)
+    kind = queue.OutcomeKind.REFUSED if fail else queue.OutcomeKind.DONE
+    return _end(conn, owner, jobs, lambda _: kind)
 
 
 def test_a_posting_after_another_is_held_out_of_the_claim(
@@ -124,20 +136,7 @@ def test_a_three_level_chain_runs_level_by_level(dsn: str, conn: Any) -> None:
         owner = uuid.uuid4()
         jobs = queue.claim(conn, owner=owner, daemon_id=DAEMON, limit=100)
         order.append({j.posting_uuid for j in jobs})
-        queue.record_and_claim(
-            conn,
-            finishing=owner,
-            outcomes=[
-                queue.Outcome(j.id, j.attempt, queue.OutcomeKind.DONE)
-                for j in jobs
-            ],
-            owner=owner,
-            daemon_id=DAEMON,
-            limit=0,
-        )
-        queue.settle_postings(
-            conn, {j.posting_id for j in jobs}, error_threshold=1
-        )
+        _end(conn, owner, jobs, lambda _: queue.OutcomeKind.DONE)
     assert order == [{first.id}, {second.id}, {third.id}]
     assert client.status(third.id).status is PostingStatus.FINISHED
 
@@ -191,25 +190,16 @@ def test_an_upstream_that_ended_already_decides_at_once(
     failed = client.post(NOOP, [[2]])
     owner = uuid.uuid4()
     jobs = queue.claim(conn, owner=owner, daemon_id=DAEMON, limit=10)
-    outcomes = [
-        queue.Outcome(
-            j.id,
-            j.attempt,
+    _end(
+        conn,
+        owner,
+        jobs,
+        lambda j: (
             queue.OutcomeKind.DONE
             if j.posting_uuid == done.id
-            else queue.OutcomeKind.REFUSED,
-        )
-        for j in jobs
-    ]
-    queue.record_and_claim(
-        conn,
-        finishing=owner,
-        outcomes=outcomes,
-        owner=owner,
-        daemon_id=DAEMON,
-        limit=0,
+            else queue.OutcomeKind.REFUSED
+        ),
     )
-    queue.settle_postings(conn, {j.posting_id for j in jobs}, error_threshold=1)
     runs = client.post(NOOP, [[3]], after=[done])
     assert _statuses(conn, runs.id) == {"waiting": 1}
     assert not _posting(conn, runs.id)[1]

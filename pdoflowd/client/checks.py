@@ -73,57 +73,42 @@ def check_name(name: Any) -> str:
     return name
 
 
-def check_requires(requires: Any) -> tuple[str, ...]:
-    """Capability names a posting requires, each once, in the given order."""
-    if requires is None:
+def _names(value: Any, key: str, what: str, example: str) -> tuple[str, ...]:
+    """A list of names (capabilities, resources), each once, in order;
+    ``key`` is the option's name in messages, ``what`` one name's kind."""
+    if value is None:
         return ()
-    if isinstance(requires, (str, bytes, Mapping)) or not isinstance(
-        requires, Iterable
+    if isinstance(value, (str, bytes, Mapping)) or not isinstance(
+        value, Iterable
     ):
         raise PostingError(
-            "requires must be a list of capability names, e.g. ['gpu']"
+            f"{key} must be a list of {what} names, e.g. [{example!r}]"
         )
     names: list[str] = []
-    for index, name in enumerate(requires):
+    for index, name in enumerate(value):
         if not isinstance(name, str) or not name.strip():
             raise PostingError(
-                f"requires[{index}]: a capability is a non-empty string, "
+                f"{key}[{index}]: a {what} is a non-empty string, "
                 f"got {shown(name)}"
             )
         try:
-            check_text(name, f"requires[{index}]", "a capability")
+            check_text(name, f"{key}[{index}]", f"a {what}")
         except ValueNotStorable as exc:
             raise PostingError(str(exc)) from None
         if name not in names:
             names.append(name)
     return tuple(names)
+
+
+def check_requires(requires: Any) -> tuple[str, ...]:
+    """Capability names a posting requires, each once, in the given order."""
+    return _names(requires, "requires", "capability", "gpu")
 
 
 def check_uses(uses: Any) -> tuple[str, ...]:
     """Resource names a posting's jobs use, each once, in the given order
     (each bounded cluster-wide by the daemons' jobs.limits)."""
-    if uses is None:
-        return ()
-    if isinstance(uses, (str, bytes, Mapping)) or not isinstance(
-        uses, Iterable
-    ):
-        raise PostingError(
-            "uses must be a list of resource names, e.g. ['tape']"
-        )
-    names: list[str] = []
-    for index, name in enumerate(uses):
-        if not isinstance(name, str) or not name.strip():
-            raise PostingError(
-                f"uses[{index}]: a resource is a non-empty string, "
-                f"got {shown(name)}"
-            )
-        try:
-            check_text(name, f"uses[{index}]", "a resource")
-        except ValueNotStorable as exc:
-            raise PostingError(str(exc)) from None
-        if name not in names:
-            names.append(name)
-    return tuple(names)
+    return _names(uses, "uses", "resource", "tape")
 
 
 def check_max_running(max_running: Any) -> int | None:
