@@ -329,6 +329,7 @@ def test_a_request_in_absolute_form_is_served(
 # ------------------------------------------------------------ slots
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "modes",
     ["idle", "idle,partial,complete"],
@@ -381,6 +382,7 @@ def tls_daemon_and_port(
         daemon.close()
 
 
+@pytest.mark.slow
 def test_over_tls_idle_handshakes_do_not_keep_livez_and_readyz_waiting(
     tls_daemon_and_port: tuple[Daemon, int, ssl.SSLContext],
 ) -> None:

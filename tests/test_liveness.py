@@ -323,6 +323,7 @@ def test_a_job_restored_under_a_token_its_worker_moved_past_is_taken_back(
         daemon.close()
 
 
+@pytest.mark.slow
 def test_a_job_whose_owner_is_alive_is_never_taken_back(
     effects_dsn: str, tmp_path: Path
 ) -> None:

@@ -329,6 +329,7 @@ def api(port: int, path: str, **params: str) -> Any:
         return json.load(answer)
 
 
+@pytest.mark.slow
 def test_a_real_prometheus_scrapes_evaluates_the_rules_and_the_dashboard(
     prometheus_server: str, tmp_path: Path
 ) -> None:

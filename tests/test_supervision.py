@@ -351,6 +351,7 @@ def test_a_claim_that_commits_after_its_worker_was_reaped_is_taken_back(
     )
 
 
+@pytest.mark.slow
 def test_jobs_of_a_dead_host_are_rescued_by_another_daemon(
     effects_dsn: str, daemons: Any
 ) -> None:
