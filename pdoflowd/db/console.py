@@ -25,7 +25,6 @@ __all__ = [
     "MinuteCount",
     "PostingFilter",
     "PostingRow",
-    "ProfileLine",
     "ScheduleRun",
     "WorkerRow",
     "daemons",
@@ -33,8 +32,6 @@ __all__ = [
     "failures",
     "filtered_postings",
     "jobs_by_priority",
-    "jobs_page",
-    "posting_profile",
     "posting_schedule_runs",
     "set_read_deadline",
 ]
@@ -303,65 +300,6 @@ def filtered_postings(
 
 
 @dataclass(frozen=True)
-class JobLine:
-    """One job in a posting's page of jobs."""
-
-    uuid: UUID
-    status: JobStatus
-    priority: int
-    attempt: int
-    tries_remaining: int
-    progress: float | None
-    error: str | None
-    completed_at: dt.datetime | None
-
-
-_JOBS_PAGE = """
-SELECT j.uuid, j.status, j.priority, j.attempt, j.tries_remaining,
-       j.progress, j.error, j.completed_at
-FROM pdoflowd.jobs AS j
-JOIN pdoflowd.postings AS p ON p.id = j.posting_id
-WHERE p.uuid = %(uuid)s
-  AND (%(status)s::text IS NULL OR j.status = %(status)s)
-ORDER BY j.id
-LIMIT %(limit)s OFFSET %(offset)s
-"""
-
-
-def jobs_page(
-    conn: Connection,
-    posting_uuid: UUID,
-    *,
-    status: JobStatus | None,
-    limit: int,
-    offset: int,
-) -> list[JobLine]:
-    """One page of a posting's jobs (of one status, if given), in order."""
-    rows = conn.execute(
-        _JOBS_PAGE,
-        {
-            "uuid": posting_uuid,
-            "status": None if status is None else status.value,
-            "limit": limit,
-            "offset": offset,
-        },
-    ).fetchall()
-    return [
-        JobLine(
-            uuid=r[0],
-            status=JobStatus(r[1]),
-            priority=r[2],
-            attempt=r[3],
-            tries_remaining=r[4],
-            progress=None if r[5] is None else float(r[5]),
-            error=r[6],
-            completed_at=r[7],
-        )
-        for r in rows
-    ]
-
-
-@dataclass(frozen=True)
 class Failure:
     """Errored-out jobs of a posting sharing one error text."""
 
@@ -398,48 +336,6 @@ def failures(
             kind, message = "", text or ""
         result.append(Failure(kind, message, int(count), example))
     return result
-
-
-@dataclass(frozen=True)
-class ProfileLine:
-    """One function's time over the sampled jobs of one posting."""
-
-    filename: str
-    line: int
-    name: str
-    profiles: int
-    ncalls: int
-    tottime: float
-    cumtime: float
-
-
-_POSTING_PROFILE = """
-SELECT f.filename, f.line, f.name, count(*), sum(s.ncalls), sum(s.tottime),
-       sum(s.cumtime)
-FROM pdoflowd.job_profiles AS jp
-JOIN pdoflowd.jobs AS j ON j.id = jp.job_id
-JOIN pdoflowd.postings AS p ON p.id = j.posting_id
-JOIN pdoflowd.profile_function_stats AS s ON s.profile_id = jp.id
-JOIN pdoflowd.profile_functions AS f ON f.id = s.function_id
-WHERE p.uuid = %(uuid)s
-GROUP BY f.id
-ORDER BY sum(s.tottime) DESC, f.id
-LIMIT %(limit)s
-"""
-
-
-def posting_profile(
-    conn: Connection, posting_uuid: UUID, *, limit: int = 15
-) -> list[ProfileLine]:
-    """The functions that took most time in a posting's sampled jobs
-    (empty when none was sampled)."""
-    rows = conn.execute(
-        _POSTING_PROFILE, {"uuid": posting_uuid, "limit": limit}
-    ).fetchall()
-    return [
-        ProfileLine(r[0], r[1], r[2], int(r[3]), int(r[4]), r[5], r[6])
-        for r in rows
-    ]
 
 
 @dataclass(frozen=True)

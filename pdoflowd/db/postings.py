@@ -602,17 +602,30 @@ SELECT j.uuid, j.status, j.priority, j.attempt, j.tries_remaining,
 FROM pdoflowd.jobs AS j
 JOIN pdoflowd.postings AS p ON p.id = j.posting_id
 WHERE p.uuid = %(uuid)s
+  AND (%(status)s::text IS NULL OR j.status = %(status)s)
 ORDER BY j.id
-LIMIT %(limit)s
+LIMIT %(limit)s OFFSET %(offset)s
 """
 
 
 def posting_jobs(
-    conn: Connection, posting_uuid: UUID, *, limit: int
+    conn: Connection,
+    posting_uuid: UUID,
+    *,
+    limit: int,
+    offset: int = 0,
+    status: JobStatus | None = None,
 ) -> list[JobRow]:
-    """The first ``limit`` jobs of a posting, in the order they were given."""
+    """``limit`` jobs of a posting (of one status, if given) from
+    ``offset``, in the order they were given."""
     rows = conn.execute(
-        _POSTING_JOBS, {"uuid": posting_uuid, "limit": limit}
+        _POSTING_JOBS,
+        {
+            "uuid": posting_uuid,
+            "limit": limit,
+            "offset": offset,
+            "status": None if status is None else status.value,
+        },
     ).fetchall()
     return [
         JobRow(

@@ -7,6 +7,7 @@ as per-function statistics.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from uuid import UUID
 
 from pdoflowd.db.common import (
     Connection,
@@ -149,7 +150,11 @@ SELECT f.filename, f.line, f.name, count(*), sum(s.ncalls), sum(s.tottime),
 FROM pdoflowd.profile_function_stats AS s
 JOIN pdoflowd.profile_functions AS f ON f.id = s.function_id
 JOIN pdoflowd.job_profiles AS jp ON jp.id = s.profile_id
-WHERE %(entry_point)s::text IS NULL OR jp.entry_point = %(entry_point)s
+WHERE (%(entry_point)s::text IS NULL OR jp.entry_point = %(entry_point)s)
+  AND (%(posting)s::uuid IS NULL OR jp.job_id IN (
+      SELECT j.id FROM pdoflowd.jobs AS j
+      JOIN pdoflowd.postings AS p ON p.id = j.posting_id
+      WHERE p.uuid = %(posting)s))
 GROUP BY f.id
 ORDER BY sum(s.tottime) DESC, f.id
 LIMIT %(limit)s
@@ -157,12 +162,18 @@ LIMIT %(limit)s
 
 
 def function_stats(
-    conn: Connection, *, entry_point: str | None = None, limit: int = 20
+    conn: Connection,
+    *,
+    entry_point: str | None = None,
+    posting: UUID | None = None,
+    limit: int = 20,
 ) -> list[FunctionStat]:
     """The functions that took most time in profiled jobs (of one entry
-    point, if given), by total time spent in the function itself."""
+    point, of one posting's jobs, if given), by total time spent in the
+    function itself."""
     rows = conn.execute(
-        _FUNCTION_STATS, {"entry_point": entry_point, "limit": limit}
+        _FUNCTION_STATS,
+        {"entry_point": entry_point, "posting": posting, "limit": limit},
     ).fetchall()
     return [
         FunctionStat(r[0], r[1], r[2], int(r[3]), int(r[4]), r[5], r[6])

@@ -37,7 +37,14 @@ from starlette.responses import (
 )
 
 from pdoflowd import __version__
-from pdoflowd.db import console, dependencies, postings, singlejob, upkeep
+from pdoflowd.db import (
+    console,
+    dependencies,
+    postings,
+    profiles,
+    singlejob,
+    upkeep,
+)
 from pdoflowd.db import shared as dbshared
 from pdoflowd.db.common import Connection
 from pdoflowd.status import JobStatus, PostingStatus
@@ -380,7 +387,7 @@ class Console:
             summary = postings.posting_summary(conn, ident)
             if summary is None:
                 raise Refused(404, f"no posting {ident}")
-            jobs = console.jobs_page(
+            jobs = postings.posting_jobs(
                 conn,
                 ident,
                 status=job_status,
@@ -389,7 +396,7 @@ class Console:
             )
             failures = console.failures(conn, ident)
             shared = dbshared.shared_all(conn, ident)
-            profile = console.posting_profile(conn, ident)
+            profile = profiles.function_stats(conn, posting=ident, limit=15)
             runs = console.posting_schedule_runs(conn, ident)
             waited_by = dependencies.dependents(conn, ident)
         matching = (
